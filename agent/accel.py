@@ -1,0 +1,32 @@
+"""Choose the Cython accelerators in `_fast/` or their pure-Python twins in `agent/core`.
+
+The twins give identical results (tests/core/test_*_twins.py); the extension is optional and
+`NETAGENT_PURE=1` forces the twins (for tests and benchmarks).
+"""
+
+from __future__ import annotations
+
+import os
+from types import ModuleType
+
+from agent.core import bitmap as pure_bitmap
+from agent.core import serialize as pure_serialize
+
+
+def _load(name: str, fallback: ModuleType) -> tuple[ModuleType, bool]:
+    if os.environ.get("NETAGENT_PURE") == "1":
+        return fallback, False
+    try:
+        module = __import__(f"_fast.{name}", fromlist=[name])
+    except ImportError:
+        return fallback, False
+    return module, True
+
+
+bitmap, _bitmap_fast = _load("bitmap", pure_bitmap)
+serialize, _serialize_fast = _load("serialize", pure_serialize)
+
+#: True when both extensions are in use.
+ACCELERATED = _bitmap_fast and _serialize_fast
+
+Bitmap = bitmap.Bitmap

@@ -1,0 +1,161 @@
+"""Start-up adoption: rebuild the topology from the store and converge the kernel to it.
+
+Theory of operation. The store is the desired state; the kernel may differ after a crash or
+while the agent was down:
+- a bridge or veth that carries our ownership alias but that the store does not know is a
+  leftover of an interrupted request: it is deleted;
+- a network whose bridge is missing gets it back (with its gateway address);
+- an endpoint whose namespace is gone (or whose path now names another namespace) is released;
+  one whose namespace still exists but whose veth is missing is re-attached with the same
+  address and MAC, so a container keeps its address across agent restarts.
+Firewall convergence happens afterwards, in one transaction (`IptablesFirewall.setup`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from agent.core import naming
+from agent.core.errors import AgentError
+from agent.core.model import Endpoint
+from agent.log import get_logger
+from agent.service import KernelOps, NamespaceOps, Topology
+from agent.store.sqlite import State, Store
+
+log = get_logger("agent.adopt")
+
+
+@dataclass
+class AdoptReport:
+    """What adoption changed, for the log and for tests."""
+
+    leftovers_deleted: list[str] = field(default_factory=list)
+    bridges_restored: list[str] = field(default_factory=list)
+    endpoints_released: list[str] = field(default_factory=list)
+    endpoints_reattached: list[str] = field(default_factory=list)
+    sandboxes_forgotten: list[str] = field(default_factory=list)
+
+
+async def adopt(
+    *,
+    state: State,
+    topo: Topology,
+    kernel: KernelOps,
+    owned_links: list,
+    ns: NamespaceOps,
+    store: Store,
+) -> AdoptReport:
+    """Fill `topo` from `state` and repair the kernel's links to match it."""
+    report = AdoptReport()
+    for net in state.networks:
+        topo.add_network(net)
+    if last := state.meta.get("last_subnet"):
+        topo.last_subnet = ipaddress.IPv4Network(last)
+
+    present: dict[str, object] = {}  # endpoint id -> its host link seen in the kernel
+    for link in owned_links:
+        owner = naming.parse_alias(link.alias)
+        if owner is None:
+            continue
+        kind, ident = owner
+        if kind == "net" and ident not in topo.networks:
+            await kernel.delete_bridge(link.name)
+            report.leftovers_deleted.append(link.name)
+        elif kind == "ep" and not any(e.id == ident for e in state.endpoints):
+            await kernel.detach(link.name)
+            report.leftovers_deleted.append(link.name)
+        elif kind == "ep":
+            present[ident] = link
+
+    bridges: dict[str, int] = {}  # network id -> bridge ifindex
+    for net in topo.networks.values():
+        prefix = ipaddress.IPv4Network(net.subnet).prefixlen
+        bridges[net.id] = await kernel.ensure_bridge(
+            name=net.bridge,
+            alias=naming.bridge_alias(net.id),
+            address=f"{net.gateway}/{prefix}",
+            mtu=net.mtu,
+        )
+        if not any(link.index == bridges[net.id] for link in owned_links):
+            report.bridges_restored.append(net.bridge)
+
+    for ep in state.endpoints:
+        if ep.network_id not in topo.networks:
+            _forget_endpoint(store, ep)
+            continue
+        if not _same_namespace(ns, ep):
+            if ep.id in present:
+                await kernel.detach(ep.host_ifname)
+            _forget_endpoint(store, ep)
+            report.endpoints_released.append(ep.id)
+            continue
+        if ep.id not in present and not await _reattach(kernel, topo, ep):
+            _forget_endpoint(store, ep)
+            report.endpoints_released.append(ep.id)
+            continue
+        if ep.id not in present:
+            report.endpoints_reattached.append(ep.id)
+        elif present[ep.id].master != bridges[ep.network_id] or not present[ep.id].up:
+            # its bridge was deleted (ports are released) and recreated, or it was set down
+            await kernel.enslave(ep.host_ifname, topo.networks[ep.network_id].bridge)
+        topo.allocators[ep.network_id].reserve(ipaddress.IPv4Address(ep.ip))
+        topo.endpoints[ep.id] = ep
+
+    for net_id, alloc in topo.allocators.items():
+        if cursor := state.meta.get(f"cursor:{net_id}"):
+            alloc.set_cursor(int(cursor))
+
+    for sb in state.sandboxes:
+        if _key_or_none(ns, sb.path) == sb.netns_key:
+            topo.sandboxes[sb.name] = sb
+        else:
+            with store.transaction() as w:
+                w.delete_sandbox(sb.name)
+            report.sandboxes_forgotten.append(sb.name)
+    log.info(
+        "adopt.complete",
+        networks=len(topo.networks),
+        endpoints=len(topo.endpoints),
+        leftovers=len(report.leftovers_deleted),
+        released=len(report.endpoints_released),
+        reattached=len(report.endpoints_reattached),
+    )
+    return report
+
+
+def _key_or_none(ns: NamespaceOps, path: str) -> str | None:
+    try:
+        return ns.netns_key(path)
+    except AgentError:
+        return None
+
+
+def _same_namespace(ns: NamespaceOps, ep: Endpoint) -> bool:
+    return _key_or_none(ns, ep.netns) == ep.netns_key
+
+
+def _forget_endpoint(store: Store, ep: Endpoint) -> None:
+    with store.transaction() as w:
+        w.delete_endpoint(ep.id)
+
+
+async def _reattach(kernel: KernelOps, topo: Topology, ep: Endpoint) -> bool:
+    net = topo.networks[ep.network_id]
+    prefix = ipaddress.IPv4Network(net.subnet).prefixlen
+    try:
+        await kernel.attach(
+            netns_path=ep.netns,
+            bridge=net.bridge,
+            host_ifname=ep.host_ifname,
+            alias=naming.veth_alias(ep.id),
+            ifname=ep.ifname,
+            mac=ep.mac,
+            mtu=net.mtu,
+            address=f"{ep.ip}/{prefix}",
+            gateway=net.gateway if ep.default_route else None,
+        )
+    except AgentError as exc:
+        log.warning("adopt.reattach.failed", endpoint_id=ep.id, error=str(exc))
+        return False
+    return True

@@ -1,0 +1,1 @@
+"""The control API: wire types (`protocol`, pure), the Trio server and the sync client."""

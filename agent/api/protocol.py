@@ -1,0 +1,214 @@
+"""JSON-RPC 2.0 over a Unix stream socket, one JSON object per line, typed with msgspec.
+
+Pure: no I/O. The server decodes an envelope, looks the method up in `METHODS` and decodes its
+params into the method's Struct (unknown fields refused); the client encodes the same Structs.
+
+Error codes: JSON-RPC's own for framing (-32700 parse, -32600 invalid request, -32601 unknown
+method, -32602 invalid params, -32603 internal) and the `AgentError.code` of `agent.core.errors`
+for application errors, with `data.kind` naming the error class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from agent.core.model import Endpoint, Network
+
+MAX_LINE = 1 << 20  # bytes; a longer request line is refused and the connection closed
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+
+
+class Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every request's params."""
+
+
+class Empty(Params):
+    pass
+
+
+class NetworkCreate(Params):
+    name: str
+    subnet: str | None = None
+    gateway: str | None = None
+    ip_range: str | None = None
+    internal: bool = False
+    icc: bool = True
+    masquerade: bool = True
+    mtu: int | None = None
+    bridge: str | None = None  # custom bridge device name (--opt bridge=NAME)
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class NetworkRef(Params):
+    network: str  # name, full id or unique id prefix
+
+
+class NetworkRemove(Params):
+    network: str
+    force: bool = False
+
+
+class NetworkFilter(Params):
+    labels: list[str] = msgspec.field(default_factory=list)  # "K" or "K=V"
+
+
+class EndpointConnect(Params):
+    network: str
+    netns: str  # name under /run/netns or an absolute path
+    ip: str | None = None
+    mac: str | None = None
+
+
+class EndpointDisconnect(Params):
+    network: str
+    netns: str
+    force: bool = False
+
+
+class EndpointFilter(Params):
+    network: str | None = None
+
+
+class SandboxRun(Params):
+    name: str
+    network: str = "bridge"
+    ip: str | None = None
+    mac: str | None = None
+
+
+class SandboxRemove(Params):
+    name: str
+
+
+class NetworkView(msgspec.Struct, kw_only=True):
+    """What `network inspect` shows: the network and its endpoints."""
+
+    network: Network
+    endpoints: list[Endpoint]
+
+
+class Removed(msgspec.Struct, kw_only=True):
+    removed: list[str]
+
+
+class Info(msgspec.Struct, kw_only=True):
+    version: str
+    pid: int
+    socket: str
+    state_dir: str
+    networks: int
+    endpoints: int
+    accelerated: bool  # Cython extensions in use
+    firewall: str
+    uptime_s: float
+
+
+class Ruleset(msgspec.Struct, kw_only=True):
+    text: str
+    rules: int
+
+
+# method name -> params type; the result type is documented by the service's handler.
+METHODS: dict[str, type[Params]] = {
+    "system.info": Empty,
+    "system.ruleset": Empty,
+    "network.create": NetworkCreate,
+    "network.list": NetworkFilter,
+    "network.inspect": NetworkRef,
+    "network.remove": NetworkRemove,
+    "network.prune": NetworkFilter,
+    "endpoint.connect": EndpointConnect,
+    "endpoint.disconnect": EndpointDisconnect,
+    "endpoint.list": EndpointFilter,
+    "sandbox.run": SandboxRun,
+    "sandbox.remove": SandboxRemove,
+}
+
+
+class Request(msgspec.Struct, kw_only=True):
+    jsonrpc: str
+    method: str
+    id: int | str | None = None
+    params: msgspec.Raw = msgspec.Raw(b"{}")
+
+
+class ErrorBody(msgspec.Struct, kw_only=True):
+    code: int
+    message: str
+    data: dict[str, Any] | None = None
+
+
+class Response(msgspec.Struct, kw_only=True, omit_defaults=True):
+    jsonrpc: str = "2.0"
+    id: int | str | None = None
+    result: Any = None
+    error: ErrorBody | None = None
+
+
+class ProtocolError(Exception):
+    """A framing error: the request could not be read as JSON-RPC at all."""
+
+    def __init__(self, code: int, message: str, request_id: int | str | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+_encoder = msgspec.json.Encoder()
+_request_decoder = msgspec.json.Decoder(Request)
+_response_decoder = msgspec.json.Decoder(Response)
+
+
+def decode_request(line: bytes) -> tuple[Request, Params]:
+    """Parse one request line into its envelope and typed params.
+
+    Raises:
+        ProtocolError: with the JSON-RPC code that fits (parse, invalid request, unknown
+            method, invalid params); `request_id` is set when the envelope was readable.
+    """
+    try:
+        req = _request_decoder.decode(line)
+    except msgspec.DecodeError as exc:
+        try:
+            msgspec.json.decode(line)
+        except msgspec.DecodeError:
+            raise ProtocolError(PARSE_ERROR, f"parse error: {exc}") from exc
+        raise ProtocolError(INVALID_REQUEST, f"invalid request: {exc}") from exc
+    if req.jsonrpc != "2.0":
+        raise ProtocolError(INVALID_REQUEST, "invalid request: jsonrpc must be '2.0'", req.id)
+    params_type = METHODS.get(req.method)
+    if params_type is None:
+        raise ProtocolError(METHOD_NOT_FOUND, f"method not found: {req.method!r}", req.id)
+    try:
+        params = msgspec.json.decode(req.params, type=params_type)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(INVALID_PARAMS, f"invalid params: {exc}", req.id) from exc
+    return req, params
+
+
+def encode_request(method: str, params: Params | None, request_id: int) -> bytes:
+    body = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params or {}}
+    return _encoder.encode(body) + b"\n"
+
+
+def encode_result(request_id: int | str | None, result: Any) -> bytes:
+    return _encoder.encode(Response(id=request_id, result=result)) + b"\n"
+
+
+def encode_error(
+    request_id: int | str | None, code: int, message: str, data: dict[str, Any] | None = None
+) -> bytes:
+    err = ErrorBody(code=code, message=message, data=data)
+    return _encoder.encode(Response(id=request_id, error=err)) + b"\n"
+
+
+def decode_response(line: bytes) -> Response:
+    return _response_decoder.decode(line)

@@ -1,0 +1,1 @@
+"""The pure core: decisions without I/O (no trio, pyroute2, sqlite3, subprocess, socket, os)."""

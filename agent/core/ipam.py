@@ -1,0 +1,469 @@
+"""Address management: subnet pools, subnet choice, per-network address allocators, MACs.
+
+Theory of operation, following Docker 20.10's default IPAM (observed live, see
+reference/golden/docker_ipam_observations.txt):
+
+- **Pools** are base networks split into equal subnets. The defaults are Docker's: 172.17.0.0/16
+  to 172.31.0.0/16 whole, then 192.168.0.0/16 as sixteen /20s.
+- **Subnet choice** walks the candidates in pool order, starting just after the last subnet
+  allocated (round robin, wrapping), and takes the first one that overlaps neither an existing
+  network nor a host route. Existing networks and routes are merged into sorted integer
+  intervals; a candidate that overlaps one jumps straight past it, so a /8 split into /24s with
+  thousands of networks costs a few bisections, not 65,536 comparisons.
+- **Addresses** of a network are indexed by their offset in the subnet, in a bitmap
+  (`agent.core.bitmap` or its Cython twin `_fast.bitmap`). Network, broadcast, gateway and any
+  extra reserved address are set at creation and never handed out. Dynamic allocation draws from
+  the ip range (or the subnet), round robin from a cursor just after the last dynamic allocation,
+  so a just-released address is not reused at once (as Docker's serial allocation does). Static
+  requests may take any free host address of the subnet and do not move the cursor.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from bisect import bisect_right
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+
+from agent.core.bitmap import Bitmap
+from agent.core.errors import Conflict, InvalidArgument, NotFound, PoolExhausted
+
+IPNetwork = IPv4Network | IPv6Network
+IPAddress = IPv4Address | IPv6Address
+
+#: Longest prefix a bridge network may have: a /30 still holds gateway plus one endpoint.
+MAX_PREFIX_V4 = 30
+
+
+@dataclass(frozen=True)
+class Pool:
+    """A base network split into subnets of prefix length `size` (the candidates, in order)."""
+
+    base: IPv4Network
+    size: int
+
+    def __post_init__(self) -> None:
+        if not self.base.prefixlen <= self.size <= self.base.max_prefixlen:
+            raise InvalidArgument(
+                f"pool {self.base} cannot be split into /{self.size} subnets",
+                pool=str(self.base),
+                size=self.size,
+            )
+
+    @property
+    def step(self) -> int:
+        """Number of addresses in one candidate subnet."""
+        return 1 << (self.base.max_prefixlen - self.size)
+
+    @property
+    def count(self) -> int:
+        """Number of candidate subnets."""
+        return 1 << (self.size - self.base.prefixlen)
+
+    def candidate(self, k: int) -> IPv4Network:
+        """The `k`-th candidate subnet of the pool."""
+        start = int(self.base.network_address) + k * self.step
+        return type(self.base)((start, self.size))
+
+    def __str__(self) -> str:
+        return f"{self.base}:{self.size}"
+
+
+def _parse_network(text: str, what: str) -> IPNetwork:
+    """Parse a CIDR strictly; host bits set or garbage -> InvalidArgument with a hint."""
+    text = text.strip()
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        try:
+            loose = ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise InvalidArgument(
+                f"invalid {what} {text!r}: expected a CIDR such as 10.1.0.0/24", value=text
+            ) from exc
+        raise InvalidArgument(
+            f"invalid {what} {text}: host bits are set; did you mean {loose}?",
+            value=text,
+            hint=str(loose),
+        ) from exc
+
+
+def parse_pool(text: str) -> Pool:
+    """Parse `"10.200.0.0/16:24"` (base split into /24s) or `"10.200.0.0/16"` (one subnet)."""
+    base_text, sep, size_text = text.strip().partition(":")
+    base = _parse_network(base_text, "pool")
+    if not isinstance(base, IPv4Network):
+        raise InvalidArgument(f"pool {text}: only IPv4 pools are supported", value=text)
+    if sep and not size_text.isdigit():
+        raise InvalidArgument(
+            f"invalid pool {text!r}: the subnet size after ':' must be a prefix length",
+            value=text,
+        )
+    size = int(size_text) if sep else base.prefixlen
+    if size > MAX_PREFIX_V4:
+        raise InvalidArgument(
+            f"invalid pool {text}: /{size} subnets are too small (at most /{MAX_PREFIX_V4})",
+            value=text,
+        )
+    return Pool(base, size)
+
+
+DEFAULT_POOLS: tuple[Pool, ...] = (
+    *(Pool(IPv4Network(f"172.{n}.0.0/16"), 16) for n in range(17, 32)),
+    Pool(IPv4Network("192.168.0.0/16"), 20),
+)
+
+
+class _Intervals:
+    """Sorted, merged, inclusive integer intervals of one IP version, for overlap tests."""
+
+    def __init__(self, networks: Iterable[IPNetwork], version: int) -> None:
+        spans = sorted(
+            (int(n.network_address), int(n.broadcast_address))
+            for n in networks
+            if n.version == version
+        )
+        self.starts: list[int] = []
+        self.ends: list[int] = []
+        for lo, hi in spans:
+            if self.ends and lo <= self.ends[-1] + 1:
+                self.ends[-1] = max(self.ends[-1], hi)
+            else:
+                self.starts.append(lo)
+                self.ends.append(hi)
+
+    def overlap_end(self, lo: int, hi: int) -> int | None:
+        """End of an interval overlapping [lo, hi], or None when nothing overlaps."""
+        i = bisect_right(self.starts, hi) - 1
+        if i >= 0 and self.ends[i] >= lo:
+            return self.ends[i]
+        return None
+
+
+def _first_free(pool: Pool, k: int, stop: int, taken: _Intervals) -> int | None:
+    """First candidate index in [k, stop) of `pool` overlapping nothing in `taken`."""
+    base = int(pool.base.network_address)
+    step = pool.step
+    while k < stop:
+        lo = base + k * step
+        end = taken.overlap_end(lo, lo + step - 1)
+        if end is None:
+            return k
+        k = (end - base) // step + 1  # jump past the whole overlapping interval
+    return None
+
+
+def _start_after(pools: Sequence[Pool], after: IPNetwork | None) -> tuple[int, int]:
+    """(pool index, candidate index) just after `after`; (0, 0) if no pool holds it."""
+    if after is None:
+        return 0, 0
+    for p, pool in enumerate(pools):
+        if after.version == pool.base.version and pool.base.overlaps(after):
+            last = int(after.broadcast_address) - int(pool.base.network_address)
+            return p, min(pool.count, max(0, last // pool.step + 1))
+    return 0, 0
+
+
+def choose_subnet(
+    pools: Sequence[Pool],
+    used: Sequence[IPNetwork],
+    avoid: Sequence[IPNetwork],
+    after: IPNetwork | None = None,
+) -> IPv4Network:
+    """Pick the next free subnet, Docker style.
+
+    Args:
+        pools: candidate pools, in order.
+        used: subnets of existing networks.
+        avoid: host routes (the caller leaves default routes out).
+        after: the last subnet allocated; the search starts just after it and wraps.
+
+    Raises:
+        PoolExhausted: every candidate overlaps a network or a route.
+    """
+    if not pools:
+        raise PoolExhausted("no address pools are configured")
+    by_version: dict[int, _Intervals] = {}
+    p0, k0 = _start_after(pools, after)
+    order = [(p, k0 if p == p0 else 0, None) for p in range(p0, len(pools))]
+    order += [(p, 0, k0 if p == p0 else None) for p in range(p0 + 1)]
+    for p, start, stop in order:
+        pool = pools[p]
+        version = pool.base.version
+        if version not in by_version:
+            by_version[version] = _Intervals([*used, *avoid], version)
+        found = _first_free(pool, start, pool.count if stop is None else stop, by_version[version])
+        if found is not None:
+            return pool.candidate(found)
+    raise PoolExhausted(
+        f"could not find an available, non-overlapping subnet in the {len(pools)} address "
+        "pool(s): every candidate overlaps an existing network or a host route",
+        pools=[str(p) for p in pools],
+    )
+
+
+def _parse_address(text: str, what: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text.strip())
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid {what} {text!r}: not an IP address", value=text) from exc
+
+
+def _check_subnet(net: IPNetwork, used: Sequence[IPNetwork]) -> IPv4Network:
+    if not isinstance(net, IPv4Network):
+        raise InvalidArgument(f"subnet {net}: only IPv4 subnets are supported", subnet=str(net))
+    if net.prefixlen > MAX_PREFIX_V4:
+        raise InvalidArgument(
+            f"subnet {net} is too small: the longest prefix allowed is /{MAX_PREFIX_V4}",
+            subnet=str(net),
+        )
+    for other in used:
+        if other.version == net.version and other.overlaps(net):
+            raise Conflict(
+                f"subnet {net} overlaps the subnet {other} of an existing network",
+                subnet=str(net),
+                overlaps=str(other),
+            )
+    return net
+
+
+def plan_subnet(
+    *,
+    subnet: str | None,
+    gateway: str | None,
+    ip_range: str | None,
+    pools: Sequence[Pool],
+    used: Sequence[IPNetwork],
+    avoid: Sequence[IPNetwork],
+    after: IPNetwork | None,
+) -> tuple[IPv4Network, IPv4Address, IPv4Network | None]:
+    """Validate the user's `--subnet/--gateway/--ip-range`, or choose a subnet from the pools.
+
+    Returns:
+        (subnet, gateway, ip_range); the gateway defaults to the first host address (.1).
+
+    Raises:
+        InvalidArgument: malformed or inconsistent input.
+        Conflict: the subnet overlaps an existing network (`data['overlaps']` names it).
+        PoolExhausted: no subnet given and none free in the pools.
+    """
+    if subnet is None:
+        if gateway is not None or ip_range is not None:
+            raise InvalidArgument(
+                "a gateway or ip range needs an explicit subnet (--subnet)",
+                gateway=gateway,
+                ip_range=ip_range,
+            )
+        net = choose_subnet(pools, used, avoid, after)
+        return net, net.network_address + 1, None
+    net = _check_subnet(_parse_network(subnet, "subnet"), used)
+    if gateway is None:
+        gw = net.network_address + 1
+    else:
+        gw_any = _parse_address(gateway, "gateway")
+        if gw_any.version != net.version or gw_any not in net:
+            raise InvalidArgument(
+                f"gateway {gw_any} is not inside the subnet {net}", gateway=str(gw_any)
+            )
+        if gw_any in (net.network_address, net.broadcast_address):
+            raise InvalidArgument(
+                f"gateway {gw_any} is the network or broadcast address of {net}",
+                gateway=str(gw_any),
+            )
+        gw = IPv4Address(int(gw_any))
+    rng: IPv4Network | None = None
+    if ip_range is not None:
+        rng_any = _parse_network(ip_range, "ip range")
+        if rng_any.version != net.version or not rng_any.subnet_of(net):  # type: ignore[arg-type]
+            raise InvalidArgument(
+                f"ip range {rng_any} is not inside the subnet {net}", ip_range=str(rng_any)
+            )
+        rng = IPv4Network(rng_any)
+    return net, gw, rng
+
+
+class AddressAllocator:
+    """The addresses of one network, indexed by offset in the subnet.
+
+    Network, broadcast, gateway and `reserved` addresses are never handed out. Dynamic
+    allocation draws from `ip_range` (or the whole subnet) round robin; static requests may use
+    any free host address of the subnet.
+    """
+
+    def __init__(
+        self,
+        subnet: IPv4Network,
+        gateway: IPv4Address,
+        ip_range: IPv4Network | None = None,
+        reserved: Iterable[IPv4Address] = (),
+        bitmap_cls: type = Bitmap,
+    ) -> None:
+        """Index a bitmap over `subnet` and set the addresses never handed out.
+
+        Args:
+            subnet: the network's subnet; the bitmap has one bit per address of it.
+            gateway: the bridge's address, never handed out.
+            ip_range: where dynamic allocation draws from (default: the whole subnet).
+            reserved: further addresses never handed out.
+            bitmap_cls: `agent.core.bitmap.Bitmap` or `_fast.bitmap.Bitmap` (any callable
+                taking the size in bits and returning such a bitmap).
+
+        Raises:
+            InvalidArgument: gateway, ip range or a reserved address outside the subnet.
+        """
+        if gateway.version != 4 or gateway not in subnet:
+            raise InvalidArgument(f"gateway {gateway} is not inside the subnet {subnet}")
+        if ip_range is not None and not ip_range.subnet_of(subnet):  # type: ignore[arg-type]
+            raise InvalidArgument(f"ip range {ip_range} is not inside the subnet {subnet}")
+        self.subnet = subnet
+        self.gateway = gateway
+        self.ip_range = ip_range
+        self._base = int(subnet.network_address)
+        self._bits = bitmap_cls(subnet.num_addresses)
+        rng = ip_range or subnet
+        self._lo = int(rng.network_address) - self._base
+        self._hi = int(rng.broadcast_address) - self._base + 1
+        self._size = subnet.num_addresses
+        fixed = {0, self._size - 1, self._offset(gateway)}
+        for addr in reserved:
+            if self._offset(addr) < 0:
+                raise InvalidArgument(f"reserved address {addr} is not inside the subnet {subnet}")
+            fixed.add(self._offset(addr))
+        for i in fixed:
+            self._bits.set(i)
+        self._fixed = frozenset(fixed)
+        self._capacity = (self._hi - self._lo) - sum(self._lo <= i < self._hi for i in fixed)
+        self._used = 0
+        self._cursor = self._lo
+
+    def _offset(self, addr: IPAddress) -> int:
+        """Index of `addr` in the subnet, or -1 outside it (integer arithmetic: hot path)."""
+        if addr.version != 4:
+            return -1
+        i = int(addr) - self._base
+        return i if 0 <= i < self._size else -1
+
+    @property
+    def cursor(self) -> int:
+        """Offset in the subnet where the next dynamic search starts."""
+        return self._cursor
+
+    def set_cursor(self, value: int) -> None:
+        """Restore a persisted cursor; a value at the end of the range wraps to its start.
+
+        Raises:
+            InvalidArgument: `value` lies outside the dynamic range.
+        """
+        if not self._lo <= value <= self._hi:
+            raise InvalidArgument(
+                f"cursor {value} is outside the range [{self._lo}, {self._hi}]", cursor=value
+            )
+        self._cursor = self._lo if value == self._hi else value
+
+    @property
+    def used(self) -> int:
+        """Addresses of the dynamic range currently allocated."""
+        return self._used
+
+    @property
+    def free(self) -> int:
+        """Addresses of the dynamic range still available."""
+        return self._capacity - self._used
+
+    def is_allocated(self, addr: IPAddress) -> bool:
+        """Whether `addr` was handed out (network, broadcast, gateway and reserved are not)."""
+        i = self._offset(addr)
+        return i >= 0 and i not in self._fixed and self._bits.test(i)
+
+    def allocate(self, requested: IPv4Address | None = None) -> IPv4Address:
+        """Hand out `requested`, or the next free address of the dynamic range.
+
+        Raises:
+            InvalidArgument: `requested` is outside the subnet or reserved.
+            Conflict: `requested` is already in use.
+            PoolExhausted: no dynamic address is free.
+        """
+        if requested is not None:
+            return self._take(requested)
+        i = self._bits.find_clear(self._cursor)
+        if not self._cursor <= i < self._hi:
+            i = self._bits.find_clear(self._lo)
+            if not self._lo <= i < self._hi:
+                where = f"ip range {self.ip_range}" if self.ip_range else f"subnet {self.subnet}"
+                raise PoolExhausted(
+                    f"no free address left in the {where} of this network",
+                    subnet=str(self.subnet),
+                )
+        self._bits.set(i)
+        self._used += 1
+        self._cursor = i + 1 if i + 1 < self._hi else self._lo
+        return IPv4Address(self._base + i)
+
+    def _take(self, addr: IPAddress) -> IPv4Address:
+        i = self._offset(addr)
+        if i < 0:
+            raise InvalidArgument(
+                f"address {addr} is not inside the subnet {self.subnet} of this network",
+                address=str(addr),
+            )
+        if i in self._fixed:
+            raise InvalidArgument(
+                f"address {addr} is reserved on this network (network, broadcast, gateway "
+                "or a reserved address)",
+                address=str(addr),
+            )
+        if not self._bits.set(i):
+            raise Conflict(f"address {addr} is already in use on this network", address=str(addr))
+        if self._lo <= i < self._hi:
+            self._used += 1
+        return IPv4Address(self._base + i)
+
+    def reserve(self, addr: IPv4Address) -> None:
+        """Adopt an address already in use (after a restart); does not move the cursor.
+
+        Raises:
+            InvalidArgument: outside the subnet or reserved. Conflict: already taken.
+        """
+        self._take(addr)
+
+    def release(self, addr: IPv4Address) -> None:
+        """Return `addr` to the free addresses.
+
+        Raises:
+            NotFound: `addr` is not allocated on this network.
+        """
+        i = self._offset(addr)
+        if i < 0 or i in self._fixed or not self._bits.clear(i):
+            raise NotFound(f"address {addr} is not allocated on this network", address=str(addr))
+        if self._lo <= i < self._hi:
+            self._used -= 1
+
+
+def mac_for(ip: IPv4Address) -> str:
+    """Docker's container MAC: `02:42:` + the IPv4 bytes (172.18.0.2 -> 02:42:ac:12:00:02)."""
+    return "02:42:" + ":".join(f"{b:02x}" for b in IPv4Address(ip).packed)
+
+
+_MAC_RE = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(?:\1[0-9A-Fa-f]{2}){4}$")
+
+
+def validate_mac(text: str) -> str:
+    """Canonical lowercase `aa:bb:cc:dd:ee:ff` form of a unicast, non-zero MAC address.
+
+    Raises:
+        InvalidArgument: malformed, multicast (lowest bit of the first octet) or all zeros.
+    """
+    text = text.strip()
+    if not _MAC_RE.match(text):
+        raise InvalidArgument(
+            f"invalid MAC address {text!r}: expected six hex octets like 02:42:ac:11:00:02",
+            mac=text,
+        )
+    octets = [int(x, 16) for x in re.split(r"[:-]", text)]
+    if octets[0] & 1:
+        raise InvalidArgument(f"MAC address {text} is a multicast address", mac=text)
+    if not any(octets):
+        raise InvalidArgument("MAC address 00:00:00:00:00:00 is not a valid address", mac=text)
+    return ":".join(f"{b:02x}" for b in octets)

@@ -1,0 +1,50 @@
+"""The topology the agent owns: networks, endpoints and agent-managed sandboxes.
+
+Values are frozen msgspec Structs; they are what the store persists and what the wire shows.
+Addresses are kept as canonical strings (`str(ipaddress.ip_address(...))`).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Network(msgspec.Struct, frozen=True, kw_only=True):
+    """A bridge network: one Linux bridge, one subnet, its firewall rules."""
+
+    id: str  # 64 hex characters, like Docker's network IDs
+    name: str
+    bridge: str  # kernel name of the bridge device
+    subnet: str  # CIDR, canonical (network address)
+    gateway: str  # address of the bridge inside `subnet`
+    ip_range: str | None = None  # sub-CIDR that dynamic allocation draws from
+    internal: bool = False  # no default route, no masquerade, no traffic out of the subnet
+    icc: bool = True  # inter-container communication on the same network
+    masquerade: bool = True
+    mtu: int = 1500
+    labels: dict[str, str] = msgspec.field(default_factory=dict)
+    is_default: bool = False  # the `bridge` network created at start-up
+    created: float = 0.0  # unix time, set by the service
+
+
+class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """A namespace attached to a network through a veth pair."""
+
+    id: str  # 64 hex characters
+    network_id: str
+    netns: str  # the path the client named (/run/netns/NAME or /proc/PID/ns/net ...)
+    netns_key: str  # "dev:inode" of the namespace: identifies it whatever the path
+    ifname: str  # name inside the namespace (eth0, eth1, ...)
+    host_ifname: str  # host end of the veth pair, enslaved to the bridge
+    ip: str
+    mac: str
+    sandbox: str | None = None  # name of the agent-managed namespace, if created by `run`
+    default_route: bool = False  # this endpoint holds the namespace's default route
+
+
+class Sandbox(msgspec.Struct, frozen=True, kw_only=True):
+    """A named network namespace the agent created (`agentctl run`) and will delete (`rm`)."""
+
+    name: str
+    path: str
+    netns_key: str

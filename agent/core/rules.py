@@ -1,0 +1,405 @@
+"""Firewall rules: topology in, iptables ruleset and minimal transactions out (pure).
+
+Theory of operation
+-------------------
+The agent owns only chains named `NETAGENT*`; the only lines it adds elsewhere are two jumps
+from built-in chains, inserted at position 1 once and tagged `-m comment --comment netagent`:
+
+    filter  FORWARD     -> NETAGENT-FORWARD
+    nat     POSTROUTING -> NETAGENT-POSTROUTING
+
+Docker's bridge driver (18.09-20.10 layout) is reproduced in our own chains::
+
+    NETAGENT-FORWARD            -j NETAGENT-USER                 (fixed head: user rules first)
+                                -j NETAGENT-ISOLATION-STAGE-1    (then cross-network isolation)
+                                -o B -j C / -i B -j C            (per network: its own chain C)
+    NETAGENT-ISOLATION-STAGE-1  -i B ! -o B -j NETAGENT-ISOLATION-STAGE-2
+    NETAGENT-ISOLATION-STAGE-2  -o B -j DROP
+    NETAGENT-POSTROUTING (nat)  -s S ! -o B -j MASQUERADE
+    C = NETAGENT-N-<id12>       conntrack replies, egress, icc, then drop whatever else enters
+
+Two kinds of chains:
+
+* **dispatch** chains are shared by every network (FORWARD, both isolation stages, nat
+  POSTROUTING). After a fixed head their rules are order-independent: isolation drops every
+  packet between two agent bridges before dispatch, so at most one network's `-i`/`-o` rule can
+  match a packet, and every per-network chain decides terminally. A transaction therefore only
+  deletes (`-D`) and appends (`-A`) the rules of networks that come or go: O(changed).
+* **owned** chains (one per network) are rewritten whole when they change: a declaration
+  `:C - [0:0]` under `iptables-restore --noflush` creates the chain or flushes it.
+
+`NETAGENT-USER` belongs to the administrator (like DOCKER-USER): created with `-j RETURN` only
+when missing, never flushed or rewritten; it is not part of a `Ruleset`.
+
+Room for later: published ports get a per-network ports chain jumped to from C just before its
+final `-o B -j DROP`, and IPv6 a second `Ruleset` fed to ip6tables-restore. Rules are IPv4.
+
+Every rule is written in the option order iptables-save prints, so a saved ruleset can be
+compared line by line with the rendered one.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections import Counter
+from collections.abc import Collection, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import NamedTuple
+
+from agent.core import naming
+from agent.core.model import Network
+
+Rule = tuple[str, ...]
+Op = tuple[str, str, Rule]  # ("-A" | "-D" | "-I" | "-F" | "-X", chain, args)
+ChainKey = tuple[str, str]  # (table, chain)
+
+FILTER = "filter"
+NAT = "nat"
+TABLE_ORDER = (FILTER, NAT)
+
+FORWARD = naming.CHAIN_FORWARD
+USER = naming.CHAIN_USER
+ISOLATION_1 = naming.CHAIN_ISOLATION_1
+ISOLATION_2 = naming.CHAIN_ISOLATION_2
+POSTROUTING = naming.CHAIN_POSTROUTING
+
+#: Dispatch chains and the length of their fixed head.
+DISPATCH_HEADS: Mapping[ChainKey, int] = MappingProxyType(
+    {
+        (FILTER, FORWARD): 2,
+        (FILTER, ISOLATION_1): 0,
+        (FILTER, ISOLATION_2): 0,
+        (NAT, POSTROUTING): 0,
+    }
+)
+
+
+# --- rule builders: each docstring shows the line it produces --------------------------------
+
+
+def jump(target: str) -> Rule:
+    """`-j TARGET` (the fixed head of NETAGENT-FORWARD: `-j NETAGENT-USER`, ...)."""
+    return ("-j", target)
+
+
+def builtin_jump(target: str) -> Rule:
+    """`-m comment --comment netagent -j TARGET` (the only rule outside our chains)."""
+    return ("-m", "comment", "--comment", naming.RULE_COMMENT, "-j", target)
+
+
+def user_return() -> Rule:
+    """`-A NETAGENT-USER -j RETURN` (only when the user chain is created)."""
+    return ("-j", "RETURN")
+
+
+def isolation_stage1(bridge: str) -> Rule:
+    """`-A NETAGENT-ISOLATION-STAGE-1 -i B ! -o B -j NETAGENT-ISOLATION-STAGE-2`."""
+    return ("-i", bridge, "!", "-o", bridge, "-j", ISOLATION_2)
+
+
+def isolation_stage2(bridge: str) -> Rule:
+    """`-A NETAGENT-ISOLATION-STAGE-2 -o B -j DROP`: leaving another network into B."""
+    return ("-o", bridge, "-j", "DROP")
+
+
+def dispatch_rules(bridge: str, chain: str) -> tuple[Rule, Rule]:
+    """`-A NETAGENT-FORWARD -o B -j C` and `-A NETAGENT-FORWARD -i B -j C`."""
+    return ("-o", bridge, "-j", chain), ("-i", bridge, "-j", chain)
+
+
+def conntrack_accept(bridge: str) -> Rule:
+    """`-A C -o B -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT`: replies come in."""
+    return ("-o", bridge, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT")
+
+
+def egress_accept(bridge: str) -> Rule:
+    """`-A C -i B ! -o B -j ACCEPT`: the network may reach the outside (not internal)."""
+    return ("-i", bridge, "!", "-o", bridge, "-j", "ACCEPT")
+
+
+def icc(bridge: str, enabled: bool) -> Rule:
+    """`-A C -i B -o B -j ACCEPT` (`-j DROP` when inter-container communication is off)."""
+    return ("-i", bridge, "-o", bridge, "-j", "ACCEPT" if enabled else "DROP")
+
+
+def drop_in(bridge: str) -> Rule:
+    """`-A C -o B -j DROP`: nothing else enters, whatever the host's FORWARD policy."""
+    return ("-o", bridge, "-j", "DROP")
+
+
+def drop_out(bridge: str) -> Rule:
+    """`-A C -i B -j DROP`: an internal network sends nothing off its bridge."""
+    return ("-i", bridge, "-j", "DROP")
+
+
+def masquerade(subnet: str, bridge: str) -> Rule:
+    """`-A NETAGENT-POSTROUTING -s S ! -o B -j MASQUERADE` (S canonical, e.g. 172.18.0.0/16)."""
+    return ("-s", canonical_subnet(subnet), "!", "-o", bridge, "-j", "MASQUERADE")
+
+
+def canonical_subnet(subnet: str) -> str:
+    """The network address form iptables-save prints: `172.18.0.0/16`."""
+    return str(ipaddress.ip_network(subnet, strict=False))
+
+
+def network_chain_rules(bridge: str, *, internal: bool, icc_on: bool) -> tuple[Rule, ...]:
+    """The per-network chain C, in order (see the module header)."""
+    if internal:
+        return (icc(bridge, icc_on), drop_out(bridge), drop_in(bridge))
+    return (conntrack_accept(bridge), egress_accept(bridge), icc(bridge, icc_on), drop_in(bridge))
+
+
+def builtin_jumps() -> list[tuple[str, str, Rule]]:
+    """`(table, built-in chain, rule)` of the jumps into our chains, comment included."""
+    return [
+        (FILTER, "FORWARD", builtin_jump(FORWARD)),
+        (NAT, "POSTROUTING", builtin_jump(POSTROUTING)),
+    ]
+
+
+# --- the ruleset value -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Ruleset:
+    """Immutable value: table -> chain -> rules, for agent chains only.
+
+    `heads` names the dispatch chains and the length of their fixed head; every other chain is
+    owned. Equality ignores the order of a dispatch chain's rules after its head, since the
+    kernel's order there depends on the history of incremental transactions.
+    """
+
+    tables: Mapping[str, Mapping[str, tuple[Rule, ...]]] = field(default_factory=dict)
+    heads: Mapping[ChainKey, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        tables = {
+            table: MappingProxyType({c: tuple(map(tuple, rs)) for c, rs in chains.items()})
+            for table, chains in self.tables.items()
+        }
+        object.__setattr__(self, "tables", MappingProxyType(tables))
+        object.__setattr__(self, "heads", MappingProxyType(dict(self.heads)))
+
+    def chains(self, table: str) -> Mapping[str, tuple[Rule, ...]]:
+        """The chains of `table` (empty when the table holds none of ours)."""
+        return self.tables.get(table, MappingProxyType({}))
+
+    def items(self) -> Iterator[tuple[str, str, tuple[Rule, ...]]]:
+        """`(table, chain, rules)` for every chain, tables in restore order, chains sorted."""
+        for table in _ordered_tables(self.tables):
+            for chain in sorted(self.tables[table]):
+                yield table, chain, self.tables[table][chain]
+
+    def head(self, table: str, chain: str) -> int | None:
+        """Fixed head length of a dispatch chain, None for an owned chain."""
+        return self.heads.get((table, chain))
+
+    def rule_count(self) -> int:
+        return sum(len(rules) for _, _, rules in self.items())
+
+    def _key(self) -> tuple[tuple[str, str, int | None, tuple[Rule, ...]], ...]:
+        key = []
+        for table, chain, rules in self.items():
+            head = self.head(table, chain)
+            if head is not None:
+                rules = rules[:head] + tuple(sorted(rules[head:]))
+            key.append((table, chain, head, rules))
+        return tuple(key)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Ruleset):
+            return NotImplemented
+        return self._key() == other._key()
+
+    def __hash__(self) -> int:
+        return hash(self._key())
+
+
+EMPTY = Ruleset()
+
+
+@functools.lru_cache(maxsize=8192)
+def _network_parts(
+    ident: str, bridge: str, subnet: str, internal: bool, icc_on: bool, masq: bool
+) -> tuple[str, tuple[tuple[Rule, ...], Rule, Rule, tuple[Rule, Rule], tuple[Rule, ...]]]:
+    """One network's rules, memoised: a sync re-renders every network, most unchanged."""
+    if ipaddress.ip_network(subnet, strict=False).version != 4:
+        raise ValueError(f"iptables rules are IPv4: {subnet}")
+    chain = naming.network_chain(ident)
+    nat = (masquerade(subnet, bridge),) if masq and not internal else ()
+    own = network_chain_rules(bridge, internal=internal, icc_on=icc_on)
+    return chain, (
+        own,
+        isolation_stage1(bridge),
+        isolation_stage2(bridge),
+        dispatch_rules(bridge, chain),
+        nat,
+    )
+
+
+def render(networks: Iterable[Network]) -> Ruleset:
+    """The desired ruleset of `networks` (deterministic: networks sorted by id).
+
+    Raises:
+        ValueError: two networks map to the same chain, or a subnet is not an IPv4 CIDR.
+    """
+    forward: list[Rule] = [jump(USER), jump(ISOLATION_1)]
+    stage1: list[Rule] = []
+    stage2: list[Rule] = []
+    postrouting: list[Rule] = []
+    filter_chains: dict[str, tuple[Rule, ...]] = {}
+    for n in sorted(networks, key=lambda n: n.id):
+        chain, parts = _network_parts(n.id, n.bridge, n.subnet, n.internal, n.icc, n.masquerade)
+        if chain in filter_chains:
+            raise ValueError(f"networks collide on chain {chain}")
+        own, s1, s2, dispatch, masq = parts
+        filter_chains[chain] = own
+        stage1.append(s1)
+        stage2.append(s2)
+        forward.extend(dispatch)
+        postrouting.extend(masq)
+    filter_chains.update({FORWARD: tuple(forward), ISOLATION_1: tuple(stage1)})
+    filter_chains[ISOLATION_2] = tuple(stage2)
+    return Ruleset({FILTER: filter_chains, NAT: {POSTROUTING: tuple(postrouting)}}, DISPATCH_HEADS)
+
+
+# --- transactions ------------------------------------------------------------------------------
+
+
+class TableScript(NamedTuple):
+    """One `*table ... COMMIT` section: chain declarations first, then ordered ops."""
+
+    table: str
+    declares: tuple[str, ...]
+    ops: tuple[Op, ...]
+
+
+@dataclass(frozen=True)
+class Script:
+    """An `iptables-restore --noflush` transaction; `len()` counts declarations plus ops."""
+
+    tables: tuple[TableScript, ...] = ()
+
+    def __len__(self) -> int:
+        return sum(len(t.declares) + len(t.ops) for t in self.tables)
+
+
+def _ordered_tables(tables: Iterable[str]) -> list[str]:
+    names = set(tables)
+    return [t for t in TABLE_ORDER if t in names] + sorted(names - set(TABLE_ORDER))
+
+
+def _appends(chain: str, rules: Iterable[Rule]) -> list[Op]:
+    return [("-A", chain, rule) for rule in rules]
+
+
+def _dispatch_delta(chain: str, head: int, old: tuple[Rule, ...], new: tuple[Rule, ...]):
+    """`-D` for the tail rules that went away, `-A` for the new ones (multiset difference)."""
+    gone = Counter(old[head:]) - Counter(new[head:])
+    came = Counter(new[head:]) - Counter(old[head:])
+    deletes: list[Op] = []
+    for rule in old[head:]:
+        if gone[rule] > 0:
+            gone[rule] -= 1
+            deletes.append(("-D", chain, rule))
+    adds: list[Op] = []
+    for rule in new[head:]:
+        if came[rule] > 0:
+            came[rule] -= 1
+            adds.append(("-A", chain, rule))
+    return deletes, adds
+
+
+def _diff_table(old: Ruleset, new: Ruleset, table: str) -> TableScript:
+    before, after = old.chains(table), new.chains(table)
+    declares: list[str] = []
+    deletes: list[Op] = []
+    adds: list[Op] = []
+    for chain in sorted(after):
+        rules, head = after[chain], new.head(table, chain)
+        same_head = head is not None and head == old.head(table, chain)
+        if chain in before and same_head and rules[:head] == before[chain][:head]:
+            dels, ads = _dispatch_delta(chain, head, before[chain], rules)
+            deletes += dels
+            adds += ads
+            continue
+        if chain in before and rules == before[chain] and head == old.head(table, chain):
+            continue
+        declares.append(chain)
+        adds += _appends(chain, rules)
+    removed = [chain for chain in sorted(before) if chain not in after]
+    flushes = [("-F", chain, ()) for chain in removed]
+    drops = [("-X", chain, ()) for chain in removed]
+    return TableScript(table, tuple(declares), tuple(deletes + adds + flushes + drops))
+
+
+def diff(old: Ruleset, new: Ruleset) -> Script:
+    """The minimal `--noflush` transaction that turns the kernel's `old` into `new`.
+
+    New or changed owned chains are declared (created or flushed) and rewritten; dispatch
+    chains get `-D` for rules that went away and `-A` for new ones, head untouched; removed
+    chains are flushed and deleted after every jump to them is gone.
+    """
+    sections = []
+    for table in _ordered_tables([*old.tables, *new.tables]):
+        section = _diff_table(old, new, table)
+        if section.declares or section.ops:
+            sections.append(section)
+    return Script(tuple(sections))
+
+
+def stale(existing: Iterable[ChainKey], new: Ruleset) -> set[ChainKey]:
+    """Agent chains present in the kernel that `new` does not hold (NETAGENT-USER excluded)."""
+    return {
+        (table, chain)
+        for table, chain in existing
+        if chain.startswith(naming.CHAIN_PREFIX)
+        and chain != USER
+        and chain not in new.chains(table)
+    }
+
+
+def full(
+    new: Ruleset,
+    *,
+    existing_chains: Collection[ChainKey] = (),
+    missing_jumps: Iterable[tuple[str, str, Rule]] | None = None,
+    user_chain_exists: bool = False,
+    stale_chains: Collection[ChainKey] | None = None,
+    flush_only: Collection[ChainKey] = (),
+) -> Script:
+    """Converge from anything: declare (flush) and rewrite every agent chain.
+
+    Args:
+        new: the desired ruleset.
+        existing_chains: `(table, chain)` present in the kernel; used to find stale chains when
+            `stale_chains` is None.
+        missing_jumps: built-in jumps to insert at position 1 (default: all of them).
+        user_chain_exists: when False, NETAGENT-USER is created with `-j RETURN`.
+        stale_chains: `(table, chain)` to flush and delete (never NETAGENT-USER).
+        flush_only: stale chains to flush but keep (a foreign rule still jumps to them).
+    """
+    jumps = builtin_jumps() if missing_jumps is None else list(missing_jumps)
+    if stale_chains is None:
+        stale_chains = stale(existing_chains, new)
+    tables = {t for t, _, _ in jumps} | {t for t, _ in stale_chains} | set(new.tables)
+    if not user_chain_exists:
+        tables.add(FILTER)
+    sections = []
+    for table in _ordered_tables(tables):
+        declares = sorted(new.chains(table))
+        ops: list[Op] = []
+        for chain in declares:
+            ops += _appends(chain, new.chains(table)[chain])
+        if table == FILTER and not user_chain_exists:
+            declares.append(USER)
+            ops.append(("-A", USER, user_return()))
+        ops += [("-I", chain, ("1", *rule)) for t, chain, rule in jumps if t == table]
+        gone = sorted(c for t, c in stale_chains if t == table and c != USER)
+        ops += [("-F", chain, ()) for chain in gone]
+        ops += [("-X", chain, ()) for chain in gone if (table, chain) not in flush_only]
+        if declares or ops:
+            sections.append(TableScript(table, tuple(declares), tuple(ops)))
+    return Script(tuple(sections))

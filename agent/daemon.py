@@ -1,0 +1,169 @@
+"""agentd: process wiring. Owns the root nursery and starts, in order: store, kernel,
+adoption, firewall, default network, API server; each reports started only when consistent.
+
+SIGTERM/SIGINT stop it cleanly: the server stops accepting, the request being applied finishes
+(kernel and firewall steps are shielded), the store closes last. Networks, endpoints and rules
+stay in place, like Docker's; the next start adopts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from functools import partial
+
+import trio
+
+from agent import __version__, accel
+from agent.adopt import adopt
+from agent.api import protocol as p
+from agent.api.server import Handler, serve_api
+from agent.core import ipam, naming
+from agent.firewall.iptables import IptablesFirewall
+from agent.kernel import netns
+from agent.kernel.links import open_kernel
+from agent.log import configure, get_logger
+from agent.service import Service, Topology
+from agent.store.sqlite import open_store
+
+log = get_logger("agent.daemon")
+
+DEFAULT_SOCKET = "/run/netagent/agent.sock"
+DEFAULT_STATE_DIR = "/var/lib/netagent"
+
+
+class Namespaces:
+    """`NamespaceOps` over `agent.kernel.netns`."""
+
+    resolve = staticmethod(netns.resolve)
+    netns_key = staticmethod(netns.netns_key)
+    create_named = staticmethod(netns.create_named)
+    delete_named = staticmethod(netns.delete_named)
+
+
+def build_handlers(svc: Service, args: argparse.Namespace, started: float) -> dict[str, Handler]:
+    """Method name -> coroutine taking the typed params (see `protocol.METHODS`)."""
+
+    async def info(_: p.Params) -> p.Info:
+        return p.Info(
+            version=__version__,
+            pid=os.getpid(),
+            socket=args.socket,
+            state_dir=args.state_dir,
+            networks=len(svc.topo.networks),
+            endpoints=len(svc.topo.endpoints),
+            accelerated=accel.ACCELERATED,
+            firewall="iptables",
+            uptime_s=round(time.monotonic() - started, 3),
+        )
+
+    async def ruleset(_: p.Params) -> p.Ruleset:
+        return p.Ruleset(text=svc.firewall.text(), rules=svc.firewall.rule_count())
+
+    def sync(fn):  # read-only handlers answer from memory
+        async def handler(params: p.Params):
+            return fn(params)
+
+        return handler
+
+    return {
+        "system.info": info,
+        "system.ruleset": ruleset,
+        "network.create": svc.create_network,
+        "network.list": sync(svc.list_networks),
+        "network.inspect": sync(svc.inspect_network),
+        "network.remove": svc.remove_network,
+        "network.prune": svc.prune_networks,
+        "endpoint.connect": svc.connect,
+        "endpoint.disconnect": svc.disconnect,
+        "endpoint.list": sync(svc.list_endpoints),
+        "sandbox.run": svc.run,
+        "sandbox.remove": svc.remove_sandbox,
+    }
+
+
+async def run_daemon(args: argparse.Namespace) -> None:
+    started = time.monotonic()
+    pools = tuple(ipam.parse_pool(x) for x in args.pool) if args.pool else ipam.DEFAULT_POOLS
+    with (
+        open_store(args.state_dir) as store,
+        trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
+    ):
+        state = store.load()
+        async with open_kernel() as kernel, trio.open_nursery() as nursery:
+            await kernel.set_ip_forward()
+            topo = Topology(accel.Bitmap)
+            ns = Namespaces()
+            await adopt(
+                state=state,
+                topo=topo,
+                kernel=kernel,
+                owned_links=await kernel.owned_links(),
+                ns=ns,
+                store=store,
+            )
+            firewall = IptablesFirewall()
+            await firewall.setup(list(topo.networks.values()))
+            svc = Service(
+                topo=topo, kernel=kernel, firewall=firewall, namespaces=ns, store=store, pools=pools
+            )
+            if not any(n.is_default for n in topo.networks.values()):
+                await svc.create_network(
+                    p.NetworkCreate(name=naming.DEFAULT_NETWORK), is_default=True
+                )
+            handlers = build_handlers(svc, args, started)
+            await nursery.start(partial(serve_api, handlers, args.socket, group=args.socket_group))
+            log.info(
+                "agentd.ready",
+                pid=os.getpid(),
+                socket=args.socket,
+                networks=len(topo.networks),
+                endpoints=len(topo.endpoints),
+                accelerated=accel.ACCELERATED,
+                startup_ms=round((time.monotonic() - started) * 1000, 1),
+            )
+            async for signum in signals:
+                log.info("agentd.stopping", signal=signal.Signals(signum).name)
+                async with svc.lock:  # let the request being applied finish
+                    nursery.cancel_scope.cancel()
+                break
+    log.info("agentd.stopped")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="agentd", description="netagent daemon")
+    ap.add_argument("--socket", default=os.environ.get("NETAGENT_SOCKET", DEFAULT_SOCKET))
+    ap.add_argument("--state-dir", default=DEFAULT_STATE_DIR)
+    ap.add_argument("--socket-group", default=None, help="group allowed to use the socket")
+    ap.add_argument(
+        "--pool",
+        action="append",
+        default=[],
+        metavar="CIDR[:SIZE]",
+        help="address pool, e.g. 10.200.0.0/16:24 (repeatable; default: Docker's)",
+    )
+    ap.add_argument("--log-level", default="info")
+    ap.add_argument("--log-format", choices=("json", "console"), default="json")
+    ap.add_argument("--version", action="version", version=f"agentd {__version__}")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    configure(args.log_level, args.log_format)
+    if os.geteuid() != 0:
+        print("agentd: must run as root (it creates bridges and firewall rules)", file=sys.stderr)
+        sys.exit(1)
+    try:
+        trio.run(run_daemon, args)
+    except Exception as exc:
+        log.exception("agentd.failed")
+        print(f"agentd: {exc}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,6 @@
+"""The kernel shell: netlink (links, addresses, routes) and network namespaces.
+
+Layering: `owner` (threads awaited from Trio) < `rtnl` (lean prebuilt rtnetlink messages) <
+`netns` (namespace files, fork-free sockets inside) < `links` (the `Kernel` API). These are the
+only modules that use pyroute2, setns or netlink sockets.
+"""

@@ -1,0 +1,177 @@
+"""Network namespaces without forking: named ones like `ip netns`, and sockets opened inside.
+
+Theory of operation: a network namespace is a file on nsfs (`/run/netns/NAME`, a bind mount,
+or `/proc/PID/ns/net`). Its identity is the (st_dev, st_ino) of that file. `setns` and
+`unshare(CLONE_NEWNET)` switch only the calling thread, and a netlink socket stays bound to the
+namespace it was created in; so a throwaway thread switches, opens the socket, and exits
+(forking for this costs 5-6 ms, DESIGN section 4). Python 3.11 has no `os.setns`: libc via
+ctypes. Named namespaces follow iproute2's `netns_add`, so `ip netns list/exec` see ours.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import socket
+import threading
+from collections.abc import Callable
+
+from agent.core import naming
+from agent.core.errors import Conflict, InvalidArgument, KernelError, NotFound
+from agent.kernel.owner import (
+    run_in_fresh_thread,
+    run_sync_in_fresh_thread,
+    start_in_fresh_thread,
+)
+
+NETNS_RUN_DIR = "/run/netns"
+CLONE_NEWNET = 0x40000000
+NS_GET_NSTYPE = 0xB703  # _IO(0xb7, 0x3): ioctl on an nsfs file, returns its CLONE_NEW* type
+MS_BIND = 4096
+MS_REC = 16384
+MS_SHARED = 1 << 20
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p] * 3 + [ctypes.c_ulong, ctypes.c_void_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+_libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
+_libc.unshare.argtypes = [ctypes.c_int]
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _mount(source: str, target: str, flags: int) -> None:
+    _check(_libc.mount(source.encode(), target.encode(), b"none", flags, None), "mount")
+
+
+def resolve(netns: str) -> str:
+    """A bare name becomes /run/netns/NAME (validated); an absolute path is kept."""
+    if netns.startswith("/"):
+        return netns
+    return os.path.join(NETNS_RUN_DIR, naming.validate_netns_name(netns))
+
+
+def open_netns(path: str) -> int:
+    """An O_RDONLY fd on the namespace file at `path`; the caller closes it.
+
+    Error handling:
+        NotFound if the path does not exist, InvalidArgument if it is no network namespace.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError as exc:
+        raise NotFound(f"network namespace {path} does not exist", netns=path) from exc
+    except OSError as exc:
+        raise InvalidArgument(f"cannot open namespace {path}: {exc.strerror}", netns=path) from exc
+    try:
+        nstype = fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError as exc:
+        os.close(fd)
+        raise InvalidArgument(f"{path} is not a namespace file", netns=path) from exc
+    if nstype != CLONE_NEWNET:
+        os.close(fd)
+        raise InvalidArgument(f"{path} is not a network namespace", netns=path)
+    return fd
+
+
+def netns_key(path: str) -> str:
+    """ "st_dev:st_ino" of the namespace file: equal keys mean the same namespace."""
+    fd = open_netns(path)
+    try:
+        st = os.fstat(fd)
+    finally:
+        os.close(fd)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def _socket_in(fd: int, proto: int) -> socket.socket:
+    _check(_libc.setns(fd, CLONE_NEWNET), "setns")
+    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
+
+
+def socket_in(fd: int, proto: int = 0) -> socket.socket:
+    """A netlink socket (NETLINK_ROUTE by default) living in the namespace behind `fd`.
+
+    Blocking: a throwaway thread enters the namespace, opens the socket, and exits.
+    """
+    return run_sync_in_fresh_thread(_socket_in, fd, proto)
+
+
+def start_socket_in(fd: int, proto: int = 0) -> Callable[[], socket.socket]:
+    """`socket_in` started in the background: call the result to get the socket.
+
+    Keep `fd` open until then. Lets the thread's start-up overlap other kernel work.
+    """
+    return start_in_fresh_thread(_socket_in, fd, proto)
+
+
+def _ensure_run_dir() -> None:
+    """iproute2's recipe: /run/netns is a shared mount point, so mounts under it propagate."""
+    os.makedirs(NETNS_RUN_DIR, mode=0o755, exist_ok=True)
+    try:
+        _mount("", NETNS_RUN_DIR, MS_SHARED | MS_REC)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        _mount(NETNS_RUN_DIR, NETNS_RUN_DIR, MS_BIND | MS_REC)  # not yet a mount point
+        _mount("", NETNS_RUN_DIR, MS_SHARED | MS_REC)
+
+
+def _unshare_and_bind(path: str) -> None:
+    _check(_libc.unshare(CLONE_NEWNET), "unshare")
+    _mount(f"/proc/self/task/{threading.get_native_id()}/ns/net", path, MS_BIND)
+
+
+def _create_named(name: str, path: str) -> None:
+    _ensure_run_dir()
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0))
+    except FileExistsError as exc:
+        raise Conflict(f"network namespace {name!r} already exists", netns=name) from exc
+    try:
+        run_sync_in_fresh_thread(_unshare_and_bind, path)
+    except BaseException:
+        os.unlink(path)
+        raise
+
+
+async def create_named(name: str) -> str:
+    """Create /run/netns/NAME like `ip netns add NAME`, without forking; returns the path.
+
+    Error handling:
+        Conflict if it exists; InvalidArgument for a bad name; KernelError otherwise.
+    """
+    path = resolve(naming.validate_netns_name(name))
+    try:
+        await run_in_fresh_thread(_create_named, name, path)
+    except OSError as exc:
+        raise KernelError(f"cannot create namespace {name!r}: {exc}", netns=name) from exc
+    return path
+
+
+def _delete_named(path: str) -> bool:
+    if _libc.umount2(path.encode(), MNT_DETACH) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOENT):  # EINVAL: not mounted (a stale file)
+            raise OSError(err, f"umount2 {path}: {os.strerror(err)}")
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+async def delete_named(name: str) -> bool:
+    """Remove /run/netns/NAME like `ip netns delete`; False if it did not exist."""
+    path = resolve(naming.validate_netns_name(name))
+    try:
+        return await run_in_fresh_thread(_delete_named, path)
+    except OSError as exc:
+        raise KernelError(f"cannot delete namespace {name!r}: {exc}", netns=name) from exc

@@ -1,0 +1,420 @@
+"""The single writer: every change to the topology goes through `Service`.
+
+Theory of operation. A request is validated and decided by the pure core (IPAM, naming,
+rules) against the in-memory topology, then applied to the kernel (links), the firewall
+(iptables-restore) and the store (sqlite), in that order. Each step that succeeds is undone if
+a later step fails, so a request either lands whole or changes nothing. The store is written
+last: after a crash, anything the kernel holds that the store does not know is a leftover that
+start-up adoption deletes (see `agent.adopt`).
+
+Mutations are serialised by one `trio.Lock`; read-only requests answer from memory.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import time
+from collections.abc import Iterable
+from typing import Protocol
+
+import trio
+
+from agent.api import protocol as p
+from agent.core import ipam, naming
+from agent.core.errors import AgentError, Busy, Conflict, InvalidArgument, NotFound
+from agent.core.model import Endpoint, Network, Sandbox
+from agent.log import get_logger
+from agent.store.sqlite import Store
+
+log = get_logger("agent.service")
+
+
+class KernelOps(Protocol):
+    async def ensure_bridge(
+        self, *, name: str, alias: str, address: str, mtu: int = 1500
+    ) -> int: ...
+    async def delete_bridge(self, name: str) -> bool: ...
+    async def attach(
+        self,
+        *,
+        netns_path: str,
+        bridge: str,
+        host_ifname: str,
+        alias: str,
+        ifname: str,
+        mac: str,
+        mtu: int,
+        address: str,
+        gateway: str | None,
+    ) -> None: ...
+    async def detach(self, host_ifname: str) -> bool: ...
+    async def enslave(self, host_ifname: str, bridge: str) -> None: ...
+    async def host_routes(self) -> list[ipaddress.IPv4Network]: ...
+
+
+class FirewallOps(Protocol):
+    async def sync(self, networks: Iterable[Network]) -> int: ...
+    def text(self) -> str: ...
+    def rule_count(self) -> int: ...
+
+
+class NamespaceOps(Protocol):
+    def resolve(self, netns: str) -> str: ...
+    def netns_key(self, path: str) -> str: ...
+    async def create_named(self, name: str) -> str: ...
+    async def delete_named(self, name: str) -> bool: ...
+
+
+class Topology:
+    """The in-memory view: networks, endpoints, sandboxes and one address allocator per network."""
+
+    def __init__(self, bitmap_cls: type) -> None:
+        self.bitmap_cls = bitmap_cls
+        self.networks: dict[str, Network] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.allocators: dict[str, ipam.AddressAllocator] = {}
+        self.last_subnet: ipaddress.IPv4Network | None = None
+
+    def add_network(self, net: Network) -> None:
+        self.networks[net.id] = net
+        self.allocators[net.id] = ipam.AddressAllocator(
+            ipaddress.IPv4Network(net.subnet),
+            ipaddress.IPv4Address(net.gateway),
+            ipaddress.IPv4Network(net.ip_range) if net.ip_range else None,
+            bitmap_cls=self.bitmap_cls,
+        )
+
+    def find_network(self, ref: str) -> Network:
+        """By name, full id, or unique id prefix (like Docker)."""
+        for net in self.networks.values():
+            if net.name == ref or net.id == ref:
+                return net
+        matches = [n for n in self.networks.values() if ref and n.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InvalidArgument(f"network id prefix {ref!r} is ambiguous", network=ref)
+        raise NotFound(f"network {ref!r} not found", network=ref)
+
+    def endpoints_of(self, network_id: str) -> list[Endpoint]:
+        return [e for e in self.endpoints.values() if e.network_id == network_id]
+
+    def endpoints_in(self, netns_key: str) -> list[Endpoint]:
+        return [e for e in self.endpoints.values() if e.netns_key == netns_key]
+
+
+class Service:
+    """Requests of the control API, applied to kernel, firewall and store; one writer at a time."""
+
+    def __init__(
+        self,
+        *,
+        topo: Topology,
+        kernel: KernelOps,
+        firewall: FirewallOps,
+        namespaces: NamespaceOps,
+        store: Store,
+        pools: tuple[ipam.Pool, ...] = ipam.DEFAULT_POOLS,
+    ) -> None:
+        self.topo = topo
+        self.kernel = kernel
+        self.firewall = firewall
+        self.ns = namespaces
+        self.store = store
+        self.pools = pools
+        self.lock = trio.Lock()
+
+    # -- networks --------------------------------------------------------------------------
+
+    async def create_network(self, req: p.NetworkCreate, *, is_default: bool = False) -> Network:
+        async with self.lock:
+            return await self._create_network(req, is_default=is_default)
+
+    async def _create_network(self, req: p.NetworkCreate, *, is_default: bool) -> Network:
+        topo = self.topo
+        naming.validate_network_name(req.name)
+        if any(n.name == req.name for n in topo.networks.values()):
+            raise Conflict(f"network with name {req.name!r} already exists", name=req.name)
+        mtu = 1500 if req.mtu is None else req.mtu
+        if not 68 <= mtu <= 65535:
+            raise InvalidArgument(f"invalid MTU {mtu}: must be between 68 and 65535", field="mtu")
+        for key in req.labels:
+            if not key:
+                raise InvalidArgument("label keys must not be empty", field="labels")
+        net_id = secrets.token_hex(32)
+        bridge = naming.DEFAULT_BRIDGE if is_default else naming.bridge_name(net_id)
+        if req.bridge is not None:
+            bridge = naming.validate_ifname(req.bridge)
+        if any(n.bridge == bridge for n in topo.networks.values()):
+            raise Conflict(f"bridge {bridge!r} is already used by another network", bridge=bridge)
+        used = [ipaddress.IPv4Network(n.subnet) for n in topo.networks.values()]
+        routes = [r for r in await self.kernel.host_routes() if r.prefixlen > 0 and r not in used]
+        subnet, gateway, ip_range = ipam.plan_subnet(
+            subnet=req.subnet,
+            gateway=req.gateway,
+            ip_range=req.ip_range,
+            pools=self.pools,
+            used=used,
+            avoid=routes,
+            after=topo.last_subnet,
+        )
+        net = Network(
+            id=net_id,
+            name=req.name,
+            bridge=bridge,
+            subnet=str(subnet),
+            gateway=str(gateway),
+            ip_range=str(ip_range) if ip_range else None,
+            internal=req.internal,
+            icc=req.icc,
+            masquerade=req.masquerade,
+            mtu=mtu,
+            labels=dict(req.labels),
+            is_default=is_default,
+            created=time.time(),
+        )
+        await self._apply_new_network(net, subnet)
+        if req.subnet is None:
+            topo.last_subnet = subnet
+        log.info("network.create.complete", network_id=net.id, name=net.name, subnet=net.subnet)
+        return net
+
+    async def _apply_new_network(self, net: Network, subnet: ipaddress.IPv4Network) -> None:
+        """Bridge, then rules, then store; each undone if a later one fails."""
+        with trio.CancelScope(shield=True):
+            await self.kernel.ensure_bridge(
+                name=net.bridge,
+                alias=naming.bridge_alias(net.id),
+                address=f"{net.gateway}/{subnet.prefixlen}",
+                mtu=net.mtu,
+            )
+            try:
+                await self.firewall.sync([*self.topo.networks.values(), net])
+                try:
+                    with self.store.transaction() as w:
+                        w.put_network(net)
+                        if net.ip_range is None and not net.is_default:
+                            w.set_meta("last_subnet", net.subnet)
+                except BaseException:
+                    await self.firewall.sync(self.topo.networks.values())
+                    raise
+            except BaseException:
+                await self.kernel.delete_bridge(net.bridge)
+                raise
+        self.topo.add_network(net)
+
+    def list_networks(self, req: p.NetworkFilter) -> list[Network]:
+        nets = [n for n in self.topo.networks.values() if _labels_match(n, req.labels)]
+        return sorted(nets, key=lambda n: (n.created, n.name))
+
+    def inspect_network(self, req: p.NetworkRef) -> p.NetworkView:
+        net = self.topo.find_network(req.network)
+        eps = sorted(self.topo.endpoints_of(net.id), key=lambda e: ipaddress.IPv4Address(e.ip))
+        return p.NetworkView(network=net, endpoints=eps)
+
+    async def remove_network(self, req: p.NetworkRemove) -> p.Removed:
+        async with self.lock:
+            net = self.topo.find_network(req.network)
+            await self._remove_network(net, force=req.force)
+            return p.Removed(removed=[net.name])
+
+    async def _remove_network(self, net: Network, *, force: bool) -> None:
+        if net.is_default:
+            raise InvalidArgument(
+                f"{net.name!r} is the default network and cannot be removed", network=net.name
+            )
+        eps = self.topo.endpoints_of(net.id)
+        if eps and not force:
+            raise Busy(
+                f"network {net.name!r} has {len(eps)} active endpoint(s): disconnect them "
+                "or use --force",
+                network=net.name,
+                endpoints=len(eps),
+            )
+        for ep in eps:
+            await self._disconnect(ep)
+        remaining = [n for n in self.topo.networks.values() if n.id != net.id]
+        with trio.CancelScope(shield=True):
+            await self.firewall.sync(remaining)
+            await self.kernel.delete_bridge(net.bridge)
+            with self.store.transaction() as w:
+                w.delete_network(net.id)
+        del self.topo.networks[net.id]
+        del self.topo.allocators[net.id]
+        log.info("network.remove.complete", network_id=net.id, name=net.name)
+
+    async def prune_networks(self, req: p.NetworkFilter) -> p.Removed:
+        async with self.lock:
+            removed: list[str] = []
+            for net in self.list_networks(req):
+                if net.is_default or self.topo.endpoints_of(net.id):
+                    continue
+                await self._remove_network(net, force=False)
+                removed.append(net.name)
+            return p.Removed(removed=removed)
+
+    # -- endpoints ------------------------------------------------------------------------
+
+    async def connect(self, req: p.EndpointConnect, *, sandbox: str | None = None) -> Endpoint:
+        async with self.lock:
+            return await self._connect(req, sandbox=sandbox)
+
+    async def _connect(self, req: p.EndpointConnect, *, sandbox: str | None) -> Endpoint:
+        topo = self.topo
+        net = topo.find_network(req.network)
+        path = self.ns.resolve(req.netns)
+        key = self.ns.netns_key(path)
+        present = topo.endpoints_in(key)
+        if any(e.network_id == net.id for e in present):
+            raise Conflict(
+                f"namespace {req.netns!r} is already connected to network {net.name!r}",
+                network=net.name,
+                netns=req.netns,
+            )
+        requested = _parse_ip(req.ip) if req.ip is not None else None
+        mac = ipam.validate_mac(req.mac) if req.mac is not None else None
+        alloc = topo.allocators[net.id]
+        ip = alloc.allocate(requested)
+        try:
+            ep_id = secrets.token_hex(32)
+            taken = {e.ifname for e in present}
+            ifname = next(
+                n for i in range(len(taken) + 1) if (n := naming.container_ifname(i)) not in taken
+            )
+            # one default route per namespace: the first non-internal network's (like Docker)
+            route = not net.internal and not any(e.default_route for e in present)
+            ep = Endpoint(
+                default_route=route,
+                id=ep_id,
+                network_id=net.id,
+                netns=path,
+                netns_key=key,
+                ifname=ifname,
+                host_ifname=naming.host_veth_name(ep_id),
+                ip=str(ip),
+                mac=mac or ipam.mac_for(ip),
+                sandbox=sandbox,
+            )
+            prefix = ipaddress.IPv4Network(net.subnet).prefixlen
+            with trio.CancelScope(shield=True):
+                await self.kernel.attach(
+                    netns_path=path,
+                    bridge=net.bridge,
+                    host_ifname=ep.host_ifname,
+                    alias=naming.veth_alias(ep.id),
+                    ifname=ifname,
+                    mac=ep.mac,
+                    mtu=net.mtu,
+                    address=f"{ip}/{prefix}",
+                    gateway=net.gateway if route else None,
+                )
+                try:
+                    with self.store.transaction() as w:
+                        w.put_endpoint(ep)
+                        w.set_meta(f"cursor:{net.id}", str(alloc.cursor))
+                except BaseException:
+                    await self.kernel.detach(ep.host_ifname)
+                    raise
+        except BaseException:
+            alloc.release(ip)
+            raise
+        topo.endpoints[ep.id] = ep
+        log.info("endpoint.connect.complete", endpoint_id=ep.id, network=net.name, ip=ep.ip)
+        return ep
+
+    async def disconnect(self, req: p.EndpointDisconnect) -> Endpoint:
+        async with self.lock:
+            net = self.topo.find_network(req.network)
+            path = self.ns.resolve(req.netns)
+            try:
+                key = self.ns.netns_key(path)
+            except NotFound:
+                key = None
+            for ep in self.topo.endpoints_of(net.id):
+                if ep.netns_key == key or (key is None and ep.netns == path):
+                    await self._disconnect(ep)
+                    return ep
+            raise NotFound(
+                f"namespace {req.netns!r} is not connected to network {net.name!r}",
+                network=net.name,
+                netns=req.netns,
+            )
+
+    async def _disconnect(self, ep: Endpoint) -> None:
+        with trio.CancelScope(shield=True):
+            await self.kernel.detach(ep.host_ifname)
+            with self.store.transaction() as w:
+                w.delete_endpoint(ep.id)
+        self.topo.allocators[ep.network_id].release(ipaddress.IPv4Address(ep.ip))
+        del self.topo.endpoints[ep.id]
+        log.info("endpoint.disconnect.complete", endpoint_id=ep.id, ip=ep.ip)
+
+    def list_endpoints(self, req: p.EndpointFilter) -> list[Endpoint]:
+        eps = list(self.topo.endpoints.values())
+        if req.network is not None:
+            net = self.topo.find_network(req.network)
+            eps = [e for e in eps if e.network_id == net.id]
+        return sorted(eps, key=lambda e: (e.netns, e.ifname))
+
+    # -- sandboxes (agent-managed named namespaces) -----------------------------------------
+
+    async def run(self, req: p.SandboxRun) -> Endpoint:
+        async with self.lock:
+            naming.validate_netns_name(req.name)
+            if req.name in self.topo.sandboxes:
+                raise Conflict(f"sandbox {req.name!r} already exists", name=req.name)
+            net = self.topo.find_network(req.network)  # before anything is created
+            path = await self.ns.create_named(req.name)
+            try:
+                sb = Sandbox(name=req.name, path=path, netns_key=self.ns.netns_key(path))
+                with self.store.transaction() as w:
+                    w.put_sandbox(sb)
+                try:
+                    ep = await self._connect(
+                        p.EndpointConnect(network=net.id, netns=path, ip=req.ip, mac=req.mac),
+                        sandbox=req.name,
+                    )
+                except BaseException:
+                    with self.store.transaction() as w:
+                        w.delete_sandbox(req.name)
+                    raise
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await self.ns.delete_named(req.name)
+                raise
+            self.topo.sandboxes[req.name] = sb
+            return ep
+
+    async def remove_sandbox(self, req: p.SandboxRemove) -> p.Removed:
+        async with self.lock:
+            sb = self.topo.sandboxes.get(req.name)
+            if sb is None:
+                raise NotFound(f"sandbox {req.name!r} not found", name=req.name)
+            for ep in self.topo.endpoints_in(sb.netns_key):
+                await self._disconnect(ep)
+            with trio.CancelScope(shield=True):
+                await self.ns.delete_named(sb.name)
+                with self.store.transaction() as w:
+                    w.delete_sandbox(sb.name)
+            del self.topo.sandboxes[sb.name]
+            return p.Removed(removed=[sb.name])
+
+
+def _labels_match(net: Network, filters: list[str]) -> bool:
+    for f in filters:
+        key, eq, value = f.partition("=")
+        if key not in net.labels or (eq and net.labels[key] != value):
+            return False
+    return True
+
+
+def _parse_ip(text: str) -> ipaddress.IPv4Address:
+    try:
+        return ipaddress.IPv4Address(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid IPv4 address {text!r}", field="ip") from exc
+
+
+__all__ = ["AgentError", "Service", "Topology"]

@@ -1,0 +1,1 @@
+"""Durable desired state (sqlite3, WAL)."""

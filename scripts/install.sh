@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Install what netagent needs on a fresh Debian machine (root): apt packages, a venv in .venv,
+# and the package itself with its Cython extensions built in place.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+apt_pkgs=(iproute2 iptables iputils-ping conntrack python3-venv python3-dev gcc util-linux
+          containernetworking-plugins netavark)
+missing=()
+for p in "${apt_pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "+ apt-get install ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/pip install -q --disable-pip-version-check -e ".[test]" 2>&1 \
+  | grep -v -E "^WARNING: Location .* is ignored" || true
+.venv/bin/python -c "import agent.accel as a; print('+ netagent installed; Cython extensions:', 'yes' if a.ACCELERATED else 'NO (pure twins)')"

@@ -1,0 +1,161 @@
+"""Service logic with fakes of the shells (not mocks): all-or-nothing requests, rollbacks.
+
+The real kernel and iptables are exercised by tests/shell and tests/e2e; here the fakes let us
+fail each step on purpose and check that nothing was half-applied.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from agent.api import protocol as p
+from agent.core.bitmap import Bitmap
+from agent.core.errors import Busy, Conflict, FirewallApply, KernelError, NotFound
+from agent.service import Service, Topology
+from agent.store.sqlite import open_store
+
+
+class FakeKernel:
+    def __init__(self) -> None:
+        self.bridges: dict[str, str] = {}
+        self.veths: dict[str, dict] = {}
+        self.fail_attach = False
+        self.routes: list[ipaddress.IPv4Network] = []
+
+    async def ensure_bridge(self, *, name, alias, address, mtu=1500) -> int:
+        self.bridges[name] = address
+        return len(self.bridges)
+
+    async def delete_bridge(self, name) -> bool:
+        return self.bridges.pop(name, None) is not None
+
+    async def attach(self, **kw) -> None:
+        if self.fail_attach:
+            raise KernelError("attach failed on purpose")
+        self.veths[kw["host_ifname"]] = kw
+
+    async def detach(self, host_ifname) -> bool:
+        return self.veths.pop(host_ifname, None) is not None
+
+    async def host_routes(self):
+        return list(self.routes)
+
+
+class FakeFirewall:
+    def __init__(self) -> None:
+        self.networks: list = []
+        self.fail = False
+
+    async def sync(self, networks) -> int:
+        if self.fail:
+            raise FirewallApply("restore failed on purpose", line="-A X")
+        self.networks = sorted(n.name for n in networks)
+        return 1
+
+    def text(self) -> str:
+        return ""
+
+    def rule_count(self) -> int:
+        return 0
+
+
+class FakeNamespaces:
+    def __init__(self) -> None:
+        self.named: set[str] = set()
+
+    def resolve(self, netns: str) -> str:
+        return netns if netns.startswith("/") else f"/run/netns/{netns}"
+
+    def netns_key(self, path: str) -> str:
+        if not path.startswith("/run/netns/ok"):
+            raise NotFound(f"no namespace at {path}")
+        return path
+
+    async def create_named(self, name: str) -> str:
+        self.named.add(name)
+        return f"/run/netns/{name}"
+
+    async def delete_named(self, name: str) -> bool:
+        self.named.discard(name)
+        return True
+
+
+@pytest.fixture
+def svc(tmp_path):
+    with open_store(tmp_path) as store:
+        yield Service(
+            topo=Topology(Bitmap),
+            kernel=FakeKernel(),
+            firewall=FakeFirewall(),
+            namespaces=FakeNamespaces(),
+            store=store,
+        )
+
+
+async def test_create_picks_docker_pools_in_order_and_skips_routes(svc) -> None:
+    await svc.create_network(p.NetworkCreate(name="bridge"), is_default=True)
+    svc.kernel.routes = [ipaddress.IPv4Network("172.18.5.0/24")]
+    net = await svc.create_network(p.NetworkCreate(name="a"))
+    assert (net.subnet, net.gateway, net.bridge) == (
+        "172.19.0.0/16",
+        "172.19.0.1",
+        f"br-{net.id[:12]}",
+    )
+    assert svc.kernel.bridges[net.bridge] == "172.19.0.1/16"
+    assert svc.store.load().networks[-1].name in {"a", "bridge"}
+
+
+async def test_firewall_failure_leaves_no_bridge_and_no_record(svc) -> None:
+    svc.firewall.fail = True
+    with pytest.raises(FirewallApply):
+        await svc.create_network(p.NetworkCreate(name="a"))
+    assert svc.kernel.bridges == {}
+    assert svc.topo.networks == {}
+    assert svc.store.load().networks == []
+
+
+async def test_kernel_failure_on_connect_releases_the_address(svc) -> None:
+    await svc.create_network(p.NetworkCreate(name="a", subnet="10.1.0.0/24"))
+    svc.kernel.fail_attach = True
+    with pytest.raises(KernelError):
+        await svc.connect(p.EndpointConnect(network="a", netns="ok1"))
+    svc.kernel.fail_attach = False
+    ep = await svc.connect(p.EndpointConnect(network="a", netns="ok1", ip="10.1.0.2"))
+    assert ep.ip == "10.1.0.2"  # it was released, so the static request succeeds
+    assert svc.store.load().endpoints == [ep]
+
+
+async def test_connect_twice_conflicts_and_remove_with_endpoints_is_busy(svc) -> None:
+    await svc.create_network(p.NetworkCreate(name="a", subnet="10.1.0.0/24"))
+    await svc.connect(p.EndpointConnect(network="a", netns="ok1"))
+    with pytest.raises(Conflict):
+        await svc.connect(p.EndpointConnect(network="a", netns="ok1"))
+    with pytest.raises(Busy):
+        await svc.remove_network(p.NetworkRemove(network="a"))
+    assert len(svc.kernel.veths) == 1
+    await svc.remove_network(p.NetworkRemove(network="a", force=True))
+    assert svc.kernel.veths == {} and svc.kernel.bridges == {}
+    assert svc.store.load().networks == [] and svc.store.load().endpoints == []
+
+
+async def test_run_failure_deletes_the_namespace_it_created(svc) -> None:
+    await svc.create_network(p.NetworkCreate(name="a", subnet="10.1.0.0/24"))
+    svc.kernel.fail_attach = True
+    with pytest.raises(KernelError):
+        await svc.run(p.SandboxRun(name="ok-sb", network="a"))
+    assert svc.ns.named == set()
+    assert svc.store.load().sandboxes == []
+    with pytest.raises(NotFound):
+        await svc.run(p.SandboxRun(name="ok-sb", network="missing"))
+    assert svc.ns.named == set()
+
+
+async def test_second_namespace_interface_is_eth1(svc) -> None:
+    await svc.create_network(p.NetworkCreate(name="a", subnet="10.1.0.0/24"))
+    await svc.create_network(p.NetworkCreate(name="b", subnet="10.2.0.0/24"))
+    e0 = await svc.connect(p.EndpointConnect(network="a", netns="ok1"))
+    e1 = await svc.connect(p.EndpointConnect(network="b", netns="ok1"))
+    assert (e0.ifname, e1.ifname) == ("eth0", "eth1")
+    assert e0.mac == "02:42:0a:01:00:02"

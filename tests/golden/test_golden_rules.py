@@ -1,0 +1,72 @@
+"""Golden rulesets: the exact iptables-restore text for every network option combination.
+
+Each file holds `rules.full` of two networks sharing one combination of internal x icc x
+masquerade, serialised (what `agentctl ruleset` shows and what start-up feeds iptables-restore),
+plus two diff transactions. Regenerate after an intended change with:
+
+    NETAGENT_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/golden
+
+then review the diff of the .rules files like code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from pathlib import Path
+
+import pytest
+
+from agent.core import naming, rules
+from agent.core.model import Network
+from agent.core.serialize import serialize
+
+HERE = Path(__file__).parent
+UPDATE = os.environ.get("NETAGENT_UPDATE_GOLDEN") == "1"
+COMBOS = list(itertools.product([False, True], repeat=3))
+
+
+def network(n: int, *, internal: bool, icc: bool, masquerade: bool) -> Network:
+    ident = (f"{n}a1b2c3d4e5f" * 6)[:64]
+    return Network(
+        id=ident,
+        name=f"net{n}",
+        bridge=naming.bridge_name(ident),
+        subnet=f"172.{17 + n}.0.0/16",
+        gateway=f"172.{17 + n}.0.1",
+        internal=internal,
+        icc=icc,
+        masquerade=masquerade,
+    )
+
+
+def check(name: str, text: str) -> None:
+    path = HERE / name
+    if UPDATE:
+        path.write_text(text)
+    assert path.exists(), f"missing golden file {name}: run with NETAGENT_UPDATE_GOLDEN=1"
+    assert text == path.read_text()
+
+
+@pytest.mark.parametrize(("internal", "icc", "masquerade"), COMBOS)
+def test_full_ruleset(internal: bool, icc: bool, masquerade: bool) -> None:
+    options = {"internal": internal, "icc": icc, "masquerade": masquerade}
+    nets = [network(n, **options) for n in (1, 2)]
+    name = f"full_internal-{int(internal)}_icc-{int(icc)}_masq-{int(masquerade)}.rules"
+    check(name, serialize(rules.full(rules.render(nets))))
+
+
+def test_diff_add_and_remove_network() -> None:
+    base = [network(1, internal=False, icc=True, masquerade=True)]
+    more = [*base, network(2, internal=False, icc=False, masquerade=True)]
+    check("diff_add_network.rules", serialize(rules.diff(rules.render(base), rules.render(more))))
+    check(
+        "diff_remove_network.rules", serialize(rules.diff(rules.render(more), rules.render(base)))
+    )
+
+
+def test_no_stray_golden_files() -> None:
+    expected = {
+        f"full_internal-{int(i)}_icc-{int(c)}_masq-{int(m)}.rules" for i, c, m in COMBOS
+    } | {"diff_add_network.rules", "diff_remove_network.rules"}
+    assert {p.name for p in HERE.glob("*.rules")} == expected

@@ -1,0 +1,263 @@
+"""IptablesFirewall against the real iptables (nf_tables) of the private test namespace.
+
+Checked with `iptables-save`, independently of the applier's own state. Every test starts and
+ends with empty filter and nat tables (the tests share one namespace).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+import trio
+from msgspec.structs import replace
+
+from agent.core import naming, rules
+from agent.core.errors import FirewallApply
+from agent.core.model import Network
+from agent.core.serialize import serialize as pure_serialize
+from agent.firewall.iptables import IptablesFirewall, parse_save
+
+pytestmark = pytest.mark.kernel
+
+
+def net(i: int, **options: object) -> Network:
+    ident = f"{i:012x}" + "cd" * 26
+    return Network(
+        id=ident,
+        name=f"n{i}",
+        bridge=naming.bridge_name(ident),
+        subnet=f"10.{i // 256}.{i % 256}.0/24",
+        gateway=f"10.{i // 256}.{i % 256}.1",
+        **options,
+    )
+
+
+def sh(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True)
+
+
+def reset() -> None:
+    for table in ("filter", "nat"):
+        sh("iptables", "-t", table, "-F")
+        sh("iptables", "-t", table, "-X")
+
+
+def save() -> list[str]:
+    """`iptables-save` without its timestamp comments."""
+    out = subprocess.run(["iptables-save"], check=True, capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if not line.startswith("#")]
+
+
+@pytest.fixture(autouse=True)
+def clean_tables() -> Iterator[None]:
+    reset()
+    yield
+    reset()
+
+
+def add_foreign() -> list[str]:
+    """A user's rules and another tool's chain; returns their iptables-save lines."""
+    sh("iptables", "-I", "FORWARD", "-s", "10.9.9.9", "-j", "DROP")
+    sh("iptables", "-N", "OTHER-TOOL")
+    sh("iptables", "-A", "OTHER-TOOL", "-s", "10.8.8.8/32", "-j", "ACCEPT")
+    sh("iptables", "-t", "nat", "-A", "POSTROUTING", "-s", "10.7.0.0/16", "-j", "MASQUERADE")
+    return [
+        ":OTHER-TOOL - [0:0]",
+        "-A FORWARD -s 10.9.9.9/32 -j DROP",
+        "-A OTHER-TOOL -s 10.8.8.8/32 -j ACCEPT",
+        "-A POSTROUTING -s 10.7.0.0/16 -j MASQUERADE",
+    ]
+
+
+async def test_setup_on_empty_ruleset_gives_exact_lines() -> None:
+    n = net(1)
+    b, c = n.bridge, naming.network_chain(n.id)
+    fw = IptablesFirewall()
+    await fw.setup([n])
+    assert save() == [
+        "*filter",
+        ":INPUT ACCEPT [0:0]",
+        ":FORWARD ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":NETAGENT-FORWARD - [0:0]",
+        ":NETAGENT-ISOLATION-STAGE-1 - [0:0]",
+        ":NETAGENT-ISOLATION-STAGE-2 - [0:0]",
+        f":{c} - [0:0]",
+        ":NETAGENT-USER - [0:0]",
+        "-A FORWARD -m comment --comment netagent -j NETAGENT-FORWARD",
+        "-A NETAGENT-FORWARD -j NETAGENT-USER",
+        "-A NETAGENT-FORWARD -j NETAGENT-ISOLATION-STAGE-1",
+        f"-A NETAGENT-FORWARD -o {b} -j {c}",
+        f"-A NETAGENT-FORWARD -i {b} -j {c}",
+        f"-A NETAGENT-ISOLATION-STAGE-1 -i {b} ! -o {b} -j NETAGENT-ISOLATION-STAGE-2",
+        f"-A NETAGENT-ISOLATION-STAGE-2 -o {b} -j DROP",
+        f"-A {c} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
+        f"-A {c} -i {b} ! -o {b} -j ACCEPT",
+        f"-A {c} -i {b} -o {b} -j ACCEPT",
+        f"-A {c} -o {b} -j DROP",
+        "-A NETAGENT-USER -j RETURN",
+        "COMMIT",
+        "*nat",
+        ":PREROUTING ACCEPT [0:0]",
+        ":INPUT ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        ":NETAGENT-POSTROUTING - [0:0]",
+        "-A POSTROUTING -m comment --comment netagent -j NETAGENT-POSTROUTING",
+        f"-A NETAGENT-POSTROUTING -s 10.0.1.0/24 ! -o {b} -j MASQUERADE",
+        "COMMIT",
+    ]
+    assert fw.applied == rules.render([n])
+    assert (await fw.observe()).ruleset() == fw.applied
+    assert fw.rule_count() == 11
+    # What `agentctl ruleset` shows is exactly what start-up fed iptables-restore.
+    assert fw.text() == pure_serialize(rules.full(rules.render([n])))
+
+
+async def test_setup_twice_is_identical_and_keeps_user_rules() -> None:
+    networks = [net(1), net(2, internal=True), net(3, icc=False, masquerade=False)]
+    await IptablesFirewall().setup(networks)
+    sh("iptables", "-I", "NETAGENT-USER", "-s", "10.1.1.1/32", "-j", "ACCEPT")
+    first = save()
+    fw = IptablesFirewall()  # a restart: nothing known in memory
+    await fw.setup(networks)
+    assert save() == first
+    assert first.count("-A FORWARD -m comment --comment netagent -j NETAGENT-FORWARD") == 1
+    assert "-A NETAGENT-USER -s 10.1.1.1/32 -j ACCEPT" in first
+    assert await fw.sync(networks) == 0
+
+
+async def test_foreign_rules_survive_every_operation() -> None:
+    foreign = add_foreign()
+    fw = IptablesFirewall()
+
+    def check() -> None:
+        lines = save()
+        assert all(lines.count(line) == 1 for line in foreign), lines
+
+    await fw.setup([net(1)])
+    check()
+    assert save().index(
+        "-A FORWARD -m comment --comment netagent -j NETAGENT-FORWARD"
+    ) < save().index("-A FORWARD -s 10.9.9.9/32 -j DROP")  # our jump is inserted at the top
+    await fw.sync([net(1), net(2)])
+    check()
+    await fw.sync([])
+    check()
+    await IptablesFirewall().setup([net(3)])
+    check()
+
+
+async def test_sync_add_then_remove_returns_to_baseline_exactly() -> None:
+    add_foreign()
+    fw = IptablesFirewall()
+    base = [net(1), net(2, icc=False)]
+    await fw.setup(base)
+    baseline = save()
+    for extra in (net(7), net(8, internal=True), net(9, masquerade=False)):
+        assert await fw.sync([*base, extra]) > 0
+        assert save() != baseline
+        assert (
+            f"-A NETAGENT-FORWARD -o {extra.bridge} -j {naming.network_chain(extra.id)}" in save()
+        )
+        assert (await fw.observe()).ruleset() == fw.applied == rules.render([*base, extra])
+        assert await fw.sync(base) > 0
+        assert save() == baseline
+        assert (await fw.observe()).ruleset() == fw.applied
+
+
+async def test_failing_transaction_raises_and_changes_nothing() -> None:
+    fw = IptablesFirewall()
+    good = net(1)
+    await fw.setup([good])
+    before, applied = save(), fw.applied
+    bad = replace(net(2), bridge="br-" + "x" * 20)  # longer than IFNAMSIZ: iptables refuses it
+    with pytest.raises(FirewallApply) as info:
+        await fw.sync([good, bad])
+    assert info.value.data["line"] is not None and bad.bridge in info.value.data["line"]
+    assert "IFNAMSIZ" in info.value.data["stderr"]
+    assert save() == before
+    assert fw.applied == applied
+    assert await fw.sync([good]) == 0  # still in step with the kernel
+
+    broken = IptablesFirewall(restore="false")
+    await IptablesFirewall().setup([good])
+    broken.applied = fw.applied
+    with pytest.raises(FirewallApply):
+        await broken.sync([good, net(3)])
+    assert save() == before
+    missing = IptablesFirewall(save="/nonexistent/iptables-save")
+    with pytest.raises(FirewallApply, match="could not run"):
+        await missing.setup([good])
+    assert save() == before
+
+
+async def test_failure_in_a_later_table_rolls_back_the_committed_one() -> None:
+    fw = IptablesFirewall()
+    a, b = net(1), net(2)
+    await fw.setup([a, b])
+    masq = f"-s {b.subnet} ! -o {b.bridge} -j MASQUERADE"
+    sh("iptables", "-t", "nat", "-D", "NETAGENT-POSTROUTING", *masq.split())  # drift
+    before, applied = save(), fw.applied
+    with pytest.raises(FirewallApply) as info:
+        await fw.sync([a])  # filter commits, then nat's -D fails
+    assert info.value.data["line"] == f"-D NETAGENT-POSTROUTING {masq}"
+    assert info.value.data["rolled_back"] is True
+    assert save() == before
+    assert fw.applied == applied
+
+
+async def test_one_more_network_after_200_is_a_small_transaction() -> None:
+    fw = IptablesFirewall()
+    many = [net(i) for i in range(200)]
+    await fw.setup(many)
+    assert await fw.sync([*many, net(200)]) == 10
+    lines = save()
+    assert sum(line.startswith(":NETAGENT-N-") for line in lines) == 201
+    assert sum(line.startswith("-A NETAGENT-POSTROUTING ") for line in lines) == 201
+    assert await fw.sync([*many[1:], net(200)]) == 7
+
+
+async def test_setup_removes_a_crash_leftover_chain() -> None:
+    await IptablesFirewall().setup([net(1), net(2)])
+    sh("iptables", "-N", "NETAGENT-N-deadbeefdead")
+    sh("iptables", "-A", "NETAGENT-N-deadbeefdead", "-j", "DROP")
+    sh("iptables", "-N", "NETAGENT-N-feedfeedfeed")
+    sh("iptables", "-A", "INPUT", "-j", "NETAGENT-N-feedfeedfeed")  # a foreign jump to it
+    fw = IptablesFirewall()
+    await fw.setup([net(1)])
+    lines = save()
+    assert ":NETAGENT-N-deadbeefdead - [0:0]" not in lines
+    assert naming.network_chain(net(2).id) not in "\n".join(lines)
+    assert ":NETAGENT-N-feedfeedfeed - [0:0]" in lines  # flushed, kept: still referenced
+    assert "-A INPUT -j NETAGENT-N-feedfeedfeed" in lines
+    seen = parse_save("\n".join(lines))
+    assert seen.missing_jumps() == [] and seen.user_chain_exists()
+
+
+async def test_cancellation_never_lands_inside_a_transaction() -> None:
+    fw = IptablesFirewall()
+    await fw.setup([net(1)])
+    before = save()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await fw.sync([net(1), net(2)])  # cancelled before it starts: nothing happens
+    assert save() == before and fw.applied == rules.render([net(1)])
+    for delay in (0.0005, 0.002, 0.005, 0.01):
+        wanted = [net(i) for i in range(1, 120)] if fw.applied.rule_count() < 100 else [net(1)]
+        with trio.move_on_after(delay):
+            await fw.sync(wanted)
+        # Whatever the moment, the kernel holds exactly what `applied` says.
+        assert (await fw.observe()).ruleset() == fw.applied
+
+
+async def test_observe_reads_quoted_tokens_back() -> None:
+    await IptablesFirewall().setup([])
+    comment = 'say "hi" it\'s'
+    sh("iptables", "-I", "NETAGENT-USER", "-m", "comment", "--comment", comment, "-j", "ACCEPT")
+    seen = parse_save("\n".join(save()))
+    rule = ("-m", "comment", "--comment", comment, "-j", "ACCEPT")
+    assert seen.chains[("filter", "NETAGENT-USER")] == [rule, ("-j", "RETURN")]
+    assert seen.ruleset() == rules.render([])
