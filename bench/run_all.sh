@@ -1,0 +1,33 @@
+#!/bin/sh
+# Run every benchmark with its defaults; JSON results land in bench/results/ (git-ignored).
+# Each bench isolates itself in a private network+mount namespace (root needed).
+# Usage: bench/run_all.sh [--quick]   (--quick: smoke-test sizes, about 2 minutes in all)
+set -u
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+OUT=bench/results
+mkdir -p "$OUT"
+QUICK=""
+[ "${1:-}" = "--quick" ] && QUICK="--quick"
+failed=""
+run() {
+    name=$1; shift
+    echo "=== $name ==="
+    if ! "$PY" "bench/$name.py" "$@"; then
+        failed="$failed $name"
+    fi
+    # The kernel frees the previous run's namespaces asynchronously: let it settle.
+    sleep 3
+}
+run bench_ipam --json "$OUT/ipam.json"
+run bench_serialize --json "$OUT/serialize.json"
+run bench_attach $QUICK
+run bench_churn $QUICK
+run bench_scale $QUICK
+run bench_restart $QUICK
+run bench_cli $QUICK
+if [ -n "$failed" ]; then
+    echo "FAILED:$failed" >&2
+    exit 1
+fi
+echo "all results in $OUT/"
