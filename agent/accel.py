@@ -10,6 +10,7 @@ import os
 from types import ModuleType
 
 from agent.core import bitmap as pure_bitmap
+from agent.core import nlevents as pure_nlevents
 from agent.core import serialize as pure_serialize
 
 
@@ -25,8 +26,9 @@ def _load(name: str, fallback: ModuleType) -> tuple[ModuleType, bool]:
 
 bitmap, _bitmap_fast = _load("bitmap", pure_bitmap)
 serialize, _serialize_fast = _load("serialize", pure_serialize)
+nlevents, _nlevents_fast = _load("nlevents", pure_nlevents)
 
-#: True when both extensions are in use.
-ACCELERATED = _bitmap_fast and _serialize_fast
+#: True when every extension is in use.
+ACCELERATED = _bitmap_fast and _serialize_fast and _nlevents_fast
 
 Bitmap = bitmap.Bitmap

@@ -9,7 +9,9 @@ Import budget: stdlib, msgspec and the pure `agent.api.protocol` / `agent.core` 
 Results this client expects (the daemon's handlers are the reference): `network.create` a
 Network, `network.list` a list of Networks (NetworkViews are accepted too), `network.inspect` a
 NetworkView, `network.prune` a Removed, `endpoint.connect` and `sandbox.run` an Endpoint,
-`endpoint.list` a list of Endpoints, `system.info` an Info, `system.ruleset` a Ruleset.
+`endpoint.list` a list of Endpoints, `system.info` an Info, `system.ruleset` a Ruleset,
+`system.reconcile` a ReconcileReport; `events.subscribe` streams Event notifications
+(`agentctl events --json` prints one compact JSON object per line).
 
 Errors go to stderr as one line, ``agentctl: <message>``, and the exit status tells scripts
 what happened:
@@ -395,6 +397,45 @@ def cmd_ps(client: Any, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_events(client: Any, args: argparse.Namespace) -> int:
+    """Stream events until interrupted, one line each (JSON lines with --json)."""
+    import time
+
+    from agent.api.protocol import EventFilter
+
+    try:
+        for ev in client.stream("events.subscribe", EventFilter(types=args.type or [])):
+            if args.json:  # JSON lines: one compact object per event
+                import msgspec
+
+                sys.stdout.write(msgspec.json.encode(ev).decode() + "\n")
+            else:
+                stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(ev["time"]))
+                attrs = ", ".join(f"{k}={v}" for k, v in sorted(ev["attributes"].items()))
+                sys.stdout.write(f"{stamp} {ev['type']} {ev['action']} {ev['id'][:12]} ({attrs})\n")
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        return EXIT_OK
+    return EXIT_OK
+
+
+def cmd_reconcile(client: Any, args: argparse.Namespace) -> int:
+    def human(res: dict[str, Any]) -> None:
+        for line in res["repaired"]:
+            sys.stdout.write(f"repaired: {line}\n")
+        if not res["repaired"]:
+            sys.stdout.write("nothing to repair\n")
+
+    return _show(args, client.call("system.reconcile"), human)
+
+
+def _args_events(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--type", action="append", choices=("network", "endpoint", "repair"),
+        help="only events of this type (repeatable)",
+    )  # fmt: skip
+
+
 def cmd_ruleset(client: Any, args: argparse.Namespace) -> int:
     return _show(args, client.call("system.ruleset"), lambda res: sys.stdout.write(res["text"]))
 
@@ -483,6 +524,8 @@ COMMANDS: dict[tuple[str, ...], tuple[Handler, str, Callable[[argparse.ArgumentP
     ("rm",): (cmd_rm, "remove namespaces created by run", _positionals("NAME")),
     ("ps",): (cmd_ps, "list endpoints", _args_ps),
     ("ruleset",): (cmd_ruleset, "print the firewall ruleset the agent maintains", _no_args),
+    ("events",): (cmd_events, "stream network, endpoint and repair events", _args_events),
+    ("reconcile",): (cmd_reconcile, "check links and rules now; print what was repaired", _no_args),
 }
 
 

@@ -20,12 +20,15 @@ import trio
 from agent import __version__, accel
 from agent.adopt import adopt
 from agent.api import protocol as p
-from agent.api.server import Handler, serve_api
+from agent.api.server import Handler, InFlight, Stream, serve_api
 from agent.core import ipam, naming
 from agent.firewall.iptables import IptablesFirewall
+from agent.firewall.monitor import serve_nft_changes
 from agent.kernel import netns
+from agent.kernel.events import serve_link_events
 from agent.kernel.links import open_kernel
 from agent.log import configure, get_logger
+from agent.reconcile import Reconciler
 from agent.service import Service, Topology
 from agent.store.sqlite import open_store
 
@@ -33,6 +36,8 @@ log = get_logger("agent.daemon")
 
 DEFAULT_SOCKET = "/run/netagent/agent.sock"
 DEFAULT_STATE_DIR = "/var/lib/netagent"
+SHUTDOWN_GRACE = 5.0  # seconds for in-flight answers to be sent after the last change applied
+EVENT_QUEUE = 4096  # kernel events buffered for the reconciler; past it: Overflow, then resync
 
 
 class Namespaces:
@@ -44,7 +49,9 @@ class Namespaces:
     delete_named = staticmethod(netns.delete_named)
 
 
-def build_handlers(svc: Service, args: argparse.Namespace, started: float) -> dict[str, Handler]:
+def build_handlers(
+    svc: Service, reconciler: Reconciler, args: argparse.Namespace, started: float
+) -> dict[str, Handler]:
     """Method name -> coroutine taking the typed params (see `protocol.METHODS`)."""
 
     async def info(_: p.Params) -> p.Info:
@@ -63,6 +70,12 @@ def build_handlers(svc: Service, args: argparse.Namespace, started: float) -> di
     async def ruleset(_: p.Params) -> p.Ruleset:
         return p.Ruleset(text=svc.firewall.text(), rules=svc.firewall.rule_count())
 
+    async def reconcile(_: p.Params) -> p.ReconcileReport:
+        return p.ReconcileReport(repaired=await reconciler.reconcile())
+
+    async def events(params: p.EventFilter) -> Stream:
+        return Stream(p.Subscribed(), "event", svc.bus.subscribe(params.types))
+
     def sync(fn):  # read-only handlers answer from memory
         async def handler(params: p.Params):
             return fn(params)
@@ -72,6 +85,8 @@ def build_handlers(svc: Service, args: argparse.Namespace, started: float) -> di
     return {
         "system.info": info,
         "system.ruleset": ruleset,
+        "system.reconcile": reconcile,
+        "events.subscribe": events,
         "network.create": svc.create_network,
         "network.list": sync(svc.list_networks),
         "network.inspect": sync(svc.inspect_network),
@@ -86,6 +101,7 @@ def build_handlers(svc: Service, args: argparse.Namespace, started: float) -> di
 
 
 async def run_daemon(args: argparse.Namespace) -> None:
+    """Start everything in order, serve until SIGTERM/SIGINT, then stop in reverse order."""
     started = time.monotonic()
     pools = tuple(ipam.parse_pool(x) for x in args.pool) if args.pool else ipam.DEFAULT_POOLS
     with (
@@ -94,28 +110,42 @@ async def run_daemon(args: argparse.Namespace) -> None:
     ):
         state = store.load()
         async with open_kernel() as kernel, trio.open_nursery() as nursery:
+            # subscribe first, so that nothing that happens during adoption is missed
+            link_send, link_events = trio.open_memory_channel[object](EVENT_QUEUE)
+            nft_send, nft_events = trio.open_memory_channel[object](EVENT_QUEUE)
+            live = args.repair == "live"
+            if live:
+                # only our links (link group) are decoded; the rest cost one attribute walk
+                await nursery.start(partial(serve_link_events, link_send, group=naming.LINK_GROUP))
+                await nursery.start(serve_nft_changes, nft_send)
             await kernel.set_ip_forward()
             topo = Topology(accel.Bitmap)
             ns = Namespaces()
             await adopt(
-                state=state,
-                topo=topo,
-                kernel=kernel,
-                owned_links=await kernel.owned_links(),
-                ns=ns,
-                store=store,
-            )
+                state=state, topo=topo, kernel=kernel, owned_links=await kernel.owned_links(),
+                ns=ns, store=store,
+            )  # fmt: skip
             firewall = IptablesFirewall()
             await firewall.setup(list(topo.networks.values()))
             svc = Service(
-                topo=topo, kernel=kernel, firewall=firewall, namespaces=ns, store=store, pools=pools
-            )
+                topo=topo, kernel=kernel, firewall=firewall, namespaces=ns, store=store,
+                pools=pools,
+            )  # fmt: skip
             if not any(n.is_default for n in topo.networks.values()):
                 await svc.create_network(
                     p.NetworkCreate(name=naming.DEFAULT_NETWORK), is_default=True
                 )
-            handlers = build_handlers(svc, args, started)
-            await nursery.start(partial(serve_api, handlers, args.socket, group=args.socket_group))
+            reconciler = Reconciler(svc, firewall)
+            if live:  # else (manual) only `agentctl reconcile` repairs
+                await nursery.start(reconciler.serve_link_events, link_events)
+                await nursery.start(reconciler.serve_firewall_events, nft_events)
+                await nursery.start(reconciler.serve_firewall_repair)
+            handlers = build_handlers(svc, reconciler, args, started)
+            inflight = InFlight()
+            serve = partial(
+                serve_api, handlers, args.socket, group=args.socket_group, inflight=inflight
+            )
+            await nursery.start(serve)
             log.info(
                 "agentd.ready",
                 pid=os.getpid(),
@@ -127,8 +157,9 @@ async def run_daemon(args: argparse.Namespace) -> None:
             )
             async for signum in signals:
                 log.info("agentd.stopping", signal=signal.Signals(signum).name)
-                async with svc.lock:  # let the request being applied finish
-                    nursery.cancel_scope.cancel()
+                await svc.lock.drain()  # the request being applied finishes; new ones: Busy
+                await inflight.wait_idle(SHUTDOWN_GRACE)  # every answer is sent
+                nursery.cancel_scope.cancel()
                 break
     log.info("agentd.stopped")
 
@@ -145,6 +176,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="CIDR[:SIZE]",
         help="address pool, e.g. 10.200.0.0/16:24 (repeatable; default: Docker's)",
     )
+    ap.add_argument(
+        "--repair", choices=("live", "manual"), default="live",
+        help="live: repair links and rules as soon as the kernel reports a change (default); "
+        "manual: only on `agentctl reconcile`",
+    )  # fmt: skip
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--log-format", choices=("json", "console"), default="json")
     ap.add_argument("--version", action="version", version=f"agentd {__version__}")

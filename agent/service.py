@@ -24,6 +24,7 @@ from agent.api import protocol as p
 from agent.core import ipam, naming
 from agent.core.errors import AgentError, Busy, Conflict, InvalidArgument, NotFound
 from agent.core.model import Endpoint, Network, Sandbox
+from agent.events import EventBus
 from agent.log import get_logger
 from agent.store.sqlite import Store
 
@@ -50,6 +51,9 @@ class KernelOps(Protocol):
     ) -> None: ...
     async def detach(self, host_ifname: str) -> bool: ...
     async def enslave(self, host_ifname: str, bridge: str) -> None: ...
+    async def set_up(self, name: str) -> None: ...
+    async def link_state(self, name: str) -> tuple[bool, int] | None: ...
+    async def owned_links(self) -> list: ...
     async def host_routes(self) -> list[ipaddress.IPv4Network]: ...
 
 
@@ -117,6 +121,7 @@ class Service:
         namespaces: NamespaceOps,
         store: Store,
         pools: tuple[ipam.Pool, ...] = ipam.DEFAULT_POOLS,
+        bus: EventBus | None = None,
     ) -> None:
         self.topo = topo
         self.kernel = kernel
@@ -124,7 +129,9 @@ class Service:
         self.ns = namespaces
         self.store = store
         self.pools = pools
-        self.lock = trio.Lock()
+        self.bus = bus or EventBus()
+        self.lock = _WriterLock(self)
+        self.closing = False
 
     # -- networks --------------------------------------------------------------------------
 
@@ -178,6 +185,7 @@ class Service:
         await self._apply_new_network(net, subnet)
         if req.subnet is None:
             topo.last_subnet = subnet
+        self.bus.publish("network", "created", net.id, name=net.name, bridge=net.bridge)
         log.info("network.create.complete", network_id=net.id, name=net.name, subnet=net.subnet)
         return net
 
@@ -243,6 +251,7 @@ class Service:
                 w.delete_network(net.id)
         del self.topo.networks[net.id]
         del self.topo.allocators[net.id]
+        self.bus.publish("network", "removed", net.id, name=net.name)
         log.info("network.remove.complete", network_id=net.id, name=net.name)
 
     async def prune_networks(self, req: p.NetworkFilter) -> p.Removed:
@@ -322,6 +331,7 @@ class Service:
             raise
         topo.endpoints[ep.id] = ep
         log.info("endpoint.connect.complete", endpoint_id=ep.id, network=net.name, ip=ep.ip)
+        self.bus.publish("endpoint", "connected", ep.id, network=net.name, netns=ep.netns, ip=ep.ip)
         return ep
 
     async def disconnect(self, req: p.EndpointDisconnect) -> Endpoint:
@@ -342,14 +352,44 @@ class Service:
                 netns=req.netns,
             )
 
-    async def _disconnect(self, ep: Endpoint) -> None:
+    async def _disconnect(self, ep: Endpoint, *, action: str = "disconnected") -> None:
+        """Delete the veth (if still there), then forget the endpoint and free its address."""
         with trio.CancelScope(shield=True):
             await self.kernel.detach(ep.host_ifname)
             with self.store.transaction() as w:
                 w.delete_endpoint(ep.id)
         self.topo.allocators[ep.network_id].release(ipaddress.IPv4Address(ep.ip))
         del self.topo.endpoints[ep.id]
-        log.info("endpoint.disconnect.complete", endpoint_id=ep.id, ip=ep.ip)
+        log.info(f"endpoint.{action}.complete", endpoint_id=ep.id, ip=ep.ip)
+        net = self.topo.networks[ep.network_id]
+        self.bus.publish("endpoint", action, ep.id, network=net.name, netns=ep.netns, ip=ep.ip)
+
+    async def release_vanished(self, host_ifname: str) -> Endpoint | None:
+        """The veth of an endpoint is gone (its namespace was deleted, or the veth by hand):
+        release the endpoint. None when it is not (or no longer) an endpoint of ours."""
+        async with self.lock:
+            return await self._release_vanished(host_ifname)
+
+    async def _release_vanished(self, host_ifname: str) -> Endpoint | None:
+        ep = next((e for e in self.topo.endpoints.values() if e.host_ifname == host_ifname), None)
+        if ep is None:
+            return None
+        await self._disconnect(ep, action="released")
+        if ep.sandbox and ep.sandbox in self.topo.sandboxes:
+            await self._forget_sandbox_if_gone(ep.sandbox)
+        return ep
+
+    async def _forget_sandbox_if_gone(self, name: str) -> None:
+        sb = self.topo.sandboxes[name]
+        try:
+            alive = self.ns.netns_key(sb.path) == sb.netns_key
+        except AgentError:
+            alive = False
+        if not alive:
+            await self.ns.delete_named(name)
+            with self.store.transaction() as w:
+                w.delete_sandbox(name)
+            del self.topo.sandboxes[name]
 
     def list_endpoints(self, req: p.EndpointFilter) -> list[Endpoint]:
         eps = list(self.topo.endpoints.values())
@@ -418,3 +458,29 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address:
 
 
 __all__ = ["AgentError", "Service", "Topology"]
+
+
+class _WriterLock:
+    """The single-writer lock; once the agent is stopping, a request gets Busy, not a wait."""
+
+    def __init__(self, svc: Service) -> None:
+        self._svc = svc
+        self._lock = trio.Lock()
+
+    async def __aenter__(self) -> None:
+        await self._lock.acquire()
+        if self._svc.closing:
+            self._lock.release()
+            raise Busy("agentd is shutting down; retry when it is back", reason="shutdown")
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._lock.release()
+
+    async def drain(self) -> None:
+        """Wait for the request being applied (if any) to finish; new ones then get Busy."""
+        self._svc.closing = True
+        async with self._lock:
+            pass
+
+    def locked(self) -> bool:
+        return self._lock.locked()

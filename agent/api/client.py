@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _socket
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
@@ -155,6 +156,24 @@ class Client:
                 f"agentd at {self.path} closed the connection", socket=self.path
             )
         return self._result(answer, request_id)
+
+    def stream(self, method: str, params: msgspec.Struct | None = None) -> Iterator[Any]:
+        """Call a streaming method (`events.subscribe`): yields the params of each notification
+        that follows the answer, until the daemon ends the stream or the caller stops."""
+        self.call(method, params)
+        sock = self._sock
+        assert sock is not None
+        sock.settimeout(None)  # events may be rare: wait for as long as it takes
+        while (line := self._readline(sock)).endswith(b"\n"):
+            note = msgspec.json.decode(line)
+            if note.get("method", "").endswith(".closed"):
+                raise DaemonUnavailable(
+                    f"agentd ended the stream: {note.get('params', {}).get('reason', '?')}",
+                    socket=self.path,
+                )
+            yield note.get("params")
+        self.close()
+        raise DaemonUnavailable(f"agentd at {self.path} closed the connection", socket=self.path)
 
     def _result(self, answer: bytes, request_id: int) -> Any:
         try:

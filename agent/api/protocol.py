@@ -98,6 +98,33 @@ class Removed(msgspec.Struct, kw_only=True):
     removed: list[str]
 
 
+class EventFilter(Params):
+    types: list[str] = msgspec.field(default_factory=list)  # "network", "endpoint", "repair"
+
+
+class Event(msgspec.Struct, kw_only=True, frozen=True):
+    """One notification of `events.subscribe`, like a `docker events` line.
+
+    type/action: network created|removed; endpoint connected|disconnected|released;
+    repair repaired (what the agent fixed by itself: `attributes` says what and why).
+    """
+
+    seq: int  # strictly increasing per agentd process
+    time: float
+    type: str
+    action: str
+    id: str  # the network's or endpoint's id; for repairs, the repaired object's
+    attributes: dict[str, str] = msgspec.field(default_factory=dict)
+
+
+class Subscribed(msgspec.Struct, kw_only=True):
+    subscribed: bool = True
+
+
+class ReconcileReport(msgspec.Struct, kw_only=True):
+    repaired: list[str]  # one line per repair, e.g. "bridge br-1234 recreated"
+
+
 class Info(msgspec.Struct, kw_only=True):
     version: str
     pid: int
@@ -129,6 +156,8 @@ METHODS: dict[str, type[Params]] = {
     "endpoint.list": EndpointFilter,
     "sandbox.run": SandboxRun,
     "sandbox.remove": SandboxRemove,
+    "events.subscribe": EventFilter,
+    "system.reconcile": Empty,
 }
 
 
@@ -208,6 +237,11 @@ def encode_error(
 ) -> bytes:
     err = ErrorBody(code=code, message=message, data=data)
     return _encoder.encode(Response(id=request_id, error=err)) + b"\n"
+
+
+def encode_notification(method: str, params: Any) -> bytes:
+    """A JSON-RPC notification (no id): how `events.subscribe` streams its events."""
+    return _encoder.encode({"jsonrpc": "2.0", "method": method, "params": params}) + b"\n"
 
 
 def decode_response(line: bytes) -> Response:

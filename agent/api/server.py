@@ -18,7 +18,7 @@ import os
 import secrets
 import socket as stdsocket
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -60,7 +60,43 @@ def peer_allowed(pid: int, uid: int, gid: int, group: int | None) -> bool:
     return group is not None and (gid == group or group in _peer_groups(pid))
 
 
-async def dispatch(handlers: dict[str, Handler], line: bytes) -> bytes | None:
+class InFlight:
+    """Counts requests between being read and being answered, so that shutdown can wait for
+    every in-flight answer to be sent before it cancels the connections."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def __enter__(self) -> None:
+        self.count += 1
+        self._idle = trio.Event() if self.count == 1 else self._idle
+
+    def __exit__(self, *exc: object) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self._idle.set()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """True if every request was answered within `timeout` seconds."""
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+            return True
+        return False
+
+
+class Stream:
+    """A handler's result that keeps the connection: `first` is answered to the request, then
+    each item of `items` is sent as a JSON-RPC notification `method` (events.subscribe)."""
+
+    def __init__(self, first: Any, method: str, items: AsyncIterator[Any]) -> None:
+        self.first = first
+        self.method = method
+        self.items = items
+
+
+async def dispatch(handlers: dict[str, Handler], line: bytes) -> bytes | Stream | None:
     """Answer one request line; None for a notification (no id) that succeeded."""
     try:
         req, params = p.decode_request(line)
@@ -83,15 +119,21 @@ async def dispatch(handlers: dict[str, Handler], line: bytes) -> bytes | None:
         )
     finally:
         structlog.contextvars.unbind_contextvars("method", "request_id")
+    if isinstance(result, Stream):
+        result.first = p.encode_result(req.id, result.first)
+        return result
     if req.id is None:
         return None
     return p.encode_result(req.id, result)
 
 
 class _Connection:
-    def __init__(self, stream: trio.SocketStream, handlers: dict[str, Handler]) -> None:
+    def __init__(
+        self, stream: trio.SocketStream, handlers: dict[str, Handler], inflight: InFlight
+    ) -> None:
         self.stream = stream
         self.handlers = handlers
+        self.inflight = inflight
         self.buf = bytearray()
 
     async def send(self, data: bytes) -> None:
@@ -120,9 +162,34 @@ class _Connection:
             del self.buf[: nl + 1]
             if not line.strip():
                 continue
-            answer = await dispatch(self.handlers, line)
-            if answer is not None:
-                await self.send(answer)
+            with self.inflight:
+                answer = await dispatch(self.handlers, line)
+                if not isinstance(answer, Stream) and answer is not None:
+                    await self.send(answer)
+            if isinstance(answer, Stream):
+                await self.stream_out(answer)
+                return
+
+    async def stream_out(self, stream: Stream) -> None:
+        """Send the stream until it ends or the client goes away (EOF or a broken pipe)."""
+        await self.send(stream.first)
+        async with trio.open_nursery() as nursery:
+
+            async def watch_hangup() -> None:
+                while await self.stream.receive_some(4096):
+                    pass  # a subscriber has nothing more to say; EOF ends the stream
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_hangup)
+            async with contextlib.aclosing(stream.items) as items:  # type: ignore[type-var]
+                async for item in items:
+                    await self.send(p.encode_notification(stream.method, item))
+            await self.send(
+                p.encode_notification(
+                    f"{stream.method}.closed", {"reason": "too slow: events were dropped"}
+                )
+            )
+            nursery.cancel_scope.cancel()
 
 
 async def serve_api(
@@ -130,6 +197,7 @@ async def serve_api(
     path: str,
     *,
     group: str | None = None,
+    inflight: InFlight | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on `path` (mode 0660, group `group`) until cancelled.
@@ -138,6 +206,7 @@ async def serve_api(
         The socket file is replaced if stale and removed on exit.
     """
     gid = grp.getgrnam(group).gr_gid if group else None
+    counter = inflight or InFlight()
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
@@ -165,7 +234,7 @@ async def serve_api(
                         )
                     )
                 return
-            await _Connection(stream, handlers).serve()
+            await _Connection(stream, handlers, counter).serve()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:  # a broken client must never take the server down

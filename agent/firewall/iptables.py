@@ -19,7 +19,9 @@ process runs shielded, bounded by `timeout`.
 
 from __future__ import annotations
 
+import collections
 import re
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -150,6 +152,29 @@ def offending_line(text: str, stderr: str) -> tuple[int | None, str | None]:
     return number, lines[number - 1]
 
 
+def _drift(seen: Observed, new: rules.Ruleset) -> list[str]:
+    """What differs between the kernel (`seen`) and the desired ruleset, one line each."""
+    problems = [f"jump {table}/{chain} restored" for table, chain, _ in seen.missing_jumps()]
+    if not seen.user_chain_exists():
+        problems.append(f"chain filter/{rules.USER} recreated")
+    found = seen.ruleset()
+    for table, chain, want in new.items():
+        have = found.chains(table).get(chain)
+        head = new.head(table, chain)  # dispatch chains: rule order after the head is free
+        if have is None:
+            problems.append(f"chain {table}/{chain} recreated")
+        elif not _same_rules(have, want, head):
+            problems.append(f"chain {table}/{chain} rewritten")
+    problems += [f"chain {t}/{c} removed" for t, c in sorted(rules.stale(seen.chains, new))]
+    return problems
+
+
+def _same_rules(have: Sequence[rules.Rule], want: Sequence[rules.Rule], head: int | None) -> bool:
+    if head is None:
+        return tuple(have) == tuple(want)
+    return tuple(have[:head]) == tuple(want[:head]) and sorted(have[head:]) == sorted(want[head:])
+
+
 def _merge(old: rules.Ruleset, new: rules.Ruleset, tables: Iterable[str]) -> rules.Ruleset:
     """`old` with `tables` taken from `new`: what the kernel holds after a partial commit."""
     taken = set(tables)
@@ -188,6 +213,8 @@ class IptablesFirewall:
         self.applied: rules.Ruleset = rules.EMPTY
         self._converged = False
         self._lock = trio.Lock()
+        #: pids of the agent's own iptables processes: their nftables notifications are not drift
+        self.own_pids: collections.deque[int] = collections.deque(maxlen=256)
 
     async def setup(self, networks: Iterable[Network]) -> None:
         """Converge the kernel to `networks` from whatever it holds (start-up, repair).
@@ -226,6 +253,17 @@ class IptablesFirewall:
     def rule_count(self) -> int:
         """Rules in the agent's chains (built-in jumps and NETAGENT-USER not counted)."""
         return self.applied.rule_count()
+
+    async def repair(self, networks: Iterable[Network]) -> list[str]:
+        """Compare the kernel with `networks`' ruleset (one iptables-save) and converge it if
+        anything differs; returns what was repaired (empty when nothing had drifted)."""
+        new = rules.render(networks)
+        async with self._lock:
+            seen = await self.observe()
+            problems = _drift(seen, new)
+            if problems:
+                await self._converge(new)
+            return problems
 
     async def observe(self) -> Observed:
         """One `iptables-save`, parsed: for drift checks (`observe().ruleset() != applied`).
@@ -297,6 +335,31 @@ class IptablesFirewall:
             duration_ms=round((time.perf_counter() - start) * 1000, 2),
         )
 
+    async def _spawn(
+        self, argv: Sequence[str], stdin: bytes
+    ) -> subprocess.CompletedProcess[bytes] | None:
+        """Run the process, recording its pid in `own_pids` as soon as it exists."""
+        done: list[subprocess.CompletedProcess[bytes]] = []
+
+        async def run(task_status: trio.TaskStatus[trio.Process]) -> None:
+            done.append(await trio.run_process(
+                list(argv), stdin=stdin, capture_stdout=True, capture_stderr=True,
+                check=False, task_status=task_status,
+            ))  # fmt: skip
+
+        try:
+            async with trio.open_nursery() as nursery:
+                process = await nursery.start(run)
+                self.own_pids.append(process.pid)  # its nftables commits are ours
+        except BaseExceptionGroup as group:
+            failed = group.subgroup(OSError)
+            if failed is None:
+                raise
+            while isinstance(failed, BaseExceptionGroup):
+                failed = failed.exceptions[0]
+            raise failed from group
+        return done[0] if done else None
+
     async def _run(
         self, argv: Sequence[str], stdin: bytes, *, what: str, script: str = ""
     ) -> bytes:
@@ -305,9 +368,7 @@ class IptablesFirewall:
         try:
             with trio.CancelScope(shield=True) as scope:
                 scope.deadline = trio.current_time() + self.timeout
-                result = await trio.run_process(
-                    list(argv), stdin=stdin, capture_stdout=True, capture_stderr=True, check=False
-                )
+                result = await self._spawn(argv, stdin)
         except OSError as exc:
             raise FirewallApply(f"{what} could not run: {exc}", stderr=str(exc)) from exc
         if result is None:

@@ -393,6 +393,16 @@ class Kernel:
             self._enslave, naming.validate_ifname(host_ifname), naming.validate_ifname(bridge)
         )
 
+    async def link_state(self, name: str) -> tuple[bool, int] | None:
+        """(up, master ifindex) of link `name` now, or None if it does not exist (one lean
+        RTM_GETLINK: to check a possibly stale event before repairing)."""
+        link = await self._call(self._find, naming.validate_ifname(name))
+        return None if link is None else (bool(link.flags & rtnl.IFF_UP), link.master)
+
+    async def set_up(self, name: str) -> None:
+        """Bring link `name` up (repair of a bridge or veth set down by hand)."""
+        await self._call(self._one, rtnl.set_up(name=naming.validate_ifname(name)))
+
     async def owned_links(self) -> list[LinkInfo]:
         """Host links whose alias this agent wrote (one dump; for adoption after a restart)."""
         return await self._call(self._owned_links)

@@ -1,0 +1,55 @@
+"""The event bus behind `events.subscribe` (and `agentctl events`).
+
+Theory of operation: the service publishes from its single writer, so events are totally
+ordered (`seq`) and each object's events arrive in the order they happened. Each subscriber has
+a bounded queue; publishing never blocks: a subscriber too slow to keep up is closed (its
+stream ends with an error) rather than slowing the agent down.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import trio
+
+from agent.api.protocol import Event
+
+QUEUE = 1024
+
+
+class EventBus:
+    def __init__(self) -> None:
+        self._seq = 0
+        self._subscribers: set[trio.MemorySendChannel[Event]] = set()
+
+    def publish(self, type: str, action: str, id: str, **attributes: str) -> Event:
+        self._seq += 1
+        event = Event(
+            seq=self._seq, time=time.time(), type=type, action=action, id=id,
+            attributes={k: str(v) for k, v in attributes.items()},
+        )  # fmt: skip
+        for send in list(self._subscribers):
+            try:
+                send.send_nowait(event)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.discard(send)
+                send.close()
+        return event
+
+    async def subscribe(self, types: list[str]) -> AsyncIterator[Event]:
+        """Events from now on (optionally only these `types`), until the caller stops."""
+        send, receive = trio.open_memory_channel[Event](QUEUE)
+        self._subscribers.add(send)
+        try:
+            async with receive:
+                async for event in receive:
+                    if not types or event.type in types:
+                        yield event
+        finally:
+            self._subscribers.discard(send)
+            send.close()
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subscribers)

@@ -1,0 +1,207 @@
+"""Self-healing: react to kernel events and firewall drift, live.
+
+Theory of operation. Two event streams feed this module:
+- rtnetlink (`agent.kernel.events`): links and addresses of the host namespace. A container
+  namespace that is deleted takes its veth end with it, and the kernel then deletes the host
+  end too: its RTM_DELLINK is how a vanished namespace is noticed (no polling).
+- nftables notifications (`agent.firewall.monitor`): every iptables change here (nft backend)
+  ends with a NEWGEN message naming the process. Changes by the agent's own iptables-restore
+  (known pids) are ignored; any other change to the ip filter/nat tables triggers one drift check
+  (`IptablesFirewall.repair`: one iptables-save, compare, converge), after a short debounce so
+  that a burst of foreign commands costs one check.
+
+Every reaction takes the service's writer lock and re-checks the topology under it: an event
+caused by the agent's own request (a disconnect deletes a veth) finds nothing left to do.
+Reactions are idempotent; on a lost event (`Overflow`) a full resync compares a dump of the
+agent's links with the topology.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any
+
+import trio
+
+from agent.core import naming
+from agent.core.errors import AgentError
+from agent.core.model import Network
+from agent.log import get_logger
+from agent.service import Service
+
+log = get_logger("agent.reconcile")
+
+NFPROTO_IPV4 = 2
+WATCHED_TABLES = {(NFPROTO_IPV4, "filter"), (NFPROTO_IPV4, "nat")}
+DEBOUNCE = 0.05  # seconds: a burst of foreign iptables commands costs one drift check
+
+
+class Reconciler:
+    """Repairs what others changed in the agent's links, addresses and rules."""
+
+    def __init__(self, svc: Service, firewall: Any) -> None:
+        self.svc = svc
+        self.firewall = firewall
+        self._firewall_dirty = trio.Event()
+
+    # -- links ------------------------------------------------------------------------------
+
+    async def serve_link_events(
+        self, receive: trio.MemoryReceiveChannel, *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:  # fmt: skip
+        """Consume rtnetlink events until cancelled; a failed repair is logged, never fatal."""
+        task_status.started()
+        async for event in receive:
+            try:
+                await self.on_event(event)
+            except AgentError as exc:
+                log.warning("repair.failed", error=exc.message, kind=exc.kind)
+
+    async def on_event(self, event: Any) -> None:
+        kind = type(event).__name__
+        if kind == "Overflow":
+            log.warning("events.overflow.resync")
+            await self.resync_links()
+        elif kind == "LinkEvent":
+            await self._on_link(event)
+        elif kind == "AddrEvent":
+            await self._on_addr(event)
+
+    def _network_of_bridge(self, name: str) -> Network | None:
+        return next((n for n in self.svc.topo.networks.values() if n.bridge == name), None)
+
+    def _endpoint_of_veth(self, name: str):
+        return next((e for e in self.svc.topo.endpoints.values() if e.host_ifname == name), None)
+
+    async def _on_link(self, ev: Any) -> None:
+        if ev.action == "del":
+            if self._endpoint_of_veth(ev.name) is not None:
+                ep = await self.svc.release_vanished(ev.name)
+                if ep is not None:
+                    log.info("repair.endpoint.released", endpoint_id=ep.id, ip=ep.ip)
+            elif (net := self._network_of_bridge(ev.name)) is not None:
+                await self.repair_network(net.id, why="bridge deleted")
+            return
+        if ev.up:
+            return
+        # A "down" event may be stale (a new bridge is down until its first endpoint joins):
+        # act only if the link is down now, checked under the lock.
+        if (net := self._network_of_bridge(ev.name)) is not None:
+            async with self.svc.lock:
+                state = await self.svc.kernel.link_state(net.bridge)
+                if state is not None and not state[0] and self.svc.topo.endpoints_of(net.id):
+                    await self._repair_network(net.id, why="bridge was set down")
+        elif (ep := self._endpoint_of_veth(ev.name)) is not None:
+            async with self.svc.lock:
+                state = await self.svc.kernel.link_state(ep.host_ifname)
+                if ep.id in self.svc.topo.endpoints and state is not None and not state[0]:
+                    net = self.svc.topo.networks[ep.network_id]
+                    await self.svc.kernel.enslave(ep.host_ifname, net.bridge)
+                    self._repaired("endpoint", ep.id, f"veth {ep.host_ifname} was set down")
+
+    async def _on_addr(self, ev: Any) -> None:
+        if ev.action != "del" or ev.family != 2:
+            return
+        for net in list(self.svc.topo.networks.values()):
+            if net.gateway == ev.address:
+                await self.repair_network(net.id, why=f"gateway {ev.address} removed")
+
+    async def repair_network(self, network_id: str, *, why: str) -> list[str]:
+        """Bridge back (address, up if it has endpoints), its endpoints' veths re-enslaved."""
+        async with self.svc.lock:
+            return await self._repair_network(network_id, why=why)
+
+    async def _repair_network(self, network_id: str, *, why: str) -> list[str]:
+        net = self.svc.topo.networks.get(network_id)
+        if net is None:
+            return []
+        prefix = ipaddress.IPv4Network(net.subnet).prefixlen
+        kernel = self.svc.kernel
+        eps = self.svc.topo.endpoints_of(net.id)
+        with trio.CancelScope(shield=True):
+            await kernel.ensure_bridge(
+                name=net.bridge, alias=naming.bridge_alias(net.id),
+                address=f"{net.gateway}/{prefix}", mtu=net.mtu,
+            )  # fmt: skip
+            for ep in eps:  # deleting a bridge releases its ports; enslaving also sets it up
+                try:
+                    await kernel.enslave(ep.host_ifname, net.bridge)
+                except AgentError as exc:  # its veth is gone too: its DELLINK releases it
+                    log.warning("repair.enslave.failed", endpoint_id=ep.id, error=exc.message)
+        return [self._repaired("network", net.id, f"bridge {net.bridge}: {why}")]
+
+    async def resync_links(self) -> list[str]:
+        """Compare a dump of the agent's links with the topology and repair every difference.
+
+        The dump and the decisions happen under the writer lock, so no request can add an
+        endpoint between the dump and its check.
+        """
+        async with self.svc.lock:
+            topo = self.svc.topo
+            links = {link.name: link for link in await self.svc.kernel.owned_links()}
+            repaired: list[str] = []
+            for ep in list(topo.endpoints.values()):
+                if ep.host_ifname not in links:
+                    await self.svc._release_vanished(ep.host_ifname)
+                    repaired.append(f"endpoint {ep.id[:12]} released ({ep.ip}): veth gone")
+            for net in list(topo.networks.values()):
+                bridge = links.get(net.bridge)
+                eps = topo.endpoints_of(net.id)
+                gateway = f"{net.gateway}/{ipaddress.IPv4Network(net.subnet).prefixlen}"
+                if (
+                    bridge is None
+                    or gateway not in bridge.addresses
+                    or (eps and not bridge.up)
+                    or any(not _is_port(links.get(e.host_ifname), bridge) for e in eps)
+                ):
+                    repaired += await self._repair_network(net.id, why="resync")
+            return repaired
+
+    # -- firewall -------------------------------------------------------------------------
+
+    async def serve_firewall_events(
+        self, receive: trio.MemoryReceiveChannel, *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:  # fmt: skip
+        """Consume nftables change notifications; mark the firewall dirty on foreign changes."""
+        task_status.started()
+        async for change in receive:
+            if type(change).__name__ == "Overflow":
+                self._firewall_dirty.set()
+            elif change.pid not in self.firewall.own_pids and change.tables & WATCHED_TABLES:
+                log.info("firewall.drift.suspected", pid=change.pid, comm=change.comm)
+                self._firewall_dirty.set()
+
+    async def serve_firewall_repair(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Run one drift check per burst of foreign changes, until cancelled."""
+        task_status.started()
+        while True:
+            await self._firewall_dirty.wait()
+            await trio.sleep(DEBOUNCE)
+            self._firewall_dirty = trio.Event()
+            try:
+                await self.repair_firewall()
+            except AgentError as exc:
+                log.error("repair.firewall.failed", error=exc.message)
+
+    async def repair_firewall(self) -> list[str]:
+        async with self.svc.lock:
+            with trio.CancelScope(shield=True):
+                problems = await self.firewall.repair(list(self.svc.topo.networks.values()))
+        return [self._repaired("firewall", "iptables", p) for p in problems]
+
+    async def reconcile(self) -> list[str]:
+        """Everything at once (`agentctl reconcile`): links, then rules."""
+        return [*await self.resync_links(), *await self.repair_firewall()]
+
+    def _repaired(self, what: str, ident: str, detail: str) -> str:
+        log.info("repair.complete", object=what, id=ident, detail=detail)
+        self.svc.bus.publish("repair", "repaired", ident, object=what, detail=detail)
+        return detail
+
+
+def _is_port(link: Any, bridge: Any) -> bool:
+    return link is not None and link.master == bridge.index and link.up
