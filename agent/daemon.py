@@ -82,6 +82,8 @@ def build_handlers(svc: Service, args: argparse.Namespace, started: float) -> di
         "endpoint.list": sync(svc.list_endpoints),
         "sandbox.run": svc.run,
         "sandbox.remove": svc.remove_sandbox,
+        "port.publish": svc.publish,
+        "port.unpublish": svc.unpublish,
     }
 
 
@@ -106,7 +108,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 store=store,
             )
             firewall = IptablesFirewall()
-            await firewall.setup(list(topo.networks.values()))
+            await firewall.setup(list(topo.networks.values()), list(topo.endpoints.values()))
             svc = Service(
                 topo=topo, kernel=kernel, firewall=firewall, namespaces=ns, store=store, pools=pools
             )

@@ -243,7 +243,7 @@ class Kernel:
                 self._configure_inside(ep, ns)
                 assert self._rt is not None
                 alias, bridge_up = self._rt.transact(
-                    [rtnl.set_alias(ep.host_ifname, ep.alias), rtnl.set_up(master)]
+                    [rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True), rtnl.set_up(master)]
                 )
                 _step(alias, f"set the alias of {ep.host_ifname}", {"ifname": ep.host_ifname})
                 _step(bridge_up, f"set bridge {ep.bridge} up", {"bridge": ep.bridge})

@@ -132,12 +132,21 @@ def set_master_up(name: str, master: int) -> Request:
     return RTM_NEWLINK, NLM_F_ACK, body
 
 
-def set_alias(name: str, alias: str) -> Request:
-    return (
-        RTM_NEWLINK,
-        NLM_F_ACK,
-        ifinfo() + attr_str(IFLA_IFNAME, name) + attr_str(IFLA_IFALIAS, alias),
-    )
+IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA, IFLA_BRPORT_MODE = 4, 5, 4
+
+
+def set_alias(name: str, alias: str, *, hairpin: bool = False) -> Request:
+    """Set the alias; with `hairpin`, also the bridge port's hairpin mode (one message).
+
+    Hairpin mode lets a frame leave by the port it came in: needed when a container reaches
+    its own published port, DNATed back to itself by br_netfilter (Docker sets it too when
+    its userland proxy is off).
+    """
+    body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr_str(IFLA_IFALIAS, alias)
+    if hairpin:
+        data = attr(IFLA_INFO_SLAVE_DATA, attr(IFLA_BRPORT_MODE, b"\x01"))
+        body += attr(IFLA_LINKINFO, attr_str(IFLA_INFO_SLAVE_KIND, "bridge") + data)
+    return RTM_NEWLINK, NLM_F_ACK, body
 
 
 def del_link(name: str) -> Request:

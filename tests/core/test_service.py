@@ -48,7 +48,7 @@ class FakeFirewall:
         self.networks: list = []
         self.fail = False
 
-    async def sync(self, networks) -> int:
+    async def sync(self, networks, endpoints=None) -> int:
         if self.fail:
             raise FirewallApply("restore failed on purpose", line="-A X")
         self.networks = sorted(n.name for n in networks)
