@@ -41,7 +41,8 @@ each network with published ports, two owned nat chains::
     NETAGENT-POSTROUTING        -o B -j H                        (per network with ports)
     H = NETAGENT-H-<id12>       -s 127.0.0.0/8 -j MASQUERADE     (host's localhost reaching C)
                                 -s C/32 -d C/32 -p tcp -m tcp --dport P -j MASQUERADE (hairpin)
-    C (filter)                  -d C/32 ! -i B -o B -p tcp -m tcp --dport P -j ACCEPT
+    C (filter)                  -d C/32 ! -i B -o B -p tcp -m tcp --dport P
+                                -m conntrack --ctstate DNAT -j ACCEPT
                                 (just before the final `-o B -j DROP`)
 
 Unlike Docker, the OUTPUT jump does not exclude 127.0.0.0/8: with `route_localnet=1` on the
@@ -197,9 +198,13 @@ def port_dnat(m: PortMapping, ip: str) -> Rule:
 
 
 def port_accept(m: PortMapping, ip: str, bridge: str) -> Rule:
-    """`-A C -d C/32 ! -i B -o B -p tcp -m tcp --dport P -j ACCEPT`: the outside comes in."""
-    return ("-d", f"{ip}/32", "!", "-i", bridge, "-o", bridge,
-            *_match_port(m, m.container_port), "-j", "ACCEPT")  # fmt: skip
+    """`-A C -d C/32 ! -i B -o B -p tcp -m tcp --dport P -m conntrack --ctstate DNAT -j ACCEPT`.
+
+    Only DNATed flows: unlike Docker 20.10, a neighbour routing straight to C:P is dropped
+    (Docker 28 added the same protection).
+    """
+    return ("-d", f"{ip}/32", "!", "-i", bridge, "-o", bridge, *_match_port(m, m.container_port),
+            "-m", "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT")  # fmt: skip
 
 
 def port_hairpin(m: PortMapping, ip: str) -> Rule:

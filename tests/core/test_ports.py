@@ -115,7 +115,8 @@ def test_render_published_ports() -> None:
     own = rs.chains("filter")[naming.network_chain(NET_ID)]
     assert own[-1] == ("-o", b, "-j", "DROP")
     assert own[-3] == ("-d", "172.18.0.3/32", "!", "-i", b, "-o", b, "-p", "tcp", "-m", "tcp",
-                       "--dport", "80", "-j", "ACCEPT")  # fmt: skip
+                       "--dport", "80", "-m", "conntrack", "--ctstate", "DNAT",
+                       "-j", "ACCEPT")  # fmt: skip
     # without ports, or on an internal network, nothing of this is rendered
     plain = rules.render([NET])
     assert rules.render([NET], [endpoint("172.18.0.3")]) == plain
