@@ -35,7 +35,7 @@ class KernelOps(Protocol):
     async def ensure_bridge(
         self, *, name: str, alias: str, address: str, mtu: int = 1500
     ) -> int: ...
-    async def delete_bridge(self, name: str) -> bool: ...
+    async def delete_bridge(self, name: str, address: str | None = None) -> bool: ...
     async def attach(
         self,
         *,
@@ -241,7 +241,7 @@ class Service:
         remaining = [n for n in self.topo.networks.values() if n.id != net.id]
         with trio.CancelScope(shield=True):
             await self.firewall.sync(remaining)
-            await self.kernel.delete_bridge(net.bridge)
+            await self.kernel.delete_bridge(net.bridge, _gateway_cidr(net))
             with self.store.transaction() as w:
                 w.delete_network(net.id)
         del self.topo.networks[net.id]
@@ -487,6 +487,10 @@ class Service:
         self.topo.endpoints[ep.id] = updated
         log.info("endpoint.ports.complete", endpoint_id=ep.id, ports=len(new))
         return updated
+
+
+def _gateway_cidr(net: Network) -> str:
+    return f"{net.gateway}/{ipaddress.IPv4Network(net.subnet).prefixlen}"
 
 
 def _labels_match(net: Network, filters: list[str]) -> bool:

@@ -152,13 +152,19 @@ class Kernel:
         self._bridges[name] = link.index
         return link.index
 
-    def _delete_bridge(self, name: str) -> bool:
+    def _delete_bridge(self, name: str, address: str | None) -> bool:
         self._bridges.pop(name, None)
         link = self._find(name)
         if link is None:
             return False
         if link.kind != "bridge":
             raise Conflict(f"{name} is a {link.kind or 'device'}, not a bridge", bridge=name)
+        if naming.parse_alias(link.alias) is None:
+            # a bridge the user made (--opt bridge=NAME): it stays, only our address goes
+            if address is not None:
+                with contextlib.suppress(NetlinkError):
+                    self._one(rtnl.del_addr(link.index, address))
+            return False
         return self._delete(name)
 
     def _delete(self, name: str) -> bool:
@@ -345,9 +351,13 @@ class Kernel:
         _interface(address)
         return await self._call(self._ensure_bridge, name, alias, address, mtu)
 
-    async def delete_bridge(self, name: str) -> bool:
-        """Delete bridge `name`; False if it did not exist; Conflict if it is not a bridge."""
-        return await self._call(self._delete_bridge, naming.validate_ifname(name))
+    async def delete_bridge(self, name: str, address: str | None = None) -> bool:
+        """Delete bridge `name`; False if it did not exist; Conflict if it is not a bridge.
+
+        A bridge without our ownership alias was the user's: it is kept (False) and only
+        `address` (the gateway CIDR we added) is removed from it.
+        """
+        return await self._call(self._delete_bridge, naming.validate_ifname(name), address)
 
     async def attach(
         self,

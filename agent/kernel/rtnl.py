@@ -35,7 +35,7 @@ NLM_F_ACK_TLVS = 0x200
 NLMSGERR_ATTR_MSG = 1
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
-RTM_NEWADDR = 20
+RTM_NEWADDR, RTM_DELADDR = 20, 21
 RTM_NEWROUTE = 24
 
 IFF_UP = 0x1
@@ -189,6 +189,13 @@ def new_addr(index: int, cidr: str) -> Request:
     if iface.network.prefixlen < 31:
         body += attr(IFA_BROADCAST, iface.network.broadcast_address.packed)
     return RTM_NEWADDR, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
+
+
+def del_addr(index: int, cidr: str) -> Request:
+    """Remove the IPv4 address `cidr` from link `index`."""
+    iface = ipaddress.IPv4Interface(cidr)
+    body = _IFADDR.pack(socket.AF_INET, iface.network.prefixlen, 0, 0, index)
+    return RTM_DELADDR, NLM_F_ACK, body + attr(IFA_LOCAL, iface.ip.packed)
 
 
 def new_default_route(gateway: str) -> Request:

@@ -28,7 +28,7 @@ class FakeKernel:
         self.bridges[name] = address
         return len(self.bridges)
 
-    async def delete_bridge(self, name) -> bool:
+    async def delete_bridge(self, name, address=None) -> bool:
         return self.bridges.pop(name, None) is not None
 
     async def attach(self, **kw) -> None:
