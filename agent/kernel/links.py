@@ -271,9 +271,11 @@ class Kernel:
     def _enslave(self, host_ifname: str, bridge: str) -> None:
         master, _ = self._bridge_index(bridge)
         assert self._rt is not None
-        port, bridge_up = self._rt.transact(
-            [rtnl.set_master_up(host_ifname, master), rtnl.set_up(master)]
-        )
+        port, hairpin, bridge_up = self._rt.transact(
+            [rtnl.set_master_up(host_ifname, master), rtnl.set_hairpin(host_ifname),
+             rtnl.set_up(master)]
+        )  # fmt: skip
+        _step(hairpin, f"set hairpin on {host_ifname}", {"ifname": host_ifname})
         _step(port, f"enslave {host_ifname} to {bridge}", {"ifname": host_ifname})
         _step(bridge_up, f"set bridge {bridge} up", {"bridge": bridge})
 

@@ -143,10 +143,19 @@ def set_alias(name: str, alias: str, *, hairpin: bool = False) -> Request:
     its userland proxy is off).
     """
     body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr_str(IFLA_IFALIAS, alias)
-    if hairpin:
-        data = attr(IFLA_INFO_SLAVE_DATA, attr(IFLA_BRPORT_MODE, b"\x01"))
-        body += attr(IFLA_LINKINFO, attr_str(IFLA_INFO_SLAVE_KIND, "bridge") + data)
-    return RTM_NEWLINK, NLM_F_ACK, body
+    return RTM_NEWLINK, NLM_F_ACK, body + (_HAIRPIN if hairpin else b"")
+
+
+_HAIRPIN = attr(
+    IFLA_LINKINFO,
+    attr_str(IFLA_INFO_SLAVE_KIND, "bridge")
+    + attr(IFLA_INFO_SLAVE_DATA, attr(IFLA_BRPORT_MODE, b"\x01")),
+)
+
+
+def set_hairpin(name: str) -> Request:
+    """Hairpin mode on bridge port `name` (see `set_alias`)."""
+    return RTM_NEWLINK, NLM_F_ACK, ifinfo() + attr_str(IFLA_IFNAME, name) + _HAIRPIN
 
 
 def del_link(name: str) -> Request:

@@ -108,6 +108,8 @@ def test_published_ports_survive_a_restart() -> None:
         try:
             host.ctl("run", "-p", "8080:80", c1)
             rules = host.iptables_save()
+            veth = next(x for x in host.links() if x["ifname"].startswith("na"))
+            assert veth["linkinfo"]["info_slave_data"]["hairpin"] is True
             host.stop()
             host.start()
             assert host.iptables_save() == rules
