@@ -263,6 +263,8 @@ def cmd_network_create(client: Any, args: argparse.Namespace) -> int:
             fields[name] = getattr(args, name)
     if args.internal:
         fields["internal"] = True
+    if args.aux_address:
+        fields["aux_addresses"] = _labels(args.aux_address)
     params = NetworkCreate(name=args.name, labels=_labels(args.label), **fields)
     result = client.call("network.create", params)
     return _show(args, result, lambda net: sys.stdout.write(f"{net['id']}\n"))
@@ -428,6 +430,9 @@ def _args_network_create(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opt", "-o", metavar="KEY=VALUE", action="append", default=[], help=opt_help)
     p.add_argument("--mtu", metavar="N", type=int)
     p.add_argument("--label", metavar="KEY=VALUE", action="append", default=[])
+    p.add_argument(
+        "--aux-address", metavar="NAME=IP", action="append", default=[], dest="aux_address"
+    )
     p.add_argument("name", metavar="NAME")
 
 

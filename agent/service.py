@@ -88,6 +88,8 @@ class Topology:
             ipaddress.IPv4Network(net.ip_range) if net.ip_range else None,
             bitmap_cls=self.bitmap_cls,
         )
+        for aux in net.aux_addresses.values():
+            self.allocators[net.id].reserve(ipaddress.IPv4Address(aux))
 
     def find_network(self, ref: str) -> Network:
         """By name, full id, or unique id prefix (like Docker)."""
@@ -163,7 +165,9 @@ class Service:
             avoid=routes,
             after=topo.last_subnet,
         )
+        _check_aux(req.aux_addresses, subnet, gateway, ip_range, self.topo.bitmap_cls)
         net = Network(
+            aux_addresses=dict(req.aux_addresses),
             id=net_id,
             name=req.name,
             bridge=bridge,
@@ -487,6 +491,25 @@ class Service:
         self.topo.endpoints[ep.id] = updated
         log.info("endpoint.ports.complete", endpoint_id=ep.id, ports=len(new))
         return updated
+
+
+def _check_aux(
+    aux: dict[str, str],
+    subnet: ipaddress.IPv4Network,
+    gateway: ipaddress.IPv4Address,
+    ip_range: ipaddress.IPv4Network | None,
+    bitmap_cls: type,
+) -> None:
+    """Refuse --aux-address values that are not free addresses of the subnet."""
+    if not aux:
+        return
+    trial = ipam.AddressAllocator(subnet, gateway, ip_range, bitmap_cls=bitmap_cls)
+    for name, text in aux.items():
+        try:
+            trial.reserve(_parse_ip(text))
+        except AgentError as exc:
+            message = f"--aux-address {name}={text}: {exc.message}"
+            raise type(exc)(message, field="aux_addresses") from exc
 
 
 def _gateway_cidr(net: Network) -> str:

@@ -44,6 +44,7 @@ class NetworkCreate(Params):
     mtu: int | None = None
     bridge: str | None = None  # custom bridge device name (--opt bridge=NAME)
     labels: dict[str, str] = msgspec.field(default_factory=dict)
+    aux_addresses: dict[str, str] = msgspec.field(default_factory=dict)  # name -> IPv4 reserved
 
 
 class NetworkRef(Params):

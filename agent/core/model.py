@@ -23,6 +23,7 @@ class Network(msgspec.Struct, frozen=True, kw_only=True):
     masquerade: bool = True
     mtu: int = 1500
     labels: dict[str, str] = msgspec.field(default_factory=dict)
+    aux_addresses: dict[str, str] = msgspec.field(default_factory=dict)  # never handed out
     is_default: bool = False  # the `bridge` network created at start-up
     created: float = 0.0  # unix time, set by the service
 

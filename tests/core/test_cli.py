@@ -152,7 +152,7 @@ def run(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> Run:
 
 def _create_defaults(**fields: Any) -> dict[str, Any]:
     base = {"subnet": None, "gateway": None, "ip_range": None, "internal": False, "icc": True}
-    base |= {"masquerade": True, "mtu": None, "bridge": None, "labels": {}}
+    base |= {"masquerade": True, "mtu": None, "bridge": None, "labels": {}, "aux_addresses": {}}
     return base | fields
 
 
@@ -165,7 +165,7 @@ def test_network_create_all_options(daemon: FakeDaemon, run: Run) -> None:
         "network", "create", "--subnet", "10.5.0.0/16", "--gateway", "10.5.0.254",
         "--ip-range", "10.5.1.0/24", "--internal", "--opt", "icc=false",
         "--opt", "ip-masquerade=False", "--opt", "bridge=br-custom", "--opt", "mtu=1400",
-        "--label", "tier=web", "--label", "team=", "frontend",
+        "--label", "tier=web", "--label", "team=", "--aux-address", "gw2=10.5.0.9", "frontend",
     )  # fmt: skip
     assert (code, out, err) == (0, "a" * 64 + "\n", "")
     assert daemon.requests == [
@@ -182,6 +182,7 @@ def test_network_create_all_options(daemon: FakeDaemon, run: Run) -> None:
                 "mtu": 1400,
                 "bridge": "br-custom",
                 "labels": {"tier": "web", "team": ""},
+                "aux_addresses": {"gw2": "10.5.0.9"},
             },
         )
     ]
