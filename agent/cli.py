@@ -9,9 +9,9 @@ Import budget: stdlib, msgspec and the pure `agent.api.protocol` / `agent.core` 
 Results this client expects (the daemon's handlers are the reference): `network.create` a
 Network, `network.list` a list of Networks (NetworkViews are accepted too), `network.inspect` a
 NetworkView, `network.prune` a Removed, `endpoint.connect` and `sandbox.run` an Endpoint,
-`endpoint.list` a list of Endpoints, `system.info` an Info, `system.ruleset` a Ruleset,
-`system.reconcile` a ReconcileReport; `events.subscribe` streams Event notifications
-(`agentctl events --json` prints one compact JSON object per line).
+`endpoint.list` a list of Endpoints, `port.publish|unpublish` an Endpoint, `system.info` an
+Info, `system.ruleset` a Ruleset, `system.reconcile` a ReconcileReport; `events.subscribe`
+streams Event notifications (`agentctl events --json` prints one compact JSON object per line).
 
 Errors go to stderr as one line, ``agentctl: <message>``, and the exit status tells scripts
 what happened:
@@ -264,6 +264,8 @@ def cmd_network_create(client: Any, args: argparse.Namespace) -> int:
             fields[name] = getattr(args, name)
     if args.internal:
         fields["internal"] = True
+    if args.aux_address:
+        fields["aux_addresses"] = _labels(args.aux_address)
     params = NetworkCreate(name=args.name, labels=_labels(args.label), **fields)
     result = client.call("network.create", params)
     return _show(args, result, lambda net: sys.stdout.write(f"{net['id']}\n"))
@@ -330,7 +332,9 @@ def _confirm(warning: str) -> bool:
 def cmd_network_connect(client: Any, args: argparse.Namespace) -> int:
     from agent.api.protocol import EndpointConnect
 
-    params = EndpointConnect(network=args.network, netns=args.netns, ip=args.ip, mac=args.mac)
+    params = EndpointConnect(
+        network=args.network, netns=args.netns, ip=args.ip, mac=args.mac, ports=args.publish
+    )
     return _show(args, client.call("endpoint.connect", params), None)
 
 
@@ -345,7 +349,7 @@ def cmd_run(client: Any, args: argparse.Namespace) -> int:
     from agent.api.protocol import SandboxRun
 
     extra = {"network": args.network} if args.network is not None else {}
-    params = SandboxRun(name=args.name, ip=args.ip, mac=args.mac, **extra)
+    params = SandboxRun(name=args.name, ip=args.ip, mac=args.mac, ports=args.publish, **extra)
     result = client.call("sandbox.run", params)
     return _show(args, result, lambda ep: sys.stdout.write(f"{ep['ip']}\n"))
 
@@ -436,6 +440,20 @@ def _args_events(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def cmd_port(client: Any, args: argparse.Namespace) -> int:
+    from agent.api.protocol import PortChange
+
+    method = f"port.{args.verb}"
+    params = PortChange(netns=args.netns, ports=args.spec, network=args.network)
+    return _show(args, client.call(method, params), _print_ports)
+
+
+def _print_ports(ep: dict[str, Any]) -> None:
+    for m in ep.get("ports", []):
+        host = m.get("host_ip") or "0.0.0.0"
+        sys.stdout.write(f"{host}:{m['host_port']}->{m['container_port']}/{m['protocol']}\n")
+
+
 def cmd_ruleset(client: Any, args: argparse.Namespace) -> int:
     return _show(args, client.call("system.ruleset"), lambda res: sys.stdout.write(res["text"]))
 
@@ -452,6 +470,9 @@ def _args_network_create(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opt", "-o", metavar="KEY=VALUE", action="append", default=[], help=opt_help)
     p.add_argument("--mtu", metavar="N", type=int)
     p.add_argument("--label", metavar="KEY=VALUE", action="append", default=[])
+    p.add_argument(
+        "--aux-address", metavar="NAME=IP", action="append", default=[], dest="aux_address"
+    )
     p.add_argument("name", metavar="NAME")
 
 
@@ -470,10 +491,27 @@ def _args_network_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", "-f", action="store_true", help="do not ask for confirmation")
 
 
+PUBLISH_HELP = "publish a port: [HOST_IP:]HOST_PORT[-END]:PORT[-END][/tcp|udp] (repeatable)"
+
+
+def _args_publish(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--publish", "-p", metavar="SPEC", action="append", default=[], help=PUBLISH_HELP
+    )
+
+
+def _args_port(p: argparse.ArgumentParser) -> None:
+    p.set_defaults(verb=p.prog.rsplit(" ", 1)[-1])
+    p.add_argument("--network", metavar="NET", help="the endpoint's network, if several")
+    p.add_argument("netns", metavar="NETNS", help="name under /run/netns, or a path")
+    p.add_argument("spec", metavar="SPEC", nargs="+", help="[HOST_IP:]HOST_PORT:PORT[/tcp|udp]")
+
+
 def _args_connect(p: argparse.ArgumentParser) -> None:
     if p.prog.endswith(" connect"):
         p.add_argument("--ip", help="IPv4 address to use")
         p.add_argument("--mac", help="MAC address to use")
+        _args_publish(p)
     else:
         p.add_argument("--force", "-f", action="store_true")
     p.add_argument("network", metavar="NETWORK")
@@ -484,6 +522,7 @@ def _args_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", metavar="NET", help="network to join (default: bridge)")
     p.add_argument("--ip", help="IPv4 address to use")
     p.add_argument("--mac", help="MAC address to use")
+    _args_publish(p)
     p.add_argument("name", metavar="NAME")
 
 
@@ -523,6 +562,8 @@ COMMANDS: dict[tuple[str, ...], tuple[Handler, str, Callable[[argparse.ArgumentP
     ("run",): (cmd_run, "create a named namespace attached to a network", _args_run),
     ("rm",): (cmd_rm, "remove namespaces created by run", _positionals("NAME")),
     ("ps",): (cmd_ps, "list endpoints", _args_ps),
+    ("port", "publish"): (cmd_port, "publish ports of an endpoint", _args_port),
+    ("port", "unpublish"): (cmd_port, "unpublish ports of an endpoint", _args_port),
     ("ruleset",): (cmd_ruleset, "print the firewall ruleset the agent maintains", _no_args),
     ("events",): (cmd_events, "stream network, endpoint and repair events", _args_events),
     ("reconcile",): (cmd_reconcile, "check links and rules now; print what was repaired", _no_args),
@@ -544,7 +585,7 @@ def _selected(argv: list[str]) -> tuple[str, ...]:
             skip = True
         elif not token.startswith("-"):
             words.append(token)
-            if words[0] != "network" or len(words) == 2:
+            if words[0] not in ("network", "port") or len(words) == 2:
                 break
     return tuple(words)
 

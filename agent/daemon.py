@@ -97,6 +97,8 @@ def build_handlers(
         "endpoint.list": sync(svc.list_endpoints),
         "sandbox.run": svc.run,
         "sandbox.remove": svc.remove_sandbox,
+        "port.publish": svc.publish,
+        "port.unpublish": svc.unpublish,
     }
 
 
@@ -126,7 +128,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 ns=ns, store=store,
             )  # fmt: skip
             firewall = IptablesFirewall()
-            await firewall.setup(list(topo.networks.values()))
+            await firewall.setup(list(topo.networks.values()), list(topo.endpoints.values()))
             svc = Service(
                 topo=topo, kernel=kernel, firewall=firewall, namespaces=ns, store=store,
                 pools=pools,

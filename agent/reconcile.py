@@ -124,6 +124,7 @@ class Reconciler:
                 name=net.bridge, alias=naming.bridge_alias(net.id),
                 address=f"{net.gateway}/{prefix}", mtu=net.mtu,
             )  # fmt: skip
+            self.firewall.bridge_recreated(net.bridge)
             for ep in eps:  # deleting a bridge releases its ports; enslaving also sets it up
                 try:
                     await kernel.enslave(ep.host_ifname, net.bridge)
@@ -190,7 +191,10 @@ class Reconciler:
     async def repair_firewall(self) -> list[str]:
         async with self.svc.lock:
             with trio.CancelScope(shield=True):
-                problems = await self.firewall.repair(list(self.svc.topo.networks.values()))
+                topo = self.svc.topo
+                problems = await self.firewall.repair(
+                    list(topo.networks.values()), list(topo.endpoints.values())
+                )
         return [self._repaired("firewall", "iptables", p) for p in problems]
 
     async def reconcile(self) -> list[str]:

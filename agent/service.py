@@ -18,12 +18,13 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
+import msgspec
 import trio
 
 from agent.api import protocol as p
-from agent.core import ipam, naming
+from agent.core import ipam, naming, ports
 from agent.core.errors import AgentError, Busy, Conflict, InvalidArgument, NotFound
-from agent.core.model import Endpoint, Network, Sandbox
+from agent.core.model import Endpoint, Network, PortMapping, Sandbox
 from agent.events import EventBus
 from agent.log import get_logger
 from agent.store.sqlite import Store
@@ -35,7 +36,7 @@ class KernelOps(Protocol):
     async def ensure_bridge(
         self, *, name: str, alias: str, address: str, mtu: int = 1500
     ) -> int: ...
-    async def delete_bridge(self, name: str) -> bool: ...
+    async def delete_bridge(self, name: str, address: str | None = None) -> bool: ...
     async def attach(
         self,
         *,
@@ -58,7 +59,9 @@ class KernelOps(Protocol):
 
 
 class FirewallOps(Protocol):
-    async def sync(self, networks: Iterable[Network]) -> int: ...
+    async def sync(
+        self, networks: Iterable[Network], endpoints: Iterable[Endpoint] | None = None
+    ) -> int: ...
     def text(self) -> str: ...
     def rule_count(self) -> int: ...
 
@@ -89,6 +92,8 @@ class Topology:
             ipaddress.IPv4Network(net.ip_range) if net.ip_range else None,
             bitmap_cls=self.bitmap_cls,
         )
+        for aux in net.aux_addresses.values():
+            self.allocators[net.id].reserve(ipaddress.IPv4Address(aux))
 
     def find_network(self, ref: str) -> Network:
         """By name, full id, or unique id prefix (like Docker)."""
@@ -167,7 +172,9 @@ class Service:
             avoid=routes,
             after=topo.last_subnet,
         )
+        _check_aux(req.aux_addresses, subnet, gateway, ip_range, self.topo.bitmap_cls)
         net = Network(
+            aux_addresses=dict(req.aux_addresses),
             id=net_id,
             name=req.name,
             bridge=bridge,
@@ -246,7 +253,7 @@ class Service:
         remaining = [n for n in self.topo.networks.values() if n.id != net.id]
         with trio.CancelScope(shield=True):
             await self.firewall.sync(remaining)
-            await self.kernel.delete_bridge(net.bridge)
+            await self.kernel.delete_bridge(net.bridge, _gateway_cidr(net))
             with self.store.transaction() as w:
                 w.delete_network(net.id)
         del self.topo.networks[net.id]
@@ -284,6 +291,7 @@ class Service:
             )
         requested = _parse_ip(req.ip) if req.ip is not None else None
         mac = ipam.validate_mac(req.mac) if req.mac is not None else None
+        published = self._new_ports(net, req.ports, ())
         alloc = topo.allocators[net.id]
         ip = alloc.allocate(requested)
         try:
@@ -305,6 +313,7 @@ class Service:
                 ip=str(ip),
                 mac=mac or ipam.mac_for(ip),
                 sandbox=sandbox,
+                ports=published,
             )
             prefix = ipaddress.IPv4Network(net.subnet).prefixlen
             with trio.CancelScope(shield=True):
@@ -320,9 +329,16 @@ class Service:
                     gateway=net.gateway if route else None,
                 )
                 try:
-                    with self.store.transaction() as w:
-                        w.put_endpoint(ep)
-                        w.set_meta(f"cursor:{net.id}", str(alloc.cursor))
+                    if ep.ports:
+                        await self._sync_ports([*topo.endpoints.values(), ep])
+                    try:
+                        with self.store.transaction() as w:
+                            w.put_endpoint(ep)
+                            w.set_meta(f"cursor:{net.id}", str(alloc.cursor))
+                    except BaseException:
+                        if ep.ports:
+                            await self._sync_ports(topo.endpoints.values())
+                        raise
                 except BaseException:
                     await self.kernel.detach(ep.host_ifname)
                     raise
@@ -355,6 +371,8 @@ class Service:
     async def _disconnect(self, ep: Endpoint, *, action: str = "disconnected") -> None:
         """Delete the veth (if still there), then forget the endpoint and free its address."""
         with trio.CancelScope(shield=True):
+            if ep.ports:  # its rules go first: nothing is DNATed to a vanishing address
+                await self._sync_ports(e for e in self.topo.endpoints.values() if e.id != ep.id)
             await self.kernel.detach(ep.host_ifname)
             with self.store.transaction() as w:
                 w.delete_endpoint(ep.id)
@@ -413,7 +431,9 @@ class Service:
                     w.put_sandbox(sb)
                 try:
                     ep = await self._connect(
-                        p.EndpointConnect(network=net.id, netns=path, ip=req.ip, mac=req.mac),
+                        p.EndpointConnect(
+                            network=net.id, netns=path, ip=req.ip, mac=req.mac, ports=req.ports
+                        ),
                         sandbox=req.name,
                     )
                 except BaseException:
@@ -440,6 +460,99 @@ class Service:
                     w.delete_sandbox(sb.name)
             del self.topo.sandboxes[sb.name]
             return p.Removed(removed=[sb.name])
+
+    # -- published ports -----------------------------------------------------------------
+
+    def _new_ports(
+        self, net: Network, specs: list[str], current: tuple[PortMapping, ...]
+    ) -> tuple[PortMapping, ...]:
+        """`current` plus the mappings of `specs`, validated against every published port."""
+        if not specs:
+            return current
+        wanted = ports.parse_all(specs)
+        if net.internal:
+            raise InvalidArgument(
+                f"network {net.name!r} is internal: its endpoints cannot publish ports",
+                network=net.name,
+            )
+        taken = [m for e in self.topo.endpoints.values() for m in e.ports]
+        ports.check_free(wanted, taken)
+        return tuple(sorted((*current, *wanted)))
+
+    async def _sync_ports(self, endpoints: Iterable[Endpoint]) -> None:
+        await self.firewall.sync(self.topo.networks.values(), list(endpoints))
+
+    def _endpoint_of(self, req: p.PortChange) -> Endpoint:
+        key = self.ns.netns_key(self.ns.resolve(req.netns))
+        eps = self.topo.endpoints_in(key)
+        if req.network is not None:
+            net_id = self.topo.find_network(req.network).id
+            eps = [e for e in eps if e.network_id == net_id]
+        if len(eps) == 1:
+            return eps[0]
+        if not eps:
+            raise NotFound(f"namespace {req.netns!r} has no endpoint here", netns=req.netns)
+        raise InvalidArgument(
+            f"namespace {req.netns!r} is on {len(eps)} networks: name one with --network",
+            netns=req.netns,
+        )
+
+    async def publish(self, req: p.PortChange) -> Endpoint:
+        """Add published ports to an endpoint (all of them or none)."""
+        async with self.lock:
+            ep = self._endpoint_of(req)
+            net = self.topo.networks[ep.network_id]
+            return await self._replace_ports(ep, self._new_ports(net, req.ports, ep.ports))
+
+    async def unpublish(self, req: p.PortChange) -> Endpoint:
+        """Remove published ports (each must be published on this endpoint) and their flows."""
+        async with self.lock:
+            ep = self._endpoint_of(req)
+            gone = set(ports.parse_all(req.ports))
+            for m in sorted(gone - set(ep.ports)):
+                raise NotFound(
+                    f"port {ports.format_spec(m)} is not published by this endpoint",
+                    port=ports.format_spec(m),
+                )
+            return await self._replace_ports(ep, tuple(m for m in ep.ports if m not in gone))
+
+    async def _replace_ports(self, ep: Endpoint, new: tuple[PortMapping, ...]) -> Endpoint:
+        updated = msgspec.structs.replace(ep, ports=new)
+        others = [e for e in self.topo.endpoints.values() if e.id != ep.id]
+        with trio.CancelScope(shield=True):
+            await self._sync_ports([*others, updated])
+            try:
+                with self.store.transaction() as w:
+                    w.put_endpoint(updated)
+            except BaseException:
+                await self._sync_ports([*others, ep])
+                raise
+        self.topo.endpoints[ep.id] = updated
+        log.info("endpoint.ports.complete", endpoint_id=ep.id, ports=len(new))
+        return updated
+
+
+def _check_aux(
+    aux: dict[str, str],
+    subnet: ipaddress.IPv4Network,
+    gateway: ipaddress.IPv4Address,
+    ip_range: ipaddress.IPv4Network | None,
+    bitmap_cls: type,
+) -> None:
+    """Refuse --aux-address values that are not free addresses of the subnet."""
+    if not aux:
+        return
+    trial = ipam.AddressAllocator(subnet, gateway, ip_range, bitmap_cls=bitmap_cls)
+    for name, text in aux.items():
+        try:
+            trial.reserve(_parse_ip(text))
+        except AgentError as exc:
+            message = f"--aux-address {name}={text}: {exc.message}"
+            raise type(exc)(message, field="aux_addresses") from exc
+
+
+def _gateway_cidr(net: Network) -> str:
+    return f"{net.gateway}/{ipaddress.IPv4Network(net.subnet).prefixlen}"
 
 
 def _labels_match(net: Network, filters: list[str]) -> bool:

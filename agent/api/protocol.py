@@ -44,6 +44,7 @@ class NetworkCreate(Params):
     mtu: int | None = None
     bridge: str | None = None  # custom bridge device name (--opt bridge=NAME)
     labels: dict[str, str] = msgspec.field(default_factory=dict)
+    aux_addresses: dict[str, str] = msgspec.field(default_factory=dict)  # name -> IPv4 reserved
 
 
 class NetworkRef(Params):
@@ -64,6 +65,7 @@ class EndpointConnect(Params):
     netns: str  # name under /run/netns or an absolute path
     ip: str | None = None
     mac: str | None = None
+    ports: list[str] = msgspec.field(default_factory=list)  # "[HOST_IP:]H[-E]:C[-E][/proto]"
 
 
 class EndpointDisconnect(Params):
@@ -81,6 +83,15 @@ class SandboxRun(Params):
     network: str = "bridge"
     ip: str | None = None
     mac: str | None = None
+    ports: list[str] = msgspec.field(default_factory=list)
+
+
+class PortChange(Params):
+    """`port.publish` / `port.unpublish` on an existing endpoint; the result is the Endpoint."""
+
+    netns: str
+    ports: list[str]  # Docker's -p specs, e.g. "8080:80", "127.0.0.1:53:53/udp", "9000-9009:90-99"
+    network: str | None = None  # needed when the namespace is on several networks
 
 
 class SandboxRemove(Params):
@@ -158,6 +169,8 @@ METHODS: dict[str, type[Params]] = {
     "sandbox.remove": SandboxRemove,
     "events.subscribe": EventFilter,
     "system.reconcile": Empty,
+    "port.publish": PortChange,
+    "port.unpublish": PortChange,
 }
 
 

@@ -23,8 +23,21 @@ class Network(msgspec.Struct, frozen=True, kw_only=True):
     masquerade: bool = True
     mtu: int = 1500
     labels: dict[str, str] = msgspec.field(default_factory=dict)
+    aux_addresses: dict[str, str] = msgspec.field(default_factory=dict)  # never handed out
     is_default: bool = False  # the `bridge` network created at start-up
     created: float = 0.0  # unix time, set by the service
+
+
+class PortMapping(msgspec.Struct, frozen=True, kw_only=True, order=True):
+    """One published port: HOST_IP:HOST_PORT/PROTOCOL on the host DNATs to the endpoint's port.
+
+    A published range is stored as one mapping per port (what the rules and conntrack see).
+    """
+
+    protocol: str  # "tcp" or "udp"
+    host_port: int
+    container_port: int
+    host_ip: str = ""  # "" = every local address (Docker's 0.0.0.0)
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,6 +53,7 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
     mac: str
     sandbox: str | None = None  # name of the agent-managed namespace, if created by `run`
     default_route: bool = False  # this endpoint holds the namespace's default route
+    ports: tuple[PortMapping, ...] = ()  # published ports, sorted
 
 
 class Sandbox(msgspec.Struct, frozen=True, kw_only=True):

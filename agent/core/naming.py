@@ -22,6 +22,7 @@ CHAIN_USER = "NETAGENT-USER"
 CHAIN_ISOLATION_1 = "NETAGENT-ISOLATION-STAGE-1"
 CHAIN_ISOLATION_2 = "NETAGENT-ISOLATION-STAGE-2"
 CHAIN_POSTROUTING = "NETAGENT-POSTROUTING"
+CHAIN_DNAT = "NETAGENT-DNAT"  # nat: published ports, jumped to from PREROUTING and OUTPUT
 RULE_COMMENT = "netagent"
 
 # Ownership visible in the kernel: IFLA_IFALIAS on the links we create, and a link group
@@ -53,6 +54,16 @@ def container_ifname(index: int) -> str:
 def network_chain(network_id: str) -> str:
     """Per-network filter chain: `NETAGENT-N-<id12>` (23 characters)."""
     return f"{CHAIN_PREFIX}-N-{network_id[:12]}"
+
+
+def ports_chain(network_id: str) -> str:
+    """Per-network nat chain of published ports (DNAT): `NETAGENT-P-<id12>`."""
+    return f"{CHAIN_PREFIX}-P-{network_id[:12]}"
+
+
+def hairpin_chain(network_id: str) -> str:
+    """Per-network nat chain masquerading hairpin and localhost traffic: `NETAGENT-H-<id12>`."""
+    return f"{CHAIN_PREFIX}-H-{network_id[:12]}"
 
 
 def bridge_alias(network_id: str) -> str:

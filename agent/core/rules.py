@@ -31,8 +31,25 @@ Two kinds of chains:
 `NETAGENT-USER` belongs to the administrator (like DOCKER-USER): created with `-j RETURN` only
 when missing, never flushed or rewritten; it is not part of a `Ruleset`.
 
-Room for later: published ports get a per-network ports chain jumped to from C just before its
-final `-o B -j DROP`, and IPv6 a second `Ruleset` fed to ip6tables-restore. Rules are IPv4.
+Published ports (Docker's hairpin mode, no userland proxy) add one nat dispatch chain and, for
+each network with published ports, two owned nat chains::
+
+    PREROUTING  -m addrtype --dst-type LOCAL -m comment --comment netagent -j NETAGENT-DNAT
+    OUTPUT      -m addrtype --dst-type LOCAL -m comment --comment netagent -j NETAGENT-DNAT
+    NETAGENT-DNAT               -j P                             (per network with ports)
+    P = NETAGENT-P-<id12>       [-d HOST_IP/32] -p tcp -m tcp --dport H -j DNAT --to-destination C:P
+    NETAGENT-POSTROUTING        -o B -j H                        (per network with ports)
+    H = NETAGENT-H-<id12>       -s 127.0.0.0/8 -j MASQUERADE     (host's localhost reaching C)
+                                -s C/32 -d C/32 -p tcp -m tcp --dport P -j MASQUERADE (hairpin)
+    C (filter)                  -d C/32 ! -i B -o B -p tcp -m tcp --dport P
+                                -m conntrack --ctstate DNAT -j ACCEPT
+                                (just before the final `-o B -j DROP`)
+
+Unlike Docker, the OUTPUT jump does not exclude 127.0.0.0/8: with `route_localnet=1` on the
+bridge (set by the firewall shell) and the 127.0.0.0/8 masquerade, localhost reaches published
+ports without a proxy. Port churn rewrites only the network's own P, H and C chains; the
+dispatch chains change only when a network gains its first or loses its last port. IPv6 would
+be a second `Ruleset` fed to ip6tables-restore; rules are IPv4.
 
 Every rule is written in the option order iptables-save prints, so a saved ruleset can be
 compared line by line with the rendered one.
@@ -49,7 +66,7 @@ from types import MappingProxyType
 from typing import NamedTuple
 
 from agent.core import naming
-from agent.core.model import Network
+from agent.core.model import Endpoint, Network, PortMapping
 
 Rule = tuple[str, ...]
 Op = tuple[str, str, Rule]  # ("-A" | "-D" | "-I" | "-F" | "-X", chain, args)
@@ -64,6 +81,8 @@ USER = naming.CHAIN_USER
 ISOLATION_1 = naming.CHAIN_ISOLATION_1
 ISOLATION_2 = naming.CHAIN_ISOLATION_2
 POSTROUTING = naming.CHAIN_POSTROUTING
+DNAT = naming.CHAIN_DNAT
+LOCALHOST = "127.0.0.0/8"
 
 #: Dispatch chains and the length of their fixed head.
 DISPATCH_HEADS: Mapping[ChainKey, int] = MappingProxyType(
@@ -72,6 +91,7 @@ DISPATCH_HEADS: Mapping[ChainKey, int] = MappingProxyType(
         (FILTER, ISOLATION_1): 0,
         (FILTER, ISOLATION_2): 0,
         (NAT, POSTROUTING): 0,
+        (NAT, DNAT): 0,
     }
 )
 
@@ -151,12 +171,85 @@ def network_chain_rules(bridge: str, *, internal: bool, icc_on: bool) -> tuple[R
     return (conntrack_accept(bridge), egress_accept(bridge), icc(bridge, icc_on), drop_in(bridge))
 
 
+def local_jump(target: str) -> Rule:
+    """`-m addrtype --dst-type LOCAL -m comment --comment netagent -j TARGET`."""
+    return ("-m", "addrtype", "--dst-type", "LOCAL", *builtin_jump(target))
+
+
 def builtin_jumps() -> list[tuple[str, str, Rule]]:
     """`(table, built-in chain, rule)` of the jumps into our chains, comment included."""
     return [
         (FILTER, "FORWARD", builtin_jump(FORWARD)),
         (NAT, "POSTROUTING", builtin_jump(POSTROUTING)),
+        (NAT, "PREROUTING", local_jump(DNAT)),
+        (NAT, "OUTPUT", local_jump(DNAT)),
     ]
+
+
+def _match_port(m: PortMapping, port: int) -> Rule:
+    return ("-p", m.protocol, "-m", m.protocol, "--dport", str(port))
+
+
+def port_dnat(m: PortMapping, ip: str) -> Rule:
+    """`-A P [-d HOST_IP/32] -p tcp -m tcp --dport H -j DNAT --to-destination C:P`."""
+    dest = ("-d", f"{m.host_ip}/32") if m.host_ip else ()
+    target = ("-j", "DNAT", "--to-destination", f"{ip}:{m.container_port}")
+    return (*dest, *_match_port(m, m.host_port), *target)
+
+
+def port_accept(m: PortMapping, ip: str, bridge: str) -> Rule:
+    """`-A C -d C/32 ! -i B -o B -p tcp -m tcp --dport P -m conntrack --ctstate DNAT -j ACCEPT`.
+
+    Only DNATed flows: unlike Docker 20.10, a neighbour routing straight to C:P is dropped
+    (Docker 28 added the same protection).
+    """
+    return ("-d", f"{ip}/32", "!", "-i", bridge, "-o", bridge, *_match_port(m, m.container_port),
+            "-m", "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT")  # fmt: skip
+
+
+def port_hairpin(m: PortMapping, ip: str) -> Rule:
+    """`-A H -s C/32 -d C/32 -p tcp -m tcp --dport P -j MASQUERADE`: C reaching itself."""
+    return ("-s", f"{ip}/32", "-d", f"{ip}/32", *_match_port(m, m.container_port),
+            "-j", "MASQUERADE")  # fmt: skip
+
+
+def localhost_masquerade() -> Rule:
+    """`-A H -s 127.0.0.0/8 -j MASQUERADE`: the host's localhost, DNATed out of the bridge."""
+    return ("-s", LOCALHOST, "-j", "MASQUERADE")
+
+
+def out_jump(bridge: str, chain: str) -> Rule:
+    """`-A NETAGENT-POSTROUTING -o B -j H`."""
+    return ("-o", bridge, "-j", chain)
+
+
+PortsOf = tuple[tuple[str, tuple[PortMapping, ...]], ...]  # ((endpoint ip, its mappings), ...)
+
+
+@functools.lru_cache(maxsize=4096)
+def _port_parts(
+    bridge: str, published: PortsOf
+) -> tuple[tuple[Rule, ...], tuple[Rule, ...], tuple[Rule, ...]]:
+    """(filter accepts for C, P chain, H chain) of one network's published ports."""
+    accepts, dnat, hairpin = [], [], [localhost_masquerade()]
+    for ip, mappings in published:
+        for m in mappings:
+            accepts.append(port_accept(m, ip, bridge))
+            dnat.append(port_dnat(m, ip))
+            hairpin.append(port_hairpin(m, ip))
+    return tuple(accepts), tuple(dnat), tuple(hairpin)
+
+
+def published_ports(endpoints: Iterable[Endpoint]) -> dict[str, PortsOf]:
+    """Network id -> its endpoints' published ports, in a deterministic order."""
+    found: dict[str, list[tuple[str, tuple[PortMapping, ...]]]] = {}
+    for ep in endpoints:
+        if ep.ports:
+            found.setdefault(ep.network_id, []).append((ep.ip, tuple(sorted(ep.ports))))
+    return {
+        net: tuple(sorted(eps, key=lambda e: ipaddress.IPv4Address(e[0])))
+        for net, eps in found.items()
+    }
 
 
 # --- the ruleset value -------------------------------------------------------------------------
@@ -239,8 +332,11 @@ def _network_parts(
     )
 
 
-def render(networks: Iterable[Network]) -> Ruleset:
-    """The desired ruleset of `networks` (deterministic: networks sorted by id).
+def render(networks: Iterable[Network], endpoints: Iterable[Endpoint] = ()) -> Ruleset:
+    """The desired ruleset of `networks` and the published ports of `endpoints`.
+
+    Deterministic: networks sorted by id. Ports of endpoints whose network is not in
+    `networks`, or is internal, are ignored.
 
     Raises:
         ValueError: two networks map to the same chain, or a subnet is not an IPv4 CIDR.
@@ -249,12 +345,22 @@ def render(networks: Iterable[Network]) -> Ruleset:
     stage1: list[Rule] = []
     stage2: list[Rule] = []
     postrouting: list[Rule] = []
+    dnat: list[Rule] = []
     filter_chains: dict[str, tuple[Rule, ...]] = {}
+    nat_chains: dict[str, tuple[Rule, ...]] = {}
+    ports = published_ports(endpoints)
     for n in sorted(networks, key=lambda n: n.id):
         chain, parts = _network_parts(n.id, n.bridge, n.subnet, n.internal, n.icc, n.masquerade)
         if chain in filter_chains:
             raise ValueError(f"networks collide on chain {chain}")
         own, s1, s2, dispatch, masq = parts
+        if n.id in ports and not n.internal:
+            accepts, p_rules, h_rules = _port_parts(n.bridge, ports[n.id])
+            own = (*own[:-1], *accepts, own[-1])  # before the final `-o B -j DROP`
+            p_chain, h_chain = naming.ports_chain(n.id), naming.hairpin_chain(n.id)
+            nat_chains[p_chain], nat_chains[h_chain] = p_rules, h_rules
+            dnat.append(jump(p_chain))
+            postrouting.append(out_jump(n.bridge, h_chain))
         filter_chains[chain] = own
         stage1.append(s1)
         stage2.append(s2)
@@ -262,7 +368,8 @@ def render(networks: Iterable[Network]) -> Ruleset:
         postrouting.extend(masq)
     filter_chains.update({FORWARD: tuple(forward), ISOLATION_1: tuple(stage1)})
     filter_chains[ISOLATION_2] = tuple(stage2)
-    return Ruleset({FILTER: filter_chains, NAT: {POSTROUTING: tuple(postrouting)}}, DISPATCH_HEADS)
+    nat_chains.update({POSTROUTING: tuple(postrouting), DNAT: tuple(dnat)})
+    return Ruleset({FILTER: filter_chains, NAT: nat_chains}, DISPATCH_HEADS)
 
 
 # --- transactions ------------------------------------------------------------------------------

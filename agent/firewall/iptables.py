@@ -12,6 +12,13 @@ mapped back to the table it failed in; sections committed before it are undone w
 inverse diff, so `applied` stays true. If that rollback fails too, or the outcome is unknown
 (timeout, no line number), the next `sync` converges with a full `setup` instead.
 
+Published ports: `sync` and `setup` take the endpoints too (None: the ones last given, so a
+caller that changes only networks cannot drop ports by omission). After a transaction, the
+conntrack entries of every mapping that went away are deleted (`conntrack -D`), so an
+established flow does not keep reaching a port that is no longer published; and each bridge
+with published ports gets `net.ipv4.conf.<bridge>.route_localnet=1` so that the DNAT of
+127.0.0.1 traffic out of it is not dropped as martian.
+
 Error handling: every failure is a `FirewallApply` with `line` (the offending script line),
 `line_number`, `stderr`, `rolled_back`. Cancellation never lands inside a restore: each
 process runs shielded, bounded by `timeout`.
@@ -31,8 +38,9 @@ import trio
 from agent import accel
 from agent.core import naming, rules
 from agent.core.errors import FirewallApply
-from agent.core.model import Network
+from agent.core.model import Endpoint, Network, PortMapping
 from agent.core.serialize import format_op
+from agent.firewall import conntrack
 from agent.log import get_logger
 
 log = get_logger("agent.firewall")
@@ -215,8 +223,36 @@ class IptablesFirewall:
         self._lock = trio.Lock()
         #: pids of the agent's own iptables processes: their nftables notifications are not drift
         self.own_pids: collections.deque[int] = collections.deque(maxlen=256)
+        self._endpoints: tuple[Endpoint, ...] = ()
+        self._published: set[tuple[str, str, PortMapping]] = set()  # (bridge, ip, mapping)
 
-    async def setup(self, networks: Iterable[Network]) -> None:
+    def _desired(
+        self, networks: Iterable[Network], endpoints: Iterable[Endpoint] | None
+    ) -> tuple[rules.Ruleset, list[Network], tuple[Endpoint, ...]]:
+        networks = list(networks)
+        eps = self._endpoints if endpoints is None else tuple(endpoints)
+        return rules.render(networks, eps), networks, eps
+
+    async def _ports_applied(self, networks: list[Network], eps: tuple[Endpoint, ...]) -> None:
+        """route_localnet on bridges with ports; conntrack flush of the mappings that went away."""
+        self._endpoints = eps
+        usable = {n.id: n.bridge for n in networks if not n.internal}
+        now = {
+            (usable[ep.network_id], ep.ip, m)
+            for ep in self._endpoints
+            if ep.network_id in usable
+            for m in ep.ports
+        }
+        for bridge in sorted({b for b, _, _ in now - self._published}):
+            conntrack.route_localnet(bridge)
+        gone = self._published - now
+        self._published = now
+        if gone:
+            await conntrack.flush([(ip, m) for _, ip, m in sorted(gone)])
+
+    async def setup(
+        self, networks: Iterable[Network], endpoints: Iterable[Endpoint] | None = None
+    ) -> None:
         """Converge the kernel to `networks` from whatever it holds (start-up, repair).
 
         Foreign rules and chains are untouched; NETAGENT-USER is created only if missing; stale
@@ -225,26 +261,37 @@ class IptablesFirewall:
         Raises:
             FirewallApply: iptables-save or iptables-restore failed; `applied` is unchanged.
         """
+        new, nets, eps = self._desired(networks, endpoints)
         async with self._lock:
-            await self._converge(rules.render(networks))
+            await self._converge(new)
+            await self._ports_applied(nets, eps)
 
-    async def sync(self, networks: Iterable[Network]) -> int:
+    async def sync(
+        self, networks: Iterable[Network], endpoints: Iterable[Endpoint] | None = None
+    ) -> int:
         """Apply the difference between `applied` and `networks`' ruleset; return its op count.
 
         Raises:
             FirewallApply: the transaction failed; `applied` still matches the kernel (rolled
                 back), or the next call converges with a full setup.
         """
-        new = rules.render(networks)
+        new, nets, eps = self._desired(networks, endpoints)
         async with self._lock:
             if not self._converged:
-                return await self._converge(new)
-            script = rules.diff(self.applied, new)
-            if not script:
-                return 0
-            await self._apply_diff(script, new)
-            self.applied = new
-            return len(script)
+                count = await self._converge(new)
+            else:
+                script = rules.diff(self.applied, new)
+                count = len(script)
+                if script:
+                    await self._apply_diff(script, new)
+                    self.applied = new
+            await self._ports_applied(nets, eps)
+            return count
+
+    def bridge_recreated(self, bridge: str) -> None:
+        """A bridge came back (repair): its sysctls went with the old device; restore ours."""
+        if any(b == bridge for b, _, _ in self._published):
+            conntrack.route_localnet(bridge)
 
     def text(self) -> str:
         """The ruleset as iptables-restore would be fed it from scratch (`agentctl ruleset`)."""
@@ -254,10 +301,12 @@ class IptablesFirewall:
         """Rules in the agent's chains (built-in jumps and NETAGENT-USER not counted)."""
         return self.applied.rule_count()
 
-    async def repair(self, networks: Iterable[Network]) -> list[str]:
-        """Compare the kernel with `networks`' ruleset (one iptables-save) and converge it if
+    async def repair(
+        self, networks: Iterable[Network], endpoints: Iterable[Endpoint] | None = None
+    ) -> list[str]:
+        """Compare the kernel with the desired ruleset (one iptables-save) and converge it if
         anything differs; returns what was repaired (empty when nothing had drifted)."""
-        new = rules.render(networks)
+        new, _, _ = self._desired(networks, endpoints)
         async with self._lock:
             seen = await self.observe()
             problems = _drift(seen, new)

@@ -152,13 +152,19 @@ class Kernel:
         self._bridges[name] = link.index
         return link.index
 
-    def _delete_bridge(self, name: str) -> bool:
+    def _delete_bridge(self, name: str, address: str | None) -> bool:
         self._bridges.pop(name, None)
         link = self._find(name)
         if link is None:
             return False
         if link.kind != "bridge":
             raise Conflict(f"{name} is a {link.kind or 'device'}, not a bridge", bridge=name)
+        if naming.parse_alias(link.alias) is None:
+            # a bridge the user made (--opt bridge=NAME): it stays, only our address goes
+            if address is not None:
+                with contextlib.suppress(NetlinkError):
+                    self._one(rtnl.del_addr(link.index, address))
+            return False
         return self._delete(name)
 
     def _delete(self, name: str) -> bool:
@@ -243,7 +249,7 @@ class Kernel:
                 self._configure_inside(ep, ns)
                 assert self._rt is not None
                 alias, bridge_up = self._rt.transact(
-                    [rtnl.set_alias(ep.host_ifname, ep.alias), rtnl.set_up(master)]
+                    [rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True), rtnl.set_up(master)]
                 )
                 _step(alias, f"set the alias of {ep.host_ifname}", {"ifname": ep.host_ifname})
                 _step(bridge_up, f"set bridge {ep.bridge} up", {"bridge": ep.bridge})
@@ -265,9 +271,11 @@ class Kernel:
     def _enslave(self, host_ifname: str, bridge: str) -> None:
         master, _ = self._bridge_index(bridge)
         assert self._rt is not None
-        port, bridge_up = self._rt.transact(
-            [rtnl.set_master_up(host_ifname, master), rtnl.set_up(master)]
-        )
+        port, hairpin, bridge_up = self._rt.transact(
+            [rtnl.set_master_up(host_ifname, master), rtnl.set_hairpin(host_ifname),
+             rtnl.set_up(master)]
+        )  # fmt: skip
+        _step(hairpin, f"set hairpin on {host_ifname}", {"ifname": host_ifname})
         _step(port, f"enslave {host_ifname} to {bridge}", {"ifname": host_ifname})
         _step(bridge_up, f"set bridge {bridge} up", {"bridge": bridge})
 
@@ -345,9 +353,13 @@ class Kernel:
         _interface(address)
         return await self._call(self._ensure_bridge, name, alias, address, mtu)
 
-    async def delete_bridge(self, name: str) -> bool:
-        """Delete bridge `name`; False if it did not exist; Conflict if it is not a bridge."""
-        return await self._call(self._delete_bridge, naming.validate_ifname(name))
+    async def delete_bridge(self, name: str, address: str | None = None) -> bool:
+        """Delete bridge `name`; False if it did not exist; Conflict if it is not a bridge.
+
+        A bridge without our ownership alias was the user's: it is kept (False) and only
+        `address` (the gateway CIDR we added) is removed from it.
+        """
+        return await self._call(self._delete_bridge, naming.validate_ifname(name), address)
 
     async def attach(
         self,

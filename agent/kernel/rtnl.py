@@ -35,7 +35,7 @@ NLM_F_ACK_TLVS = 0x200
 NLMSGERR_ATTR_MSG = 1
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
-RTM_NEWADDR = 20
+RTM_NEWADDR, RTM_DELADDR = 20, 21
 RTM_NEWROUTE = 24
 
 IFF_UP = 0x1
@@ -132,12 +132,30 @@ def set_master_up(name: str, master: int) -> Request:
     return RTM_NEWLINK, NLM_F_ACK, body
 
 
-def set_alias(name: str, alias: str) -> Request:
-    return (
-        RTM_NEWLINK,
-        NLM_F_ACK,
-        ifinfo() + attr_str(IFLA_IFNAME, name) + attr_str(IFLA_IFALIAS, alias),
-    )
+IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA, IFLA_BRPORT_MODE = 4, 5, 4
+
+
+def set_alias(name: str, alias: str, *, hairpin: bool = False) -> Request:
+    """Set the alias; with `hairpin`, also the bridge port's hairpin mode (one message).
+
+    Hairpin mode lets a frame leave by the port it came in: needed when a container reaches
+    its own published port, DNATed back to itself by br_netfilter (Docker sets it too when
+    its userland proxy is off).
+    """
+    body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr_str(IFLA_IFALIAS, alias)
+    return RTM_NEWLINK, NLM_F_ACK, body + (_HAIRPIN if hairpin else b"")
+
+
+_HAIRPIN = attr(
+    IFLA_LINKINFO,
+    attr_str(IFLA_INFO_SLAVE_KIND, "bridge")
+    + attr(IFLA_INFO_SLAVE_DATA, attr(IFLA_BRPORT_MODE, b"\x01")),
+)
+
+
+def set_hairpin(name: str) -> Request:
+    """Hairpin mode on bridge port `name` (see `set_alias`)."""
+    return RTM_NEWLINK, NLM_F_ACK, ifinfo() + attr_str(IFLA_IFNAME, name) + _HAIRPIN
 
 
 def del_link(name: str) -> Request:
@@ -180,6 +198,13 @@ def new_addr(index: int, cidr: str) -> Request:
     if iface.network.prefixlen < 31:
         body += attr(IFA_BROADCAST, iface.network.broadcast_address.packed)
     return RTM_NEWADDR, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
+
+
+def del_addr(index: int, cidr: str) -> Request:
+    """Remove the IPv4 address `cidr` from link `index`."""
+    iface = ipaddress.IPv4Interface(cidr)
+    body = _IFADDR.pack(socket.AF_INET, iface.network.prefixlen, 0, 0, index)
+    return RTM_DELADDR, NLM_F_ACK, body + attr(IFA_LOCAL, iface.ip.packed)
 
 
 def new_default_route(gateway: str) -> Request:

@@ -152,7 +152,7 @@ def run(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> Run:
 
 def _create_defaults(**fields: Any) -> dict[str, Any]:
     base = {"subnet": None, "gateway": None, "ip_range": None, "internal": False, "icc": True}
-    base |= {"masquerade": True, "mtu": None, "bridge": None, "labels": {}}
+    base |= {"masquerade": True, "mtu": None, "bridge": None, "labels": {}, "aux_addresses": {}}
     return base | fields
 
 
@@ -165,7 +165,7 @@ def test_network_create_all_options(daemon: FakeDaemon, run: Run) -> None:
         "network", "create", "--subnet", "10.5.0.0/16", "--gateway", "10.5.0.254",
         "--ip-range", "10.5.1.0/24", "--internal", "--opt", "icc=false",
         "--opt", "ip-masquerade=False", "--opt", "bridge=br-custom", "--opt", "mtu=1400",
-        "--label", "tier=web", "--label", "team=", "frontend",
+        "--label", "tier=web", "--label", "team=", "--aux-address", "gw2=10.5.0.9", "frontend",
     )  # fmt: skip
     assert (code, out, err) == (0, "a" * 64 + "\n", "")
     assert daemon.requests == [
@@ -182,6 +182,7 @@ def test_network_create_all_options(daemon: FakeDaemon, run: Run) -> None:
                 "mtu": 1400,
                 "bridge": "br-custom",
                 "labels": {"tier": "web", "team": ""},
+                "aux_addresses": {"gw2": "10.5.0.9"},
             },
         )
     ]
@@ -245,9 +246,11 @@ def test_connect_disconnect_params(daemon: FakeDaemon, run: Run) -> None:
     assert run("network", "disconnect", "frontend", "web1") == (0, "", "")
     assert daemon.requests == [
         ("endpoint.connect",
-         {"network": "frontend", "netns": "web1", "ip": "172.18.0.9", "mac": "02:00:00:00:00:09"}),
+         {"network": "frontend", "netns": "web1", "ip": "172.18.0.9", "mac": "02:00:00:00:00:09",
+          "ports": []}),
         ("endpoint.connect",
-         {"network": "frontend", "netns": "/proc/42/ns/net", "ip": None, "mac": None}),
+         {"network": "frontend", "netns": "/proc/42/ns/net", "ip": None, "mac": None,
+          "ports": []}),
         ("endpoint.disconnect", {"network": "frontend", "netns": "web1", "force": True}),
         ("endpoint.disconnect", {"network": "frontend", "netns": "web1", "force": False}),
     ]  # fmt: skip
@@ -259,8 +262,27 @@ def test_run_prints_ip_and_sends_defaults(daemon: FakeDaemon, run: Run) -> None:
     assert run("run", "--network", "frontend", "--ip", "172.18.0.2", "--mac", "02:42:ac:12:00:02",
                "web1") == (0, "172.18.0.2\n", "")  # fmt: skip
     assert daemon.params("sandbox.run") == [
-        {"name": "web1", "network": "bridge", "ip": None, "mac": None},
-        {"name": "web1", "network": "frontend", "ip": "172.18.0.2", "mac": "02:42:ac:12:00:02"},
+        {"name": "web1", "network": "bridge", "ip": None, "mac": None, "ports": []},
+        {"name": "web1", "network": "frontend", "ip": "172.18.0.2", "mac": "02:42:ac:12:00:02",
+         "ports": []},
+    ]  # fmt: skip
+
+
+def test_publish_flags_and_port_commands(daemon: FakeDaemon, run: Run) -> None:
+    mapping = {"protocol": "udp", "host_port": 53, "container_port": 5353, "host_ip": "127.0.0.1"}
+    daemon.replies["sandbox.run"] = EP_1
+    daemon.replies["port.publish"] = {**EP_1, "ports": [mapping]}
+    daemon.replies["port.unpublish"] = {**EP_1, "ports": []}
+    assert run("run", "-p", "8080:80", "--publish", "127.0.0.1:53:5353/udp", "web1")[0] == 0
+    assert run("port", "publish", "--network", "bridge", "web1", "127.0.0.1:53:5353/udp") == (
+        0, "127.0.0.1:53->5353/udp\n", "")  # fmt: skip
+    assert run("port", "unpublish", "web1", "8080:80") == (0, "", "")
+    assert daemon.params("sandbox.run")[0]["ports"] == ["8080:80", "127.0.0.1:53:5353/udp"]
+    assert daemon.params("port.publish") == [
+        {"netns": "web1", "ports": ["127.0.0.1:53:5353/udp"], "network": "bridge"}
+    ]
+    assert daemon.params("port.unpublish") == [
+        {"netns": "web1", "ports": ["8080:80"], "network": None}
     ]
 
 

@@ -13,7 +13,10 @@ from agent.core import naming, rules
 from agent.core.model import Network
 
 VERDICTS = {"ACCEPT", "DROP", "RETURN", "MASQUERADE"}
-BUILTINS = {"filter": ("INPUT", "FORWARD", "OUTPUT"), "nat": ("PREROUTING", "POSTROUTING")}
+BUILTINS = {
+    "filter": ("INPUT", "FORWARD", "OUTPUT"),
+    "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
+}
 
 
 def net(i: int, **options: object) -> Network:
@@ -130,9 +133,13 @@ def test_render_default_network() -> None:
         ),
     }
     assert ruleset.chains("nat") == {
-        "NETAGENT-POSTROUTING": (("-s", "10.0.1.0/24", "!", "-o", b, "-j", "MASQUERADE"),)
+        "NETAGENT-DNAT": (),
+        "NETAGENT-POSTROUTING": (("-s", "10.0.1.0/24", "!", "-o", b, "-j", "MASQUERADE"),),
     }
     assert ruleset.rule_count() == 4 + 1 + 1 + 4 + 1
+
+
+NO_NAT = {"NETAGENT-DNAT": (), "NETAGENT-POSTROUTING": ()}
 
 
 def test_render_icc_off_drops_bridge_local_traffic() -> None:
@@ -150,12 +157,12 @@ def test_render_internal_network() -> None:
             ("-i", b, "-j", "DROP"),
             ("-o", b, "-j", "DROP"),
         )
-        assert rules.render([n]).chains("nat") == {"NETAGENT-POSTROUTING": ()}
+        assert rules.render([n]).chains("nat") == NO_NAT
 
 
 def test_render_masquerade_off() -> None:
     n = net(4, masquerade=False)
-    assert rules.render([n]).chains("nat") == {"NETAGENT-POSTROUTING": ()}
+    assert rules.render([n]).chains("nat") == NO_NAT
     assert chain_of(n) == chain_of(net(4))
 
 
@@ -176,7 +183,13 @@ def test_builtin_jumps_are_tagged() -> None:
             "POSTROUTING",
             ("-m", "comment", "--comment", "netagent", "-j", "NETAGENT-POSTROUTING"),
         ),
+        ("nat", "PREROUTING", (*LOCAL, "-m", "comment", "--comment", "netagent", "-j", DNAT)),
+        ("nat", "OUTPUT", (*LOCAL, "-m", "comment", "--comment", "netagent", "-j", DNAT)),
     ]
+
+
+LOCAL = ("-m", "addrtype", "--dst-type", "LOCAL")
+DNAT = "NETAGENT-DNAT"
 
 
 def test_render_is_deterministic() -> None:

@@ -12,7 +12,15 @@ import pytest
 
 from agent.api import protocol as p
 from agent.core.bitmap import Bitmap
-from agent.core.errors import Busy, Conflict, FirewallApply, KernelError, NotFound
+from agent.core.errors import (
+    AgentError,
+    Busy,
+    Conflict,
+    FirewallApply,
+    InvalidArgument,
+    KernelError,
+    NotFound,
+)
 from agent.service import Service, Topology
 from agent.store.sqlite import open_store
 
@@ -28,7 +36,7 @@ class FakeKernel:
         self.bridges[name] = address
         return len(self.bridges)
 
-    async def delete_bridge(self, name) -> bool:
+    async def delete_bridge(self, name, address=None) -> bool:
         return self.bridges.pop(name, None) is not None
 
     async def attach(self, **kw) -> None:
@@ -48,7 +56,7 @@ class FakeFirewall:
         self.networks: list = []
         self.fail = False
 
-    async def sync(self, networks) -> int:
+    async def sync(self, networks, endpoints=None) -> int:
         if self.fail:
             raise FirewallApply("restore failed on purpose", line="-A X")
         self.networks = sorted(n.name for n in networks)
@@ -159,3 +167,23 @@ async def test_second_namespace_interface_is_eth1(svc) -> None:
     e1 = await svc.connect(p.EndpointConnect(network="b", netns="ok1"))
     assert (e0.ifname, e1.ifname) == ("eth0", "eth1")
     assert e0.mac == "02:42:0a:01:00:02"
+
+
+async def test_aux_addresses_are_never_handed_out(svc) -> None:
+    aux = {"router": "10.1.0.2", "printer": "10.1.0.4"}
+    net = await svc.create_network(p.NetworkCreate(name="a", subnet="10.1.0.0/24",
+                                                   aux_addresses=aux))  # fmt: skip
+    assert net.aux_addresses == aux
+    ips = [(await svc.connect(p.EndpointConnect(network="a", netns=f"ok{i}"))).ip
+           for i in range(2)]  # fmt: skip
+    assert ips == ["10.1.0.3", "10.1.0.5"]
+    with pytest.raises(AgentError):
+        await svc.connect(p.EndpointConnect(network="a", netns="ok9", ip="10.1.0.2"))
+    for bad in ({"x": "10.2.0.1"}, {"x": "10.1.0.1"}, {"x": "nope"}):
+        with pytest.raises(InvalidArgument, match="--aux-address x="):
+            await svc.create_network(p.NetworkCreate(name="b", subnet="10.3.0.0/24",
+                                                     aux_addresses=bad))  # fmt: skip
+    with pytest.raises(AgentError, match="aux"):
+        await svc.create_network(p.NetworkCreate(
+            name="c", subnet="10.4.0.0/24", aux_addresses={"x": "10.4.0.9", "y": "10.4.0.9"}))
+    assert [n.name for n in svc.topo.networks.values()] == ["a"]

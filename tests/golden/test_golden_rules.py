@@ -1,8 +1,9 @@
 """Golden rulesets: the exact iptables-restore text for every network option combination.
 
 Each file holds `rules.full` of two networks sharing one combination of internal x icc x
-masquerade, serialised (what `agentctl ruleset` shows and what start-up feeds iptables-restore),
-plus two diff transactions. Regenerate after an intended change with:
+masquerade (`ports_*`: with published ports, TCP and UDP, any and one host address),
+serialised (what `agentctl ruleset` shows and what start-up feeds iptables-restore), plus diff
+transactions (network add/remove, port publish/unpublish). Regenerate after an intended change with:
 
     NETAGENT_UPDATE_GOLDEN=1 .venv/bin/python -m pytest tests/golden
 
@@ -18,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from agent.core import naming, rules
-from agent.core.model import Network
+from agent.core.model import Endpoint, Network, PortMapping
 from agent.core.serialize import serialize
 
 HERE = Path(__file__).parent
@@ -65,8 +66,55 @@ def test_diff_add_and_remove_network() -> None:
     )
 
 
+def published(net: Network, ip: str, *specs: tuple[str, int, int, str]) -> Endpoint:
+    mappings = tuple(
+        PortMapping(protocol=proto, host_port=hp, container_port=cp, host_ip=host_ip)
+        for proto, hp, cp, host_ip in specs
+    )
+    return Endpoint(
+        id=ip.replace(".", "").ljust(64, "0"),
+        network_id=net.id,
+        netns="/run/netns/c",
+        netns_key="1:1",
+        ifname="eth0",
+        host_ifname="na0",
+        ip=ip,
+        mac="02:42:00:00:00:02",
+        ports=mappings,
+    )
+
+
+@pytest.mark.parametrize(("internal", "icc", "masquerade"), COMBOS)
+def test_full_ruleset_with_ports(internal: bool, icc: bool, masquerade: bool) -> None:
+    options = {"internal": internal, "icc": icc, "masquerade": masquerade}
+    nets = [network(n, **options) for n in (1, 2)]
+    eps = [
+        published(nets[0], "172.18.0.3", ("tcp", 8080, 80, ""), ("udp", 9090, 90, "127.0.0.1")),
+        published(nets[1], "172.19.0.2", ("tcp", 8081, 80, "")),
+    ]
+    name = f"ports_internal-{int(internal)}_icc-{int(icc)}_masq-{int(masquerade)}.rules"
+    check(name, serialize(rules.full(rules.render(nets, eps))))
+
+
+def test_diff_publish_and_unpublish() -> None:
+    net = network(1, internal=False, icc=True, masquerade=True)
+    one = [published(net, "172.18.0.2", ("tcp", 8080, 80, ""))]
+    two = [published(net, "172.18.0.2", ("tcp", 8080, 80, ""), ("udp", 5353, 53, "10.0.0.1"))]
+    check("diff_publish.rules", serialize(rules.diff(rules.render([net], one),
+                                                     rules.render([net], two))))  # fmt: skip
+    check("diff_unpublish_last.rules", serialize(rules.diff(rules.render([net], one),
+                                                            rules.render([net]))))  # fmt: skip
+
+
 def test_no_stray_golden_files() -> None:
     expected = {
-        f"full_internal-{int(i)}_icc-{int(c)}_masq-{int(m)}.rules" for i, c, m in COMBOS
-    } | {"diff_add_network.rules", "diff_remove_network.rules"}
+        f"{kind}_internal-{int(i)}_icc-{int(c)}_masq-{int(m)}.rules"
+        for i, c, m in COMBOS
+        for kind in ("full", "ports")
+    } | {
+        "diff_add_network.rules",
+        "diff_remove_network.rules",
+        "diff_publish.rules",
+        "diff_unpublish_last.rules",
+    }
     assert {p.name for p in HERE.glob("*.rules")} == expected
