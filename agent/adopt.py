@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from agent.core import naming
 from agent.core.errors import AgentError
 from agent.core.model import Endpoint
+from agent.core.topology import Topology
 from agent.log import get_logger
-from agent.service import KernelOps, NamespaceOps, Topology
+from agent.service import KernelOps, NamespaceOps
 from agent.store.sqlite import State, Store
 
 log = get_logger("agent.adopt")
@@ -56,7 +57,12 @@ async def adopt(
     present: dict[str, object] = {}  # endpoint id -> its host link seen in the kernel
     for link in owned_links:
         owner = naming.parse_alias(link.alias)
-        if owner is None:
+        if owner is None:  # our link group but no alias yet: a create interrupted by a crash
+            if link.kind == "bridge":
+                await kernel.delete_bridge(link.name)
+            else:
+                await kernel.detach(link.name)
+            report.leftovers_deleted.append(link.name)
             continue
         kind, ident = owner
         if kind == "net" and ident not in topo.networks:
@@ -100,7 +106,7 @@ async def adopt(
             # its bridge was deleted (ports are released) and recreated, or it was set down
             await kernel.enslave(ep.host_ifname, topo.networks[ep.network_id].bridge)
         topo.allocators[ep.network_id].reserve(ipaddress.IPv4Address(ep.ip))
-        topo.endpoints[ep.id] = ep
+        topo.add_endpoint(ep)
 
     for net_id, alloc in topo.allocators.items():
         if cursor := state.meta.get(f"cursor:{net_id}"):

@@ -22,6 +22,7 @@ from agent.adopt import adopt
 from agent.api import protocol as p
 from agent.api.server import Handler, InFlight, Stream, serve_api
 from agent.core import ipam, naming
+from agent.core.topology import Topology
 from agent.firewall.iptables import IptablesFirewall
 from agent.firewall.monitor import serve_nft_changes
 from agent.kernel import netns
@@ -29,7 +30,7 @@ from agent.kernel.events import serve_link_events
 from agent.kernel.links import open_kernel
 from agent.log import configure, get_logger
 from agent.reconcile import Reconciler
-from agent.service import Service, Topology
+from agent.service import Service
 from agent.store.sqlite import open_store
 
 log = get_logger("agent.daemon")
@@ -65,6 +66,7 @@ def build_handlers(
             accelerated=accel.ACCELERATED,
             firewall="iptables",
             uptime_s=round(time.monotonic() - started, 3),
+            pending_deletions=svc.reaper.backlog,
         )
 
     async def ruleset(_: p.Params) -> p.Ruleset:
@@ -121,6 +123,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 await nursery.start(partial(serve_link_events, link_send, group=naming.LINK_GROUP))
                 await nursery.start(serve_nft_changes, nft_send)
             await kernel.set_ip_forward()
+            await kernel.reap()  # links a crash left retired (cut off, not yet deleted)
             topo = Topology(accel.Bitmap)
             ns = Namespaces()
             await adopt(
@@ -133,6 +136,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 topo=topo, kernel=kernel, firewall=firewall, namespaces=ns, store=store,
                 pools=pools,
             )  # fmt: skip
+            await nursery.start(svc.reaper.serve)
             if not any(n.is_default for n in topo.networks.values()):
                 await svc.create_network(
                     p.NetworkCreate(name=naming.DEFAULT_NETWORK), is_default=True
@@ -161,6 +165,8 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 log.info("agentd.stopping", signal=signal.Signals(signum).name)
                 await svc.lock.drain()  # the request being applied finishes; new ones: Busy
                 await inflight.wait_idle(SHUTDOWN_GRACE)  # every answer is sent
+                with trio.move_on_after(SHUTDOWN_GRACE):
+                    await svc.reaper.wait_idle()  # nothing retired is left undeleted
                 nursery.cancel_scope.cancel()
                 break
     log.info("agentd.stopped")

@@ -69,10 +69,10 @@ class Reconciler:
             await self._on_addr(event)
 
     def _network_of_bridge(self, name: str) -> Network | None:
-        return next((n for n in self.svc.topo.networks.values() if n.bridge == name), None)
+        return self.svc.topo.network_of_bridge(name)
 
     def _endpoint_of_veth(self, name: str):
-        return next((e for e in self.svc.topo.endpoints.values() if e.host_ifname == name), None)
+        return self.svc.topo.endpoint_of_veth(name)
 
     async def _on_link(self, ev: Any) -> None:
         if ev.action == "del":

@@ -7,7 +7,9 @@ a later step fails, so a request either lands whole or changes nothing. The stor
 last: after a crash, anything the kernel holds that the store does not know is a leftover that
 start-up adoption deletes (see `agent.adopt`).
 
-Mutations are serialised by one `trio.Lock`; read-only requests answer from memory.
+Mutations are serialised by one writer lock; read-only requests answer from memory. A
+disconnect only cuts its veth off (one netlink message) and leaves the slow kernel deletion to
+`agent.reaper`, which deletes many at once; see there for what waits for it.
 """
 
 from __future__ import annotations
@@ -18,25 +20,34 @@ import time
 from collections.abc import Iterable
 from typing import Protocol
 
-import msgspec
 import trio
 
 from agent.api import protocol as p
-from agent.core import ipam, naming, ports
-from agent.core.errors import AgentError, Busy, Conflict, InvalidArgument, NotFound
-from agent.core.model import Endpoint, Network, PortMapping, Sandbox
+from agent.core import ipam, naming
+from agent.core.errors import AgentError, Busy, Conflict, InvalidArgument, NotFound, PoolExhausted
+from agent.core.model import Endpoint, Network, Sandbox
+from agent.core.topology import Topology
 from agent.events import EventBus
+from agent.locks import KeyedLocks, TopologyLock
 from agent.log import get_logger
+from agent.reaper import Reaper
+from agent.service_ports import PortsMixin
 from agent.store.sqlite import Store
 
 log = get_logger("agent.service")
+
+# A Linux bridge holds at most 1023 ports (BR_MAX_PORTS = 1024, port 0 reserved): refuse the
+# 1024th endpoint before touching the kernel, which would answer "Exchange full".
+MAX_BRIDGE_PORTS = 1023
 
 
 class KernelOps(Protocol):
     async def ensure_bridge(
         self, *, name: str, alias: str, address: str, mtu: int = 1500
     ) -> int: ...
-    async def delete_bridge(self, name: str, address: str | None = None) -> bool: ...
+    async def delete_bridge(
+        self, name: str, address: str | None = None, *, retire: bool = False
+    ) -> bool: ...
     async def attach(
         self,
         *,
@@ -51,6 +62,8 @@ class KernelOps(Protocol):
         gateway: str | None,
     ) -> None: ...
     async def detach(self, host_ifname: str) -> bool: ...
+    async def retire(self, host_ifname: str) -> bool: ...
+    async def reap(self) -> bool: ...
     async def enslave(self, host_ifname: str, bridge: str) -> None: ...
     async def set_up(self, name: str) -> None: ...
     async def link_state(self, name: str) -> tuple[bool, int] | None: ...
@@ -73,48 +86,7 @@ class NamespaceOps(Protocol):
     async def delete_named(self, name: str) -> bool: ...
 
 
-class Topology:
-    """The in-memory view: networks, endpoints, sandboxes and one address allocator per network."""
-
-    def __init__(self, bitmap_cls: type) -> None:
-        self.bitmap_cls = bitmap_cls
-        self.networks: dict[str, Network] = {}
-        self.endpoints: dict[str, Endpoint] = {}
-        self.sandboxes: dict[str, Sandbox] = {}
-        self.allocators: dict[str, ipam.AddressAllocator] = {}
-        self.last_subnet: ipaddress.IPv4Network | None = None
-
-    def add_network(self, net: Network) -> None:
-        self.networks[net.id] = net
-        self.allocators[net.id] = ipam.AddressAllocator(
-            ipaddress.IPv4Network(net.subnet),
-            ipaddress.IPv4Address(net.gateway),
-            ipaddress.IPv4Network(net.ip_range) if net.ip_range else None,
-            bitmap_cls=self.bitmap_cls,
-        )
-        for aux in net.aux_addresses.values():
-            self.allocators[net.id].reserve(ipaddress.IPv4Address(aux))
-
-    def find_network(self, ref: str) -> Network:
-        """By name, full id, or unique id prefix (like Docker)."""
-        for net in self.networks.values():
-            if net.name == ref or net.id == ref:
-                return net
-        matches = [n for n in self.networks.values() if ref and n.id.startswith(ref)]
-        if len(matches) == 1:
-            return matches[0]
-        if len(matches) > 1:
-            raise InvalidArgument(f"network id prefix {ref!r} is ambiguous", network=ref)
-        raise NotFound(f"network {ref!r} not found", network=ref)
-
-    def endpoints_of(self, network_id: str) -> list[Endpoint]:
-        return [e for e in self.endpoints.values() if e.network_id == network_id]
-
-    def endpoints_in(self, netns_key: str) -> list[Endpoint]:
-        return [e for e in self.endpoints.values() if e.netns_key == netns_key]
-
-
-class Service:
+class Service(PortsMixin):
     """Requests of the control API, applied to kernel, firewall and store; one writer at a time."""
 
     def __init__(
@@ -127,6 +99,7 @@ class Service:
         store: Store,
         pools: tuple[ipam.Pool, ...] = ipam.DEFAULT_POOLS,
         bus: EventBus | None = None,
+        reaper: Reaper | None = None,
     ) -> None:
         self.topo = topo
         self.kernel = kernel
@@ -135,19 +108,23 @@ class Service:
         self.store = store
         self.pools = pools
         self.bus = bus or EventBus()
-        self.lock = _WriterLock(self)
-        self.closing = False
+        self.reaper = reaper or Reaper(kernel, self._release_address)
+        self.lock = TopologyLock()
+        self._netns_locks = KeyedLocks()
 
     # -- networks --------------------------------------------------------------------------
 
     async def create_network(self, req: p.NetworkCreate, *, is_default: bool = False) -> Network:
+        dying = None if req.bridge is None else self.reaper.pending(f"br:{req.bridge}")
+        if dying is not None:
+            await dying.wait()  # a bridge of that name is being deleted: let it go first
         async with self.lock:
             return await self._create_network(req, is_default=is_default)
 
     async def _create_network(self, req: p.NetworkCreate, *, is_default: bool) -> Network:
         topo = self.topo
         naming.validate_network_name(req.name)
-        if any(n.name == req.name for n in topo.networks.values()):
+        if topo.has_network_named(req.name):
             raise Conflict(f"network with name {req.name!r} already exists", name=req.name)
         mtu = 1500 if req.mtu is None else req.mtu
         if not 68 <= mtu <= 65535:
@@ -159,8 +136,10 @@ class Service:
         bridge = naming.DEFAULT_BRIDGE if is_default else naming.bridge_name(net_id)
         if req.bridge is not None:
             bridge = naming.validate_ifname(req.bridge)
-        if any(n.bridge == bridge for n in topo.networks.values()):
+        if topo.network_of_bridge(bridge) is not None:
             raise Conflict(f"bridge {bridge!r} is already used by another network", bridge=bridge)
+        if self.reaper.pending(f"br:{bridge}") is not None:
+            raise Busy(f"bridge {bridge!r} is being deleted; retry", bridge=bridge)
         used = [ipaddress.IPv4Network(n.subnet) for n in topo.networks.values()]
         routes = [r for r in await self.kernel.host_routes() if r.prefixlen > 0 and r not in used]
         subnet, gateway, ip_range = ipam.plan_subnet(
@@ -253,11 +232,11 @@ class Service:
         remaining = [n for n in self.topo.networks.values() if n.id != net.id]
         with trio.CancelScope(shield=True):
             await self.firewall.sync(remaining)
-            await self.kernel.delete_bridge(net.bridge, _gateway_cidr(net))
+            if await self.kernel.delete_bridge(net.bridge, _gateway_cidr(net), retire=True):
+                self.reaper.retired_bridge(f"br:{net.bridge}")
             with self.store.transaction() as w:
                 w.delete_network(net.id)
-        del self.topo.networks[net.id]
-        del self.topo.allocators[net.id]
+        self.topo.remove_network(net.id)
         self.bus.publish("network", "removed", net.id, name=net.name)
         log.info("network.remove.complete", network_id=net.id, name=net.name)
 
@@ -274,8 +253,14 @@ class Service:
     # -- endpoints ------------------------------------------------------------------------
 
     async def connect(self, req: p.EndpointConnect, *, sandbox: str | None = None) -> Endpoint:
-        async with self.lock:
-            return await self._connect(req, sandbox=sandbox)
+        key = self.ns.netns_key(self.ns.resolve(req.netns))
+        async with self._netns_locks.hold(key):
+            # the namespace's previous interface may still be dying (its eth0 name taken)
+            if (dying := self.reaper.pending(f"ns:{key}")) is not None:
+                await dying.wait()
+            # a port mapping is checked against every other one: that takes the whole lock
+            async with self.lock if req.ports else self.lock.shared():
+                return await self._connect(req, sandbox=sandbox)
 
     async def _connect(self, req: p.EndpointConnect, *, sandbox: str | None) -> Endpoint:
         topo = self.topo
@@ -288,6 +273,12 @@ class Service:
                 f"namespace {req.netns!r} is already connected to network {net.name!r}",
                 network=net.name,
                 netns=req.netns,
+            )
+        if topo.count_of(net.id) >= MAX_BRIDGE_PORTS:
+            raise PoolExhausted(
+                f"network {net.name!r} has {MAX_BRIDGE_PORTS} endpoints, the most a Linux "
+                "bridge can hold",
+                network=net.name,
             )
         requested = _parse_ip(req.ip) if req.ip is not None else None
         mac = ipam.validate_mac(req.mac) if req.mac is not None else None
@@ -316,6 +307,7 @@ class Service:
                 ports=published,
             )
             prefix = ipaddress.IPv4Network(net.subnet).prefixlen
+            topo.add_endpoint(ep)  # reserved: concurrent requests see its name, route, address
             with trio.CancelScope(shield=True):
                 await self.kernel.attach(
                     netns_path=path,
@@ -330,36 +322,38 @@ class Service:
                 )
                 try:
                     if ep.ports:
-                        await self._sync_ports([*topo.endpoints.values(), ep])
+                        await self._sync_ports(topo.with_ports())
                     try:
                         with self.store.transaction() as w:
                             w.put_endpoint(ep)
                             w.set_meta(f"cursor:{net.id}", str(alloc.cursor))
                     except BaseException:
                         if ep.ports:
-                            await self._sync_ports(topo.endpoints.values())
+                            await self._sync_ports(e for e in topo.with_ports() if e.id != ep.id)
                         raise
                 except BaseException:
                     await self.kernel.detach(ep.host_ifname)
                     raise
         except BaseException:
+            if ep_id in topo.endpoints:
+                topo.remove_endpoint(ep_id)
             alloc.release(ip)
             raise
-        topo.endpoints[ep.id] = ep
         log.info("endpoint.connect.complete", endpoint_id=ep.id, network=net.name, ip=ep.ip)
         self.bus.publish("endpoint", "connected", ep.id, network=net.name, netns=ep.netns, ip=ep.ip)
         return ep
 
     async def disconnect(self, req: p.EndpointDisconnect) -> Endpoint:
-        async with self.lock:
+        path = self.ns.resolve(req.netns)
+        try:
+            key = self.ns.netns_key(path)
+        except NotFound:  # the namespace is gone: find its endpoint by the path it was given
+            key = None
+        async with self._netns_locks.hold(key or path), self.lock.shared():
             net = self.topo.find_network(req.network)
-            path = self.ns.resolve(req.netns)
-            try:
-                key = self.ns.netns_key(path)
-            except NotFound:
-                key = None
-            for ep in self.topo.endpoints_of(net.id):
-                if ep.netns_key == key or (key is None and ep.netns == path):
+            matches = self.topo.endpoints_in(key) if key else self.topo.endpoints_of(net.id)
+            for ep in matches:
+                if ep.network_id == net.id and (key is not None or ep.netns == path):
                     await self._disconnect(ep)
                     return ep
             raise NotFound(
@@ -369,15 +363,19 @@ class Service:
             )
 
     async def _disconnect(self, ep: Endpoint, *, action: str = "disconnected") -> None:
-        """Delete the veth (if still there), then forget the endpoint and free its address."""
+        """Cut the veth off (the reaper deletes it), forget the endpoint; its address returns
+        to the pool once the veth is gone (at once if it was gone already)."""
         with trio.CancelScope(shield=True):
             if ep.ports:  # its rules go first: nothing is DNATed to a vanishing address
-                await self._sync_ports(e for e in self.topo.endpoints.values() if e.id != ep.id)
-            await self.kernel.detach(ep.host_ifname)
+                await self._sync_ports(e for e in self.topo.with_ports() if e.id != ep.id)
+            retired = await self.kernel.retire(ep.host_ifname)
             with self.store.transaction() as w:
                 w.delete_endpoint(ep.id)
-        self.topo.allocators[ep.network_id].release(ipaddress.IPv4Address(ep.ip))
-        del self.topo.endpoints[ep.id]
+        self.topo.remove_endpoint(ep.id)
+        if retired:
+            self.reaper.retired_endpoint(ep.network_id, ep.ip, f"ns:{ep.netns_key}")
+        else:
+            self._release_address(ep.network_id, ep.ip)
         log.info(f"endpoint.{action}.complete", endpoint_id=ep.id, ip=ep.ip)
         net = self.topo.networks[ep.network_id]
         self.bus.publish("endpoint", action, ep.id, network=net.name, netns=ep.netns, ip=ep.ip)
@@ -389,7 +387,7 @@ class Service:
             return await self._release_vanished(host_ifname)
 
     async def _release_vanished(self, host_ifname: str) -> Endpoint | None:
-        ep = next((e for e in self.topo.endpoints.values() if e.host_ifname == host_ifname), None)
+        ep = self.topo.endpoint_of_veth(host_ifname)
         if ep is None:
             return None
         await self._disconnect(ep, action="released")
@@ -447,6 +445,12 @@ class Service:
             self.topo.sandboxes[req.name] = sb
             return ep
 
+    def _release_address(self, network_id: str, ip: str) -> None:
+        """Back to the pool, if its network still exists (a forced rm may have gone first)."""
+        alloc = self.topo.allocators.get(network_id)
+        if alloc is not None and alloc.is_allocated(ipaddress.IPv4Address(ip)):
+            alloc.release(ipaddress.IPv4Address(ip))
+
     async def remove_sandbox(self, req: p.SandboxRemove) -> p.Removed:
         async with self.lock:
             sb = self.topo.sandboxes.get(req.name)
@@ -460,76 +464,6 @@ class Service:
                     w.delete_sandbox(sb.name)
             del self.topo.sandboxes[sb.name]
             return p.Removed(removed=[sb.name])
-
-    # -- published ports -----------------------------------------------------------------
-
-    def _new_ports(
-        self, net: Network, specs: list[str], current: tuple[PortMapping, ...]
-    ) -> tuple[PortMapping, ...]:
-        """`current` plus the mappings of `specs`, validated against every published port."""
-        if not specs:
-            return current
-        wanted = ports.parse_all(specs)
-        if net.internal:
-            raise InvalidArgument(
-                f"network {net.name!r} is internal: its endpoints cannot publish ports",
-                network=net.name,
-            )
-        taken = [m for e in self.topo.endpoints.values() for m in e.ports]
-        ports.check_free(wanted, taken)
-        return tuple(sorted((*current, *wanted)))
-
-    async def _sync_ports(self, endpoints: Iterable[Endpoint]) -> None:
-        await self.firewall.sync(self.topo.networks.values(), list(endpoints))
-
-    def _endpoint_of(self, req: p.PortChange) -> Endpoint:
-        key = self.ns.netns_key(self.ns.resolve(req.netns))
-        eps = self.topo.endpoints_in(key)
-        if req.network is not None:
-            net_id = self.topo.find_network(req.network).id
-            eps = [e for e in eps if e.network_id == net_id]
-        if len(eps) == 1:
-            return eps[0]
-        if not eps:
-            raise NotFound(f"namespace {req.netns!r} has no endpoint here", netns=req.netns)
-        raise InvalidArgument(
-            f"namespace {req.netns!r} is on {len(eps)} networks: name one with --network",
-            netns=req.netns,
-        )
-
-    async def publish(self, req: p.PortChange) -> Endpoint:
-        """Add published ports to an endpoint (all of them or none)."""
-        async with self.lock:
-            ep = self._endpoint_of(req)
-            net = self.topo.networks[ep.network_id]
-            return await self._replace_ports(ep, self._new_ports(net, req.ports, ep.ports))
-
-    async def unpublish(self, req: p.PortChange) -> Endpoint:
-        """Remove published ports (each must be published on this endpoint) and their flows."""
-        async with self.lock:
-            ep = self._endpoint_of(req)
-            gone = set(ports.parse_all(req.ports))
-            for m in sorted(gone - set(ep.ports)):
-                raise NotFound(
-                    f"port {ports.format_spec(m)} is not published by this endpoint",
-                    port=ports.format_spec(m),
-                )
-            return await self._replace_ports(ep, tuple(m for m in ep.ports if m not in gone))
-
-    async def _replace_ports(self, ep: Endpoint, new: tuple[PortMapping, ...]) -> Endpoint:
-        updated = msgspec.structs.replace(ep, ports=new)
-        others = [e for e in self.topo.endpoints.values() if e.id != ep.id]
-        with trio.CancelScope(shield=True):
-            await self._sync_ports([*others, updated])
-            try:
-                with self.store.transaction() as w:
-                    w.put_endpoint(updated)
-            except BaseException:
-                await self._sync_ports([*others, ep])
-                raise
-        self.topo.endpoints[ep.id] = updated
-        log.info("endpoint.ports.complete", endpoint_id=ep.id, ports=len(new))
-        return updated
 
 
 def _check_aux(
@@ -571,29 +505,3 @@ def _parse_ip(text: str) -> ipaddress.IPv4Address:
 
 
 __all__ = ["AgentError", "Service", "Topology"]
-
-
-class _WriterLock:
-    """The single-writer lock; once the agent is stopping, a request gets Busy, not a wait."""
-
-    def __init__(self, svc: Service) -> None:
-        self._svc = svc
-        self._lock = trio.Lock()
-
-    async def __aenter__(self) -> None:
-        await self._lock.acquire()
-        if self._svc.closing:
-            self._lock.release()
-            raise Busy("agentd is shutting down; retry when it is back", reason="shutdown")
-
-    async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
-
-    async def drain(self) -> None:
-        """Wait for the request being applied (if any) to finish; new ones then get Busy."""
-        self._svc.closing = True
-        async with self._lock:
-            pass
-
-    def locked(self) -> bool:
-        return self._lock.locked()

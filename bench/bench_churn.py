@@ -122,6 +122,11 @@ def run_contender(name: str, args: Any, workdir: Path, keep: list[Any]) -> dict[
             worker.close()
         loops = [Loop(i, impl, ns, f"/run/netns/{host}") for i, ns in enumerate(namespaces)]
     result = churn(loops, args.duration)
+    if name == "netagent":  # a detach answers once the veth is cut off; deletion is batched
+        client = keep[-1].client()
+        deadline = time.monotonic() + 10
+        while client.call("system.info")["pending_deletions"] and time.monotonic() < deadline:
+            time.sleep(0.005)
     result["veths_left"] = leftover_veths(host) - 1  # the keeper's
     return result
 

@@ -146,6 +146,7 @@ class Info(msgspec.Struct, kw_only=True):
     accelerated: bool  # Cython extensions in use
     firewall: str
     uptime_s: float
+    pending_deletions: int = 0  # retired links the reaper has not deleted yet
 
 
 class Ruleset(msgspec.Struct, kw_only=True):

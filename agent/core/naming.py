@@ -29,6 +29,7 @@ RULE_COMMENT = "netagent"
 # so that a crash's leftovers can be found (and deleted in one message) after a restart.
 ALIAS_PREFIX = "netagent:"
 LINK_GROUP = 0x4E41  # "NA"
+DYING_GROUP = 0x4E44  # "ND": veths cut off by a disconnect, deleted together by the reaper
 
 _NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _IFNAME = re.compile(r"^[A-Za-z0-9_.:-]{1,15}$")

@@ -35,8 +35,9 @@ NLM_F_ACK_TLVS = 0x200
 NLMSGERR_ATTR_MSG = 1
 
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
-RTM_NEWADDR, RTM_DELADDR = 20, 21
-RTM_NEWROUTE = 24
+RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
+RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 
 IFF_UP = 0x1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
@@ -158,6 +159,55 @@ def set_hairpin(name: str) -> Request:
     return RTM_NEWLINK, NLM_F_ACK, ifinfo() + attr_str(IFLA_IFNAME, name) + _HAIRPIN
 
 
+def retire(name: str, group: int) -> Request:
+    """Cut a link off at once: down, out of its bridge (IFLA_MASTER 0), into link group `group`
+    (deleted later in one batch by `del_group`: one RCU wait for many links)."""
+    head = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, IFF_UP)  # flags 0 under change mask IFF_UP
+    body = head + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_MASTER, 0)
+    return RTM_NEWLINK, NLM_F_ACK, body + attr_u32(IFLA_GROUP, group)
+
+
+def del_group(group: int) -> Request:
+    """Delete every link of link group `group` (ENODEV when there is none)."""
+    return RTM_DELLINK, NLM_F_ACK, ifinfo() + attr_u32(IFLA_GROUP, group)
+
+
+def dump_addrs() -> Request:
+    return RTM_GETADDR, NLM_F_DUMP, _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0)
+
+
+def addr_of(payload: bytes) -> tuple[int, str] | None:
+    """(ifindex, "a.b.c.d/len") of an IPv4 RTM_NEWADDR payload; None if not IPv4."""
+    family, prefixlen, _flags, _scope, index = _IFADDR.unpack_from(payload, 0)
+    if family != socket.AF_INET:
+        return None
+    local = None
+    for kind, value in iter_attrs(payload, _IFADDR.size, len(payload)):
+        if kind == IFA_LOCAL or (kind == IFA_ADDRESS and local is None):
+            local = socket.inet_ntoa(bytes(value[:4]))
+    return None if local is None else (index, f"{local}/{prefixlen}")
+
+
+def dump_routes() -> Request:
+    return RTM_GETROUTE, NLM_F_DUMP, _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
+
+
+def route_dst(payload: bytes) -> tuple[int, str, int] | None:
+    """(table, destination CIDR, oif) of an IPv4 RTM_NEWROUTE payload; None if not IPv4."""
+    family, dst_len, _src, _tos, table, _p, _s, _t, _f = _RTMSG.unpack_from(payload, 0)
+    if family != socket.AF_INET:
+        return None
+    dst, oif = b"\0\0\0\0", 0
+    for kind, value in iter_attrs(payload, _RTMSG.size, len(payload)):
+        if kind == RTA_DST:
+            dst = bytes(value[:4])
+        elif kind == RTA_TABLE:
+            table = _U32.unpack_from(value)[0]
+        elif kind == RTA_OIF:
+            oif = _U32.unpack_from(value)[0]
+    return table, f"{socket.inet_ntoa(dst)}/{dst_len}", oif
+
+
 def del_link(name: str) -> Request:
     return RTM_DELLINK, NLM_F_ACK, ifinfo() + attr_str(IFLA_IFNAME, name)
 
@@ -221,7 +271,7 @@ def new_default_route(gateway: str) -> Request:
 class Link:
     """The few fields of an RTM_NEWLINK reply that the shell needs."""
 
-    __slots__ = ("alias", "flags", "index", "kind", "master", "name")
+    __slots__ = ("alias", "flags", "group", "index", "kind", "master", "name")
 
     def __init__(self, payload: bytes) -> None:
         _family, _type, self.index, self.flags, _change = _IFINFO.unpack_from(payload, 0)
@@ -229,6 +279,7 @@ class Link:
         self.kind: str | None = None
         self.alias: str | None = None
         self.master = 0
+        self.group = 0
         for kind, value in iter_attrs(payload, _IFINFO.size, len(payload)):
             if kind == IFLA_IFNAME:
                 self.name = cstr(value)
@@ -236,6 +287,8 @@ class Link:
                 self.alias = cstr(value)
             elif kind == IFLA_MASTER:
                 self.master = _U32.unpack_from(value)[0]
+            elif kind == IFLA_GROUP:
+                self.group = _U32.unpack_from(value)[0]
             elif kind == IFLA_LINKINFO:
                 for sub, subvalue in iter_attrs(value, 0, len(value)):
                     if sub == IFLA_INFO_KIND:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+import trio
 
 from agent.api import protocol as p
 from agent.core.bitmap import Bitmap
@@ -20,8 +21,10 @@ from agent.core.errors import (
     InvalidArgument,
     KernelError,
     NotFound,
+    PoolExhausted,
 )
-from agent.service import Service, Topology
+from agent.core.topology import Topology
+from agent.service import Service
 from agent.store.sqlite import open_store
 
 
@@ -31,12 +34,14 @@ class FakeKernel:
         self.veths: dict[str, dict] = {}
         self.fail_attach = False
         self.routes: list[ipaddress.IPv4Network] = []
+        self.dying: set[str] = set()
+        self.reap_gate: trio.Event | None = None
 
     async def ensure_bridge(self, *, name, alias, address, mtu=1500) -> int:
         self.bridges[name] = address
         return len(self.bridges)
 
-    async def delete_bridge(self, name, address=None) -> bool:
+    async def delete_bridge(self, name, address=None, *, retire=False) -> bool:
         return self.bridges.pop(name, None) is not None
 
     async def attach(self, **kw) -> None:
@@ -46,6 +51,20 @@ class FakeKernel:
 
     async def detach(self, host_ifname) -> bool:
         return self.veths.pop(host_ifname, None) is not None
+
+    async def retire(self, host_ifname) -> bool:
+        if host_ifname not in self.veths:
+            return False
+        self.dying.add(host_ifname)
+        return True
+
+    async def reap(self) -> bool:
+        if self.reap_gate is not None:
+            await self.reap_gate.wait()
+        for name in self.dying:
+            self.veths.pop(name, None)
+        found, self.dying = bool(self.dying), set()
+        return found
 
     async def host_routes(self):
         return list(self.routes)
@@ -91,15 +110,17 @@ class FakeNamespaces:
 
 
 @pytest.fixture
-def svc(tmp_path):
+async def svc(tmp_path, nursery):
     with open_store(tmp_path) as store:
-        yield Service(
+        service = Service(
             topo=Topology(Bitmap),
             kernel=FakeKernel(),
             firewall=FakeFirewall(),
             namespaces=FakeNamespaces(),
             store=store,
         )
+        await nursery.start(service.reaper.serve)
+        yield service
 
 
 async def test_create_picks_docker_pools_in_order_and_skips_routes(svc) -> None:
@@ -144,6 +165,7 @@ async def test_connect_twice_conflicts_and_remove_with_endpoints_is_busy(svc) ->
         await svc.remove_network(p.NetworkRemove(network="a"))
     assert len(svc.kernel.veths) == 1
     await svc.remove_network(p.NetworkRemove(network="a", force=True))
+    await svc.reaper.wait_idle()  # the veth is deleted by the next batch
     assert svc.kernel.veths == {} and svc.kernel.bridges == {}
     assert svc.store.load().networks == [] and svc.store.load().endpoints == []
 
@@ -184,6 +206,46 @@ async def test_aux_addresses_are_never_handed_out(svc) -> None:
             await svc.create_network(p.NetworkCreate(name="b", subnet="10.3.0.0/24",
                                                      aux_addresses=bad))  # fmt: skip
     with pytest.raises(AgentError, match="aux"):
-        await svc.create_network(p.NetworkCreate(
-            name="c", subnet="10.4.0.0/24", aux_addresses={"x": "10.4.0.9", "y": "10.4.0.9"}))
+        await svc.create_network(
+            p.NetworkCreate(
+                name="c", subnet="10.4.0.0/24", aux_addresses={"x": "10.4.0.9", "y": "10.4.0.9"}
+            )
+        )
     assert [n.name for n in svc.topo.networks.values()] == ["a"]
+
+
+async def test_disconnect_answers_before_the_veth_is_deleted_and_frees_the_address_after(
+    svc,
+) -> None:
+    await svc.create_network(p.NetworkCreate(name="a", subnet="10.1.0.0/30"))  # one address
+    ep = await svc.connect(p.EndpointConnect(network="a", netns="ok1"))
+    svc.kernel.reap_gate = trio.Event()  # hold the next batch back
+    await svc.disconnect(p.EndpointDisconnect(network="a", netns="ok1"))
+    assert ep.host_ifname in svc.kernel.dying  # cut off, not yet deleted
+    with pytest.raises(PoolExhausted):  # its address is not handed out while it may linger
+        await svc.connect(p.EndpointConnect(network="a", netns="ok2"))
+    svc.kernel.reap_gate.set()
+    await svc.reaper.wait_idle()
+    assert ep.host_ifname not in svc.kernel.veths
+    assert (await svc.connect(p.EndpointConnect(network="a", netns="ok2"))).ip == ep.ip
+
+
+async def test_connect_waits_for_the_namespace_previous_interface(svc, nursery) -> None:
+    await svc.create_network(p.NetworkCreate(name="a", subnet="10.1.0.0/24"))
+    await svc.connect(p.EndpointConnect(network="a", netns="ok1"))
+    svc.kernel.reap_gate = trio.Event()
+    await svc.disconnect(p.EndpointDisconnect(network="a", netns="ok1"))
+    done: list = []
+
+    async def reconnect() -> None:
+        done.append(await svc.connect(p.EndpointConnect(network="a", netns="ok1")))
+
+    nursery.start_soon(reconnect)
+    await trio.sleep(0.05)
+    assert done == []  # eth0 still exists in the namespace until the batch deletes it
+    # meanwhile the writer lock is free: other namespaces are served
+    other = await svc.connect(p.EndpointConnect(network="a", netns="ok2"))
+    svc.kernel.reap_gate.set()
+    await svc.reaper.wait_idle()
+    await trio.sleep(0.01)
+    assert done and done[0].ifname == "eth0" and done[0].ip != other.ip

@@ -130,7 +130,16 @@ class Host:
             line for line in out.splitlines() if line and not line.startswith("#")
         ).replace("[0:0]", "")
 
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until the agent's reaper has deleted every link it retired (a disconnect or
+        network rm answers once the link is cut off; the kernel deletion follows in a batch)."""
+        deadline = time.monotonic() + timeout
+        while self.proc is not None and self.call("system.info")["pending_deletions"]:
+            assert time.monotonic() < deadline, "retired links not deleted in time"
+            time.sleep(0.005)
+
     def links(self) -> list[dict]:
+        self.settle()
         return links(self.name)
 
     def link_names(self) -> set[str]:

@@ -137,6 +137,7 @@ def test_connect_existing_namespace_by_name_and_path() -> None:
             host.ctl("network", "connect", "bridge", named)
             assert ipv4_of(named, "eth1") == ["172.17.0.2/16"]
             host.ctl("network", "disconnect", "n1", named)
+            host.settle()  # the old eth0 goes with the reaper's next batch
             assert ipv4_of(named, "eth0") == []
             host.ctl("network", "disconnect", "n1", f"/proc/{sleeper.pid}/ns/net")
             host.ctl("network", "disconnect", "bridge", named)

@@ -1,0 +1,117 @@
+"""The in-memory topology: networks, endpoints, sandboxes, one address allocator per network.
+
+Pure (no I/O). Every lookup the request path needs is a dict access: endpoints are indexed by
+network, by namespace and by host veth name, networks by name and by bridge, so that a request
+costs the same with 10,000 endpoints as with one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from agent.core import ipam
+from agent.core.errors import InvalidArgument, NotFound
+from agent.core.model import Endpoint, Network, Sandbox
+
+
+class Topology:
+    """What the agent owns, as it is now (the store holds the same, durably)."""
+
+    def __init__(self, bitmap_cls: type) -> None:
+        self.bitmap_cls = bitmap_cls
+        self.networks: dict[str, Network] = {}
+        self.endpoints: dict[str, Endpoint] = {}
+        self.sandboxes: dict[str, Sandbox] = {}
+        self.allocators: dict[str, ipam.AddressAllocator] = {}
+        self.last_subnet: ipaddress.IPv4Network | None = None
+        self._by_name: dict[str, str] = {}
+        self._by_bridge: dict[str, str] = {}
+        self._of_network: dict[str, dict[str, Endpoint]] = {}
+        self._in_netns: dict[str, dict[str, Endpoint]] = {}
+        self._by_veth: dict[str, str] = {}
+        self._with_ports: dict[str, Endpoint] = {}
+
+    # -- networks ---------------------------------------------------------------------------
+
+    def add_network(self, net: Network) -> None:
+        self.networks[net.id] = net
+        self._by_name[net.name] = net.id
+        self._by_bridge[net.bridge] = net.id
+        self._of_network.setdefault(net.id, {})
+        alloc = ipam.AddressAllocator(
+            ipaddress.IPv4Network(net.subnet),
+            ipaddress.IPv4Address(net.gateway),
+            ipaddress.IPv4Network(net.ip_range) if net.ip_range else None,
+            bitmap_cls=self.bitmap_cls,
+        )
+        for aux in net.aux_addresses.values():
+            alloc.reserve(ipaddress.IPv4Address(aux))
+        self.allocators[net.id] = alloc
+
+    def remove_network(self, network_id: str) -> None:
+        """Forget a network (its endpoints must be gone already)."""
+        net = self.networks.pop(network_id)
+        del self._by_name[net.name]
+        del self._by_bridge[net.bridge]
+        del self.allocators[network_id]
+        assert not self._of_network.pop(network_id), "network removed with endpoints"
+
+    def find_network(self, ref: str) -> Network:
+        """By name, full id, or unique id prefix (like Docker)."""
+        net_id = self._by_name.get(ref) or (ref if ref in self.networks else None)
+        if net_id is not None:
+            return self.networks[net_id]
+        matches = [n for n in self.networks.values() if ref and n.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            raise InvalidArgument(f"network id prefix {ref!r} is ambiguous", network=ref)
+        raise NotFound(f"network {ref!r} not found", network=ref)
+
+    def has_network_named(self, name: str) -> bool:
+        return name in self._by_name
+
+    def network_of_bridge(self, bridge: str) -> Network | None:
+        net_id = self._by_bridge.get(bridge)
+        return None if net_id is None else self.networks[net_id]
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    def add_endpoint(self, ep: Endpoint) -> None:
+        """Add `ep`, or replace the endpoint with the same id (its ports changed)."""
+        self.endpoints[ep.id] = ep
+        self._of_network[ep.network_id][ep.id] = ep
+        self._in_netns.setdefault(ep.netns_key, {})[ep.id] = ep
+        self._by_veth[ep.host_ifname] = ep.id
+        if ep.ports:
+            self._with_ports[ep.id] = ep
+        else:
+            self._with_ports.pop(ep.id, None)
+
+    def remove_endpoint(self, endpoint_id: str) -> Endpoint:
+        ep = self.endpoints.pop(endpoint_id)
+        del self._of_network[ep.network_id][ep.id]
+        in_ns = self._in_netns[ep.netns_key]
+        del in_ns[ep.id]
+        if not in_ns:
+            del self._in_netns[ep.netns_key]
+        del self._by_veth[ep.host_ifname]
+        self._with_ports.pop(ep.id, None)
+        return ep
+
+    def endpoints_of(self, network_id: str) -> list[Endpoint]:
+        return list(self._of_network.get(network_id, {}).values())
+
+    def count_of(self, network_id: str) -> int:
+        return len(self._of_network.get(network_id, ()))
+
+    def endpoints_in(self, netns_key: str) -> list[Endpoint]:
+        return list(self._in_netns.get(netns_key, {}).values())
+
+    def endpoint_of_veth(self, host_ifname: str) -> Endpoint | None:
+        ep_id = self._by_veth.get(host_ifname)
+        return None if ep_id is None else self.endpoints[ep_id]
+
+    def with_ports(self) -> list[Endpoint]:
+        """Endpoints that publish ports (what the firewall's port rules are made of)."""
+        return list(self._with_ports.values())
