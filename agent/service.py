@@ -22,7 +22,7 @@ import msgspec
 import trio
 
 from agent.api import protocol as p
-from agent.core import ipam, naming, ports
+from agent.core import ipam, ipam6, naming, ports
 from agent.core.errors import AgentError, Busy, Conflict, InvalidArgument, NotFound
 from agent.core.model import Endpoint, Network, PortMapping, Sandbox
 from agent.events import EventBus
@@ -34,9 +34,12 @@ log = get_logger("agent.service")
 
 class KernelOps(Protocol):
     async def ensure_bridge(
-        self, *, name: str, alias: str, address: str, mtu: int = 1500
+        self, *, name: str, alias: str, address: str, mtu: int = 1500, address6: str | None = None
     ) -> int: ...
-    async def delete_bridge(self, name: str, address: str | None = None) -> bool: ...
+    async def delete_bridge(
+        self, name: str, address: str | None = None, address6: str | None = None
+    ) -> bool: ...
+    async def set_ip6_forward(self) -> None: ...
     async def attach(
         self,
         *,
@@ -49,6 +52,8 @@ class KernelOps(Protocol):
         mtu: int,
         address: str,
         gateway: str | None,
+        address6: str | None = None,
+        gateway6: str | None = None,
     ) -> None: ...
     async def detach(self, host_ifname: str) -> bool: ...
     async def enslave(self, host_ifname: str, bridge: str) -> None: ...
@@ -83,6 +88,8 @@ class Topology:
         self.sandboxes: dict[str, Sandbox] = {}
         self.allocators: dict[str, ipam.AddressAllocator] = {}
         self.last_subnet: ipaddress.IPv4Network | None = None
+        self.allocators6: dict[str, ipam6.AddressAllocator6] = {}  # dual-stack networks
+        self.ula48: ipaddress.IPv6Network | None = None  # the host's ULA /48 (store meta)
 
     def add_network(self, net: Network) -> None:
         self.networks[net.id] = net
@@ -94,6 +101,10 @@ class Topology:
         )
         for aux in net.aux_addresses.values():
             self.allocators[net.id].reserve(ipaddress.IPv4Address(aux))
+        if net.ipv6 and net.subnet6 and net.gateway6:
+            self.allocators6[net.id] = ipam6.AddressAllocator6(
+                ipaddress.IPv6Network(net.subnet6), ipaddress.IPv6Address(net.gateway6)
+            )
 
     def find_network(self, ref: str) -> Network:
         """By name, full id, or unique id prefix (like Docker)."""
@@ -173,7 +184,11 @@ class Service:
             after=topo.last_subnet,
         )
         _check_aux(req.aux_addresses, subnet, gateway, ip_range, self.topo.bitmap_cls)
+        v6 = _plan_v6(topo, req)
         net = Network(
+            ipv6=req.ipv6,
+            subnet6=str(v6[0]) if v6 else None,
+            gateway6=str(v6[1]) if v6 else None,
             aux_addresses=dict(req.aux_addresses),
             id=net_id,
             name=req.name,
@@ -204,12 +219,17 @@ class Service:
                 alias=naming.bridge_alias(net.id),
                 address=f"{net.gateway}/{subnet.prefixlen}",
                 mtu=net.mtu,
+                address6=gateway6_cidr(net),
             )
             try:
+                if net.ipv6:
+                    await self.kernel.set_ip6_forward()
                 await self.firewall.sync([*self.topo.networks.values(), net])
                 try:
                     with self.store.transaction() as w:
                         w.put_network(net)
+                        if net.ipv6 and self.topo.ula48 is not None:
+                            w.set_meta("ula48", str(self.topo.ula48))
                         if net.ip_range is None and not net.is_default:
                             w.set_meta("last_subnet", net.subnet)
                 except BaseException:
@@ -253,11 +273,12 @@ class Service:
         remaining = [n for n in self.topo.networks.values() if n.id != net.id]
         with trio.CancelScope(shield=True):
             await self.firewall.sync(remaining)
-            await self.kernel.delete_bridge(net.bridge, _gateway_cidr(net))
+            await self.kernel.delete_bridge(net.bridge, _gateway_cidr(net), gateway6_cidr(net))
             with self.store.transaction() as w:
                 w.delete_network(net.id)
         del self.topo.networks[net.id]
         del self.topo.allocators[net.id]
+        self.topo.allocators6.pop(net.id, None)
         self.bus.publish("network", "removed", net.id, name=net.name)
         log.info("network.remove.complete", network_id=net.id, name=net.name)
 
@@ -293,7 +314,13 @@ class Service:
         mac = ipam.validate_mac(req.mac) if req.mac is not None else None
         published = self._new_ports(net, req.ports, ())
         alloc = topo.allocators[net.id]
+        alloc6 = _allocator6(topo, net, req.ip6)
         ip = alloc.allocate(requested)
+        try:
+            ip6 = alloc6.allocate(_ip6_of(req.ip6)) if alloc6 is not None else None
+        except BaseException:
+            alloc.release(ip)
+            raise
         try:
             ep_id = secrets.token_hex(32)
             taken = {e.ifname for e in present}
@@ -314,6 +341,7 @@ class Service:
                 mac=mac or ipam.mac_for(ip),
                 sandbox=sandbox,
                 ports=published,
+                ip6=str(ip6) if ip6 is not None else None,
             )
             prefix = ipaddress.IPv4Network(net.subnet).prefixlen
             with trio.CancelScope(shield=True):
@@ -327,6 +355,7 @@ class Service:
                     mtu=net.mtu,
                     address=f"{ip}/{prefix}",
                     gateway=net.gateway if route else None,
+                    **attach6_args(net, ep),
                 )
                 try:
                     if ep.ports:
@@ -335,6 +364,8 @@ class Service:
                         with self.store.transaction() as w:
                             w.put_endpoint(ep)
                             w.set_meta(f"cursor:{net.id}", str(alloc.cursor))
+                            if alloc6 is not None:
+                                w.set_meta(f"cursor6:{net.id}", str(alloc6.cursor))
                     except BaseException:
                         if ep.ports:
                             await self._sync_ports(topo.endpoints.values())
@@ -344,6 +375,8 @@ class Service:
                     raise
         except BaseException:
             alloc.release(ip)
+            if ip6 is not None and alloc6 is not None:
+                alloc6.release(ip6)
             raise
         topo.endpoints[ep.id] = ep
         log.info("endpoint.connect.complete", endpoint_id=ep.id, network=net.name, ip=ep.ip)
@@ -377,6 +410,8 @@ class Service:
             with self.store.transaction() as w:
                 w.delete_endpoint(ep.id)
         self.topo.allocators[ep.network_id].release(ipaddress.IPv4Address(ep.ip))
+        if ep.ip6 and ep.network_id in self.topo.allocators6:
+            self.topo.allocators6[ep.network_id].release(ipaddress.IPv6Address(ep.ip6))
         del self.topo.endpoints[ep.id]
         log.info(f"endpoint.{action}.complete", endpoint_id=ep.id, ip=ep.ip)
         net = self.topo.networks[ep.network_id]
@@ -432,7 +467,12 @@ class Service:
                 try:
                     ep = await self._connect(
                         p.EndpointConnect(
-                            network=net.id, netns=path, ip=req.ip, mac=req.mac, ports=req.ports
+                            network=net.id,
+                            netns=path,
+                            ip=req.ip,
+                            mac=req.mac,
+                            ports=req.ports,
+                            ip6=req.ip6,
                         ),
                         sandbox=req.name,
                     )
@@ -553,6 +593,64 @@ def _check_aux(
 
 def _gateway_cidr(net: Network) -> str:
     return f"{net.gateway}/{ipaddress.IPv4Network(net.subnet).prefixlen}"
+
+
+def gateway6_cidr(net: Network) -> str | None:
+    if not (net.ipv6 and net.subnet6 and net.gateway6):
+        return None
+    return f"{net.gateway6}/{ipaddress.IPv6Network(net.subnet6).prefixlen}"
+
+
+def attach6_args(net: Network, ep: Endpoint) -> dict[str, str | None]:
+    """The IPv6 keyword arguments of `kernel.attach` for `ep` (none on an IPv4-only network)."""
+    if not (ep.ip6 and net.subnet6):
+        return {}
+    prefix = ipaddress.IPv6Network(net.subnet6).prefixlen
+    return {
+        "address6": f"{ep.ip6}/{prefix}",
+        "gateway6": net.gateway6 if ep.default_route else None,
+    }
+
+
+def _plan_v6(
+    topo: Topology, req: p.NetworkCreate
+) -> tuple[ipaddress.IPv6Network, ipaddress.IPv6Address] | None:
+    """The IPv6 subnet and gateway of a new network, or None when it is IPv4 only.
+
+    Without a given IPv6 subnet, a /64 of the host's ULA /48 (drawn now if there is none yet;
+    the caller persists `topo.ula48` with the network).
+    """
+    if not req.ipv6:
+        if req.subnet6 is not None or req.gateway6 is not None:
+            raise InvalidArgument(
+                "an IPv6 subnet or gateway needs --ipv6", subnet6=req.subnet6, field="ipv6"
+            )
+        return None
+    used = [
+        ipaddress.IPv6Network(n.subnet6) for n in topo.networks.values() if n.ipv6 and n.subnet6
+    ]
+    base = topo.ula48
+    if base is None and req.subnet6 is None:
+        base = topo.ula48 = ipam6.ula48(secrets.randbits(40))
+    return ipam6.plan_subnet6(
+        subnet=req.subnet6,
+        gateway=req.gateway6,
+        base=base or ipaddress.IPv6Network("fd00::/48"),
+        used=used,
+    )
+
+
+def _allocator6(topo: Topology, net: Network, ip6: str | None) -> ipam6.AddressAllocator6 | None:
+    alloc6 = topo.allocators6.get(net.id)
+    if alloc6 is None and ip6 is not None:
+        raise InvalidArgument(
+            f"network {net.name!r} is not IPv6-enabled: --ip6 cannot be used", field="ip6"
+        )
+    return alloc6
+
+
+def _ip6_of(text: str | None) -> ipaddress.IPv6Address | None:
+    return None if text is None else ipam6.parse_address6(text, "IPv6 address")
 
 
 def _labels_match(net: Network, filters: list[str]) -> bool:

@@ -32,11 +32,14 @@ class FakeKernel:
         self.fail_attach = False
         self.routes: list[ipaddress.IPv4Network] = []
 
-    async def ensure_bridge(self, *, name, alias, address, mtu=1500) -> int:
+    async def ensure_bridge(self, *, name, alias, address, mtu=1500, address6=None) -> int:
         self.bridges[name] = address
         return len(self.bridges)
 
-    async def delete_bridge(self, name, address=None) -> bool:
+    async def set_ip6_forward(self) -> None:
+        self.ip6_forward = True
+
+    async def delete_bridge(self, name, address=None, address6=None) -> bool:
         return self.bridges.pop(name, None) is not None
 
     async def attach(self, **kw) -> None:

@@ -1,0 +1,101 @@
+"""IPv6 dual stack end to end: addresses without DAD, ping -6 and TCP/UDP echo over IPv6
+between members, from the host and to an "outside" namespace (masqueraded), isolation between
+networks, published ports over IPv6, and the ip6tables ruleset back to its baseline after
+teardown. Every address is a ULA of namespaces made here."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+
+import pytest
+
+from tests.e2e import traffic
+from tests.e2e.harness import add_outside, addrs, ns_exec, routes, running_host, sh, unique
+
+pytestmark = pytest.mark.kernel
+
+HOST6, OUTSIDE6 = "fd99::1", "fd99::2"
+
+
+def ip6tables_save(host) -> str:
+    out = ns_exec(host.name, "ip6tables-save").stdout
+    return "\n".join(
+        line for line in out.splitlines() if line and not line.startswith("#")
+    ).replace("[0:0]", "")
+
+
+def ping6(src: str, dst: str) -> bool:
+    return ns_exec(src, "ping", "-6", "-c", "1", "-W", "1", "-q", dst, check=False).returncode == 0
+
+
+def ipv6_of(ns: str, ifname: str) -> list[dict]:
+    return [
+        a
+        for link in addrs(ns)
+        if link["ifname"] == ifname
+        for a in link["addr_info"]
+        if a["family"] == "inet6" and a.get("scope") == "global"
+    ]
+
+
+def add_outside6(host) -> tuple[str, str]:
+    outside, _, _ = add_outside(host)
+    sh("ip", "-n", host.name, "addr", "add", f"{HOST6}/64", "dev", "uplink0", "nodad")
+    sh("ip", "-n", outside, "addr", "add", f"{OUTSIDE6}/64", "dev", "eth0", "nodad")
+    sh("ip", "-n", outside, "route", "add", "fd00::/8", "via", HOST6)
+    return outside, HOST6
+
+
+def test_dual_stack_traffic_isolation_masquerade_and_teardown() -> None:
+    with running_host() as host:
+        base4, base6 = host.iptables_save(), ip6tables_save(host)
+        outside, host_ip6 = add_outside6(host)
+        c1, c2, c3 = (unique(f"c{i}-") for i in range(3))
+        try:
+            host.ctl("network", "create", "--ipv6", "v6a")
+            host.ctl("network", "create", "--ipv6", "--subnet", "10.70.0.0/24",
+                     "--subnet", "fd70:0:0:1::/64", "v6b")  # fmt: skip
+            net = json.loads(host.ctl("network", "inspect", "v6a").stdout)[0]["network"]
+            sub = ipaddress.IPv6Network(net["subnet6"])
+            assert sub.prefixlen == 64 and sub.subnet_of(ipaddress.IPv6Network("fd00::/8"))
+            assert net["gateway6"] == str(sub.network_address + 1)
+            for name, n in ((c1, "v6a"), (c2, "v6a"), (c3, "v6b")):
+                host.ctl("run", "--network", n, name)
+            eps = {e["netns"].rsplit("/", 1)[-1]: e for e in json.loads(
+                host.ctl("ps", "--json").stdout)}  # fmt: skip
+            ip1, ip2, ip3 = (eps[c]["ip6"] for c in (c1, c2, c3))
+            assert (ip1, ip2) == (str(sub.network_address + 2), str(sub.network_address + 3))
+            assert ip3 == "fd70:0:0:1::2"
+            # no DAD: addresses usable at once, on the bridge and in the namespace
+            found = ipv6_of(c1, "eth0")
+            assert [a["local"] for a in found] == [ip1]
+            assert not found[0].get("tentative")
+            bridge = net["bridge"]
+            assert [a["local"] for a in ipv6_of(host.name, bridge)] == [net["gateway6"]]
+            default6 = json.loads(sh("ip", "-6", "-n", c1, "-j", "route", "show", "default").stdout)
+            assert [r["gateway"] for r in default6] == [net["gateway6"]]
+            assert routes(c1)  # IPv4 still there
+            # members, host and gateway reach each other over IPv6
+            assert ping6(c1, ip2) and ping6(c2, ip1)
+            assert ping6(host.name, ip1) and ping6(c1, net["gateway6"])
+            with traffic.serve(c2, tcp=[7000], udp=[7000], v6=True):
+                assert traffic.tcp(c1, ip2, 7000) == ip1
+                assert traffic.udp(c1, ip2, 7000) == ip1
+                assert traffic.tcp(host.name, ip2, 7000) == net["gateway6"]
+                # isolation between networks, both ways
+                assert traffic.tcp(c3, ip2, 7000) is None
+            assert not ping6(c3, ip1) and not ping6(c1, ip3)
+            # out through the host, masqueraded; nothing comes in unasked
+            with traffic.serve(outside, tcp=[7777], udp=[7777], v6=True):
+                assert traffic.tcp(c1, OUTSIDE6, 7777) == host_ip6
+                assert traffic.udp(c3, OUTSIDE6, 7777) == host_ip6
+            assert not ping6(outside, ip1)
+        finally:
+            for name in (c1, c2, c3):
+                host.ctl("rm", name, check=False)
+            sh("ip", "netns", "del", outside, check=False)
+            sh("ip", "-n", host.name, "link", "del", "uplink0", check=False)
+        host.ctl("network", "rm", "v6a", "v6b")
+        assert ip6tables_save(host) == base6
+        assert host.iptables_save() == base4
