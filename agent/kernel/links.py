@@ -159,10 +159,17 @@ class Kernel:
         return link.index
 
     def _add_address6(self, index: int, name: str, address6: str) -> None:
-        """IPv6 on (disable_ipv6=0), then the address (NODAD); present already is fine."""
-        sysctl = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
-        with contextlib.suppress(OSError), open(sysctl, "w") as f:
-            f.write("0")
+        """IPv6 on, no DAD on the bridge, then the address (NODAD); present already is fine.
+
+        accept_dad=0 matters: until the bridge's link-local address leaves DAD (~1 s after the
+        bridge comes up), a neighbour solicitation for forwarded traffic (DNAT to a container)
+        goes out with source `::`, which the container takes for a DAD probe and leaves
+        unanswered.
+        """
+        for key, value in (("disable_ipv6", "0"), ("accept_dad", "0")):
+            sysctl = f"/proc/sys/net/ipv6/conf/{name}/{key}"
+            with contextlib.suppress(OSError), open(sysctl, "w") as f:
+                f.write(value)
         try:
             self._one(rtnl.new_addr6(index, address6))
         except NetlinkError as exc:

@@ -11,7 +11,16 @@ import json
 import pytest
 
 from tests.e2e import traffic
-from tests.e2e.harness import add_outside, addrs, ns_exec, routes, running_host, sh, unique
+from tests.e2e.harness import (
+    add_outside,
+    addrs,
+    netns_names,
+    ns_exec,
+    routes,
+    running_host,
+    sh,
+    unique,
+)
 
 pytestmark = pytest.mark.kernel
 
@@ -99,3 +108,95 @@ def test_dual_stack_traffic_isolation_masquerade_and_teardown() -> None:
         host.ctl("network", "rm", "v6a", "v6b")
         assert ip6tables_save(host) == base6
         assert host.iptables_save() == base4
+
+
+def test_published_ports_over_ipv6() -> None:
+    with running_host() as host:
+        base6 = ip6tables_save(host)
+        outside, _ = add_outside6(host)
+        w1, w2 = unique("w1-"), unique("w2-")
+        try:
+            host.ctl("network", "create", "--ipv6", "web6")
+            host.ctl("run", "--network", "web6", "-p", "8080:80", "-p", "8081:81/udp",
+                     "-p", f"[{HOST6}]:8082:82", "-p", "10.99.0.1:8083:83", w1)  # fmt: skip
+            host.ctl("run", "--network", "web6", w2)
+            eps = {e["netns"].rsplit("/", 1)[-1]: e for e in json.loads(
+                host.ctl("ps", "--json").stdout)}  # fmt: skip
+            ip1, ip2 = eps[w1]["ip6"], eps[w2]["ip6"]
+            gw6 = json.loads(host.ctl("network", "inspect", "web6").stdout)[0]["network"][
+                "gateway6"
+            ]
+            with traffic.serve(w1, tcp=[80, 82, 83], udp=[81], v6=True):
+                # from outside, through the host's IPv6 address, source kept
+                assert traffic.tcp(outside, HOST6, 8080) == OUTSIDE6
+                assert traffic.udp(outside, HOST6, 8081) == OUTSIDE6
+                # host address decides the family
+                assert traffic.tcp(outside, HOST6, 8082) == OUTSIDE6
+                assert traffic.tcp(outside, "10.99.0.1", 8082) is None
+                assert traffic.tcp(outside, HOST6, 8083) is None
+                assert traffic.tcp(outside, "10.99.0.1", 8083) == "::ffff:10.99.0.2"
+                # the IPv4 side of the same mapping still works
+                assert traffic.tcp(outside, "10.99.0.1", 8080) == "::ffff:10.99.0.2"
+                # from the host, a neighbour, and the container itself (hairpin)
+                assert traffic.tcp(host.name, HOST6, 8080) is not None
+                assert traffic.tcp(w2, HOST6, 8080) == ip2
+                assert traffic.tcp(w1, HOST6, 8080) == gw6
+                # straight to the container, not DNATed: dropped
+                assert traffic.tcp(outside, ip1, 80) is None
+                host.ctl("port", "unpublish", w1, "8080:80")
+                assert traffic.tcp(outside, HOST6, 8080) is None
+                assert traffic.udp(outside, HOST6, 8081) == OUTSIDE6
+        finally:
+            for name in (w1, w2):
+                host.ctl("rm", name, check=False)
+            sh("ip", "netns", "del", outside, check=False)
+            sh("ip", "-n", host.name, "link", "del", "uplink0", check=False)
+        host.ctl("network", "rm", "web6")
+        assert ip6tables_save(host) == base6
+
+
+def test_static_ip6_and_bad_input_change_nothing() -> None:
+    with running_host() as host:
+        host.ctl("network", "create", "--ipv6", "--subnet", "fd71:0:0:1::/64", "six")
+        host.ctl("network", "create", "--subnet", "10.72.0.0/24", "four")
+        s1 = unique("s1-")
+        host.ctl("run", "--network", "six", "--ip6", "fd71:0:0:1::99", s1)
+        assert [a["local"] for a in ipv6_of(s1, "eth0")] == ["fd71:0:0:1::99"]
+        state = (
+            host.ctl("network", "ls", "--json").stdout,
+            host.ctl("ps", "--json").stdout,
+            host.iptables_save(),
+            ip6tables_save(host),
+            host.link_names(),
+        )
+        bad = unique("bad-")
+        cases = [
+            (5, "host bits", ["network", "create", "--ipv6", "--subnet", "fd00::1/64", "x"]),
+            (5, "/120", ["network", "create", "--ipv6", "--subnet", "fd72::/124", "x"]),
+            (5, "/16", ["network", "create", "--ipv6", "--subnet", "fd00::/8", "x"]),
+            (5, "needs --ipv6", ["network", "create", "--subnet", "fd72::/64", "x"]),
+            (5, "not a host address",
+             ["network", "create", "--ipv6", "--subnet", "fd72::/64", "--gateway", "fd73::1", "x"]),
+            (4, "overlaps", ["network", "create", "--ipv6", "--subnet", "fd71::/48", "x"]),
+            (2, "twice for IPv4",
+             ["network", "create", "--ipv6", "--subnet", "10.1.0.0/24", "--subnet", "10.2.0.0/24",
+              "x"]),
+            (5, "not inside", ["run", "--network", "six", "--ip6", "fd71:0:0:2::5", bad]),
+            (4, "already in use", ["run", "--network", "six", "--ip6", "fd71:0:0:1::99", bad]),
+            (5, "reserved", ["run", "--network", "six", "--ip6", "fd71:0:0:1::1", bad]),
+            (5, "invalid IPv6", ["run", "--network", "six", "--ip6", "10.0.0.1", bad]),
+            (5, "not IPv6-enabled", ["run", "--network", "four", "--ip6", "fd71::5", bad]),
+            (5, "not IPv6-enabled", ["run", "--network", "four", "-p", "[fd71::1]:80:80", bad]),
+        ]  # fmt: skip
+        for code, text, argv in cases:
+            r = host.ctl(*argv, check=False)
+            assert (r.returncode, text in r.stderr) == (code, True), (argv, r.stderr)
+        assert bad not in netns_names()
+        assert state == (
+            host.ctl("network", "ls", "--json").stdout,
+            host.ctl("ps", "--json").stdout,
+            host.iptables_save(),
+            ip6tables_save(host),
+            host.link_names(),
+        )
+        host.ctl("rm", s1)
