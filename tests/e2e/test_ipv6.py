@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import time
 
 import pytest
 
@@ -200,3 +201,33 @@ def test_static_ip6_and_bad_input_change_nothing() -> None:
             host.link_names(),
         )
         host.ctl("rm", s1)
+
+
+def test_restart_keeps_ipv6_and_gateway6_is_restored() -> None:
+    with running_host() as host:
+        c1, c2 = unique("r1-"), unique("r2-")
+        host.ctl("network", "create", "--ipv6", "keep")
+        host.ctl("run", "--network", "keep", c1)
+        net = json.loads(host.ctl("network", "inspect", "keep").stdout)[0]["network"]
+        host.stop()
+        host.start()
+        host.ctl("network", "create", "--ipv6", "more")
+        more = json.loads(host.ctl("network", "inspect", "more").stdout)[0]["network"]
+        # the same host /48 after a restart: the next /64 of it
+        sub, sub2 = ipaddress.IPv6Network(net["subnet6"]), ipaddress.IPv6Network(more["subnet6"])
+        assert sub2.supernet(new_prefix=48) == sub.supernet(new_prefix=48) and sub2 != sub
+        host.ctl("run", "--network", "keep", c2)
+        ip2 = json.loads(host.ctl("ps", "--json").stdout)
+        ip6s = sorted(e["ip6"] for e in ip2 if e["network_id"] == net["id"])
+        assert ip6s == [str(sub.network_address + 2), str(sub.network_address + 3)]
+        assert ping6(c2, ip6s[0])
+        # self-healing: the gateway's IPv6 address removed by hand comes back
+        gw6 = f"{net['gateway6']}/64"
+        sh("ip", "-n", host.name, "addr", "del", gw6, "dev", net["bridge"])
+        for _ in range(50):
+            if [a["local"] for a in ipv6_of(host.name, net["bridge"])] == [net["gateway6"]]:
+                break
+            time.sleep(0.1)
+        assert [a["local"] for a in ipv6_of(host.name, net["bridge"])] == [net["gateway6"]]
+        for name in (c1, c2):
+            host.ctl("rm", name)
