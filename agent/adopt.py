@@ -21,7 +21,7 @@ from agent.core.errors import AgentError
 from agent.core.model import Endpoint
 from agent.core.topology import Topology
 from agent.log import get_logger
-from agent.service import KernelOps, NamespaceOps
+from agent.service import KernelOps, NamespaceOps, attach6_args, gateway6_cidr
 from agent.store.sqlite import State, Store
 
 log = get_logger("agent.adopt")
@@ -53,6 +53,10 @@ async def adopt(
         topo.add_network(net)
     if last := state.meta.get("last_subnet"):
         topo.last_subnet = ipaddress.IPv4Network(last)
+    if ula := state.meta.get("ula48"):
+        topo.ula48 = ipaddress.IPv6Network(ula)
+    if any(net.ipv6 for net in state.networks):
+        await kernel.set_ip6_forward()
 
     present: dict[str, object] = {}  # endpoint id -> its host link seen in the kernel
     for link in owned_links:
@@ -82,6 +86,7 @@ async def adopt(
             alias=naming.bridge_alias(net.id),
             address=f"{net.gateway}/{prefix}",
             mtu=net.mtu,
+            address6=gateway6_cidr(net),
         )
         if not any(link.index == bridges[net.id] for link in owned_links):
             report.bridges_restored.append(net.bridge)
@@ -106,11 +111,16 @@ async def adopt(
             # its bridge was deleted (ports are released) and recreated, or it was set down
             await kernel.enslave(ep.host_ifname, topo.networks[ep.network_id].bridge)
         topo.allocators[ep.network_id].reserve(ipaddress.IPv4Address(ep.ip))
+        if ep.ip6 and ep.network_id in topo.allocators6:
+            topo.allocators6[ep.network_id].reserve(ipaddress.IPv6Address(ep.ip6))
         topo.add_endpoint(ep)
 
     for net_id, alloc in topo.allocators.items():
         if cursor := state.meta.get(f"cursor:{net_id}"):
             alloc.set_cursor(int(cursor))
+    for net_id, alloc6 in topo.allocators6.items():
+        if cursor := state.meta.get(f"cursor6:{net_id}"):
+            alloc6.set_cursor(int(cursor))
 
     for sb in state.sandboxes:
         if _key_or_none(ns, sb.path) == sb.netns_key:
@@ -160,6 +170,7 @@ async def _reattach(kernel: KernelOps, topo: Topology, ep: Endpoint) -> bool:
             mtu=net.mtu,
             address=f"{ep.ip}/{prefix}",
             gateway=net.gateway if ep.default_route else None,
+            **attach6_args(net, ep),
         )
     except AgentError as exc:
         log.warning("adopt.reattach.failed", endpoint_id=ep.id, error=str(exc))

@@ -259,9 +259,12 @@ def cmd_network_create(client: Any, args: argparse.Namespace) -> int:
         if fields.get("mtu", args.mtu) != args.mtu:
             raise UsageError("--mtu and --opt mtu disagree")
         fields["mtu"] = args.mtu
-    for name in ("subnet", "gateway", "ip_range"):
-        if getattr(args, name) is not None:
-            fields[name] = getattr(args, name)
+    for name in ("subnet", "gateway"):
+        fields |= _per_family(name, getattr(args, name))
+    if args.ip_range is not None:
+        fields["ip_range"] = args.ip_range
+    if args.ipv6:
+        fields["ipv6"] = True
     if args.internal:
         fields["internal"] = True
     if args.aux_address:
@@ -269,6 +272,18 @@ def cmd_network_create(client: Any, args: argparse.Namespace) -> int:
     params = NetworkCreate(name=args.name, labels=_labels(args.label), **fields)
     result = client.call("network.create", params)
     return _show(args, result, lambda net: sys.stdout.write(f"{net['id']}\n"))
+
+
+def _per_family(name: str, values: list[str]) -> dict[str, str]:
+    """`--subnet`/`--gateway` given once per family, like Docker: {name: V4, name6: V6}."""
+    found: dict[str, str] = {}
+    for value in values:
+        key = f"{name}6" if ":" in value else name
+        if key in found:
+            family = "IPv6" if key.endswith("6") else "IPv4"
+            raise UsageError(f"--{name} given twice for {family}: {found[key]} and {value}")
+        found[key] = value
+    return found
 
 
 def cmd_network_ls(client: Any, args: argparse.Namespace) -> int:
@@ -333,8 +348,9 @@ def cmd_network_connect(client: Any, args: argparse.Namespace) -> int:
     from agent.api.protocol import EndpointConnect
 
     params = EndpointConnect(
-        network=args.network, netns=args.netns, ip=args.ip, mac=args.mac, ports=args.publish
-    )
+        network=args.network, netns=args.netns, ip=args.ip, mac=args.mac, ports=args.publish,
+        ip6=args.ip6,
+    )  # fmt: skip
     return _show(args, client.call("endpoint.connect", params), None)
 
 
@@ -349,7 +365,9 @@ def cmd_run(client: Any, args: argparse.Namespace) -> int:
     from agent.api.protocol import SandboxRun
 
     extra = {"network": args.network} if args.network is not None else {}
-    params = SandboxRun(name=args.name, ip=args.ip, mac=args.mac, ports=args.publish, **extra)
+    params = SandboxRun(
+        name=args.name, ip=args.ip, mac=args.mac, ports=args.publish, ip6=args.ip6, **extra
+    )
     result = client.call("sandbox.run", params)
     return _show(args, result, lambda ep: sys.stdout.write(f"{ep['ip']}\n"))
 
@@ -462,8 +480,10 @@ def cmd_ruleset(client: Any, args: argparse.Namespace) -> int:
 
 
 def _args_network_create(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--subnet", metavar="CIDR")
-    p.add_argument("--gateway", metavar="IP")
+    family = "once per address family (IPv4, IPv6)"
+    p.add_argument("--subnet", metavar="CIDR", action="append", default=[], help=family)
+    p.add_argument("--gateway", metavar="IP", action="append", default=[], help=family)
+    p.add_argument("--ipv6", action="store_true", help="dual stack: an IPv6 subnet too")
     p.add_argument("--ip-range", metavar="CIDR", dest="ip_range")
     p.add_argument("--internal", action="store_true", help="no traffic out of the network")
     opt_help = "icc=BOOL, ip-masquerade=BOOL, bridge=NAME, mtu=N"
@@ -510,6 +530,7 @@ def _args_port(p: argparse.ArgumentParser) -> None:
 def _args_connect(p: argparse.ArgumentParser) -> None:
     if p.prog.endswith(" connect"):
         p.add_argument("--ip", help="IPv4 address to use")
+        p.add_argument("--ip6", help="IPv6 address to use (IPv6 networks)")
         p.add_argument("--mac", help="MAC address to use")
         _args_publish(p)
     else:
@@ -521,6 +542,7 @@ def _args_connect(p: argparse.ArgumentParser) -> None:
 def _args_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--network", metavar="NET", help="network to join (default: bridge)")
     p.add_argument("--ip", help="IPv4 address to use")
+    p.add_argument("--ip6", help="IPv6 address to use (IPv6 networks)")
     p.add_argument("--mac", help="MAC address to use")
     _args_publish(p)
     p.add_argument("name", metavar="NAME")

@@ -23,7 +23,7 @@ from agent.api import protocol as p
 from agent.api.server import Handler, InFlight, Stream, serve_api
 from agent.core import ipam, naming
 from agent.core.topology import Topology
-from agent.firewall.iptables import IptablesFirewall
+from agent.firewall.dual import DualFirewall
 from agent.firewall.monitor import serve_nft_changes
 from agent.kernel import netns
 from agent.kernel.events import serve_link_events
@@ -130,7 +130,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 state=state, topo=topo, kernel=kernel, owned_links=await kernel.owned_links(),
                 ns=ns, store=store,
             )  # fmt: skip
-            firewall = IptablesFirewall()
+            firewall = DualFirewall.default()
             await firewall.setup(list(topo.networks.values()), list(topo.endpoints.values()))
             svc = Service(
                 topo=topo, kernel=kernel, firewall=firewall, namespaces=ns, store=store,

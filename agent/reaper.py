@@ -32,18 +32,18 @@ RETRY_DELAY = 1.0  # seconds before retrying a failed batch delete
 class Reaper:
     """Deletes retired links in batches and then runs what waited for them."""
 
-    def __init__(self, kernel: Any, release: Callable[[str, str], None]) -> None:
+    def __init__(self, kernel: Any, release: Callable[[str, str, str | None], None]) -> None:
         self.kernel = kernel
-        self._release = release  # (network id, address) -> back to the pool
-        self._addresses: list[tuple[str, str]] = []
+        self._release = release  # (network id, address, IPv6 address) -> back to the pool
+        self._addresses: list[tuple[str, str, str | None]] = []
         self._waiting: dict[str, trio.Event] = {}  # netns key or bridge name -> batch done
         self._in_flight: dict[str, trio.Event] = {}  # the same, for the batch being deleted
         self._wakeup = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
 
-    def retired_endpoint(self, network_id: str, ip: str, netns_key: str) -> None:
-        self._addresses.append((network_id, ip))
+    def retired_endpoint(self, network_id: str, ip: str, ip6: str | None, netns_key: str) -> None:
+        self._addresses.append((network_id, ip, ip6))
         self._mark(netns_key)
 
     def retired_bridge(self, bridge: str) -> None:
@@ -78,8 +78,8 @@ class Reaper:
             self._in_flight, self._waiting = self._waiting, {}
             with trio.CancelScope(shield=True):
                 await self._delete_batch(len(self._in_flight))
-            for network_id, ip in addresses:
-                self._release(network_id, ip)
+            for network_id, ip, ip6 in addresses:
+                self._release(network_id, ip, ip6)
             done, self._in_flight = self._in_flight, {}
             for event in done.values():
                 event.set()

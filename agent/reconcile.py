@@ -27,12 +27,14 @@ from agent.core import naming
 from agent.core.errors import AgentError
 from agent.core.model import Network
 from agent.log import get_logger
-from agent.service import Service
+from agent.service import Service, gateway6_cidr
 
 log = get_logger("agent.reconcile")
 
-NFPROTO_IPV4 = 2
-WATCHED_TABLES = {(NFPROTO_IPV4, "filter"), (NFPROTO_IPV4, "nat")}
+NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
+WATCHED_TABLES = {
+    (family, table) for family in (NFPROTO_IPV4, NFPROTO_IPV6) for table in ("filter", "nat")
+}
 DEBOUNCE = 0.05  # seconds: a burst of foreign iptables commands costs one drift check
 
 
@@ -101,10 +103,10 @@ class Reconciler:
                     self._repaired("endpoint", ep.id, f"veth {ep.host_ifname} was set down")
 
     async def _on_addr(self, ev: Any) -> None:
-        if ev.action != "del" or ev.family != 2:
+        if ev.action != "del" or ev.family not in (2, 10):
             return
         for net in list(self.svc.topo.networks.values()):
-            if net.gateway == ev.address:
+            if ev.address in (net.gateway, net.gateway6):
                 await self.repair_network(net.id, why=f"gateway {ev.address} removed")
 
     async def repair_network(self, network_id: str, *, why: str) -> list[str]:
@@ -123,6 +125,7 @@ class Reconciler:
             await kernel.ensure_bridge(
                 name=net.bridge, alias=naming.bridge_alias(net.id),
                 address=f"{net.gateway}/{prefix}", mtu=net.mtu,
+                address6=gateway6_cidr(net),
             )  # fmt: skip
             self.firewall.bridge_recreated(net.bridge)
             for ep in eps:  # deleting a bridge releases its ports; enslaving also sets it up

@@ -23,7 +23,7 @@ from typing import Protocol
 import trio
 
 from agent.api import protocol as p
-from agent.core import ipam, naming
+from agent.core import ipam, ipam6, naming
 from agent.core.errors import AgentError, Busy, Conflict, InvalidArgument, NotFound, PoolExhausted
 from agent.core.model import Endpoint, Network, Sandbox
 from agent.core.topology import Topology
@@ -43,11 +43,17 @@ MAX_BRIDGE_PORTS = 1023
 
 class KernelOps(Protocol):
     async def ensure_bridge(
-        self, *, name: str, alias: str, address: str, mtu: int = 1500
+        self, *, name: str, alias: str, address: str, mtu: int = 1500, address6: str | None = None
     ) -> int: ...
     async def delete_bridge(
-        self, name: str, address: str | None = None, *, retire: bool = False
+        self,
+        name: str,
+        address: str | None = None,
+        address6: str | None = None,
+        *,
+        retire: bool = False,
     ) -> bool: ...
+    async def set_ip6_forward(self) -> None: ...
     async def attach(
         self,
         *,
@@ -60,6 +66,8 @@ class KernelOps(Protocol):
         mtu: int,
         address: str,
         gateway: str | None,
+        address6: str | None = None,
+        gateway6: str | None = None,
     ) -> None: ...
     async def detach(self, host_ifname: str) -> bool: ...
     async def retire(self, host_ifname: str) -> bool: ...
@@ -152,7 +160,11 @@ class Service(PortsMixin):
             after=topo.last_subnet,
         )
         _check_aux(req.aux_addresses, subnet, gateway, ip_range, self.topo.bitmap_cls)
+        v6 = _plan_v6(topo, req)
         net = Network(
+            ipv6=req.ipv6,
+            subnet6=str(v6[0]) if v6 else None,
+            gateway6=str(v6[1]) if v6 else None,
             aux_addresses=dict(req.aux_addresses),
             id=net_id,
             name=req.name,
@@ -183,12 +195,17 @@ class Service(PortsMixin):
                 alias=naming.bridge_alias(net.id),
                 address=f"{net.gateway}/{subnet.prefixlen}",
                 mtu=net.mtu,
+                address6=gateway6_cidr(net),
             )
             try:
+                if net.ipv6:
+                    await self.kernel.set_ip6_forward()
                 await self.firewall.sync([*self.topo.networks.values(), net])
                 try:
                     with self.store.transaction() as w:
                         w.put_network(net)
+                        if net.ipv6 and self.topo.ula48 is not None:
+                            w.set_meta("ula48", str(self.topo.ula48))
                         if net.ip_range is None and not net.is_default:
                             w.set_meta("last_subnet", net.subnet)
                 except BaseException:
@@ -232,7 +249,9 @@ class Service(PortsMixin):
         remaining = [n for n in self.topo.networks.values() if n.id != net.id]
         with trio.CancelScope(shield=True):
             await self.firewall.sync(remaining)
-            if await self.kernel.delete_bridge(net.bridge, _gateway_cidr(net), retire=True):
+            if await self.kernel.delete_bridge(
+                net.bridge, _gateway_cidr(net), gateway6_cidr(net), retire=True
+            ):
                 self.reaper.retired_bridge(f"br:{net.bridge}")
             with self.store.transaction() as w:
                 w.delete_network(net.id)
@@ -284,7 +303,13 @@ class Service(PortsMixin):
         mac = ipam.validate_mac(req.mac) if req.mac is not None else None
         published = self._new_ports(net, req.ports, ())
         alloc = topo.allocators[net.id]
+        alloc6 = _allocator6(topo, net, req.ip6)
         ip = alloc.allocate(requested)
+        try:
+            ip6 = alloc6.allocate(_ip6_of(req.ip6)) if alloc6 is not None else None
+        except BaseException:
+            alloc.release(ip)
+            raise
         try:
             ep_id = secrets.token_hex(32)
             taken = {e.ifname for e in present}
@@ -305,6 +330,7 @@ class Service(PortsMixin):
                 mac=mac or ipam.mac_for(ip),
                 sandbox=sandbox,
                 ports=published,
+                ip6=str(ip6) if ip6 is not None else None,
             )
             prefix = ipaddress.IPv4Network(net.subnet).prefixlen
             topo.add_endpoint(ep)  # reserved: concurrent requests see its name, route, address
@@ -319,6 +345,7 @@ class Service(PortsMixin):
                     mtu=net.mtu,
                     address=f"{ip}/{prefix}",
                     gateway=net.gateway if route else None,
+                    **attach6_args(net, ep),
                 )
                 try:
                     if ep.ports:
@@ -327,6 +354,8 @@ class Service(PortsMixin):
                         with self.store.transaction() as w:
                             w.put_endpoint(ep)
                             w.set_meta(f"cursor:{net.id}", str(alloc.cursor))
+                            if alloc6 is not None:
+                                w.set_meta(f"cursor6:{net.id}", str(alloc6.cursor))
                     except BaseException:
                         if ep.ports:
                             await self._sync_ports(e for e in topo.with_ports() if e.id != ep.id)
@@ -338,6 +367,8 @@ class Service(PortsMixin):
             if ep_id in topo.endpoints:
                 topo.remove_endpoint(ep_id)
             alloc.release(ip)
+            if ip6 is not None and alloc6 is not None:
+                alloc6.release(ip6)
             raise
         log.info("endpoint.connect.complete", endpoint_id=ep.id, network=net.name, ip=ep.ip)
         self.bus.publish("endpoint", "connected", ep.id, network=net.name, netns=ep.netns, ip=ep.ip)
@@ -373,9 +404,9 @@ class Service(PortsMixin):
                 w.delete_endpoint(ep.id)
         self.topo.remove_endpoint(ep.id)
         if retired:
-            self.reaper.retired_endpoint(ep.network_id, ep.ip, f"ns:{ep.netns_key}")
+            self.reaper.retired_endpoint(ep.network_id, ep.ip, ep.ip6, f"ns:{ep.netns_key}")
         else:
-            self._release_address(ep.network_id, ep.ip)
+            self._release_address(ep.network_id, ep.ip, ep.ip6)
         log.info(f"endpoint.{action}.complete", endpoint_id=ep.id, ip=ep.ip)
         net = self.topo.networks[ep.network_id]
         self.bus.publish("endpoint", action, ep.id, network=net.name, netns=ep.netns, ip=ep.ip)
@@ -430,7 +461,12 @@ class Service(PortsMixin):
                 try:
                     ep = await self._connect(
                         p.EndpointConnect(
-                            network=net.id, netns=path, ip=req.ip, mac=req.mac, ports=req.ports
+                            network=net.id,
+                            netns=path,
+                            ip=req.ip,
+                            mac=req.mac,
+                            ports=req.ports,
+                            ip6=req.ip6,
                         ),
                         sandbox=req.name,
                     )
@@ -445,11 +481,14 @@ class Service(PortsMixin):
             self.topo.sandboxes[req.name] = sb
             return ep
 
-    def _release_address(self, network_id: str, ip: str) -> None:
+    def _release_address(self, network_id: str, ip: str, ip6: str | None = None) -> None:
         """Back to the pool, if its network still exists (a forced rm may have gone first)."""
         alloc = self.topo.allocators.get(network_id)
         if alloc is not None and alloc.is_allocated(ipaddress.IPv4Address(ip)):
             alloc.release(ipaddress.IPv4Address(ip))
+        alloc6 = self.topo.allocators6.get(network_id)
+        if ip6 and alloc6 is not None and alloc6.is_allocated(ipaddress.IPv6Address(ip6)):
+            alloc6.release(ipaddress.IPv6Address(ip6))
 
     async def remove_sandbox(self, req: p.SandboxRemove) -> p.Removed:
         async with self.lock:
@@ -487,6 +526,64 @@ def _check_aux(
 
 def _gateway_cidr(net: Network) -> str:
     return f"{net.gateway}/{ipaddress.IPv4Network(net.subnet).prefixlen}"
+
+
+def gateway6_cidr(net: Network) -> str | None:
+    if not (net.ipv6 and net.subnet6 and net.gateway6):
+        return None
+    return f"{net.gateway6}/{ipaddress.IPv6Network(net.subnet6).prefixlen}"
+
+
+def attach6_args(net: Network, ep: Endpoint) -> dict[str, str | None]:
+    """The IPv6 keyword arguments of `kernel.attach` for `ep` (none on an IPv4-only network)."""
+    if not (ep.ip6 and net.subnet6):
+        return {}
+    prefix = ipaddress.IPv6Network(net.subnet6).prefixlen
+    return {
+        "address6": f"{ep.ip6}/{prefix}",
+        "gateway6": net.gateway6 if ep.default_route else None,
+    }
+
+
+def _plan_v6(
+    topo: Topology, req: p.NetworkCreate
+) -> tuple[ipaddress.IPv6Network, ipaddress.IPv6Address] | None:
+    """The IPv6 subnet and gateway of a new network, or None when it is IPv4 only.
+
+    Without a given IPv6 subnet, a /64 of the host's ULA /48 (drawn now if there is none yet;
+    the caller persists `topo.ula48` with the network).
+    """
+    if not req.ipv6:
+        if req.subnet6 is not None or req.gateway6 is not None:
+            raise InvalidArgument(
+                "an IPv6 subnet or gateway needs --ipv6", subnet6=req.subnet6, field="ipv6"
+            )
+        return None
+    used = [
+        ipaddress.IPv6Network(n.subnet6) for n in topo.networks.values() if n.ipv6 and n.subnet6
+    ]
+    base = topo.ula48
+    if base is None and req.subnet6 is None:
+        base = topo.ula48 = ipam6.ula48(secrets.randbits(40))
+    return ipam6.plan_subnet6(
+        subnet=req.subnet6,
+        gateway=req.gateway6,
+        base=base or ipaddress.IPv6Network("fd00::/48"),
+        used=used,
+    )
+
+
+def _allocator6(topo: Topology, net: Network, ip6: str | None) -> ipam6.AddressAllocator6 | None:
+    alloc6 = topo.allocators6.get(net.id)
+    if alloc6 is None and ip6 is not None:
+        raise InvalidArgument(
+            f"network {net.name!r} is not IPv6-enabled: --ip6 cannot be used", field="ip6"
+        )
+    return alloc6
+
+
+def _ip6_of(text: str | None) -> ipaddress.IPv6Address | None:
+    return None if text is None else ipam6.parse_address6(text, "IPv6 address")
 
 
 def _labels_match(net: Network, filters: list[str]) -> bool:

@@ -39,6 +39,12 @@ class PortsMixin:
                 f"network {net.name!r} is internal: its endpoints cannot publish ports",
                 network=net.name,
             )
+        v6 = next((m for m in wanted if ":" in m.host_ip), None)
+        if v6 is not None and not net.ipv6:
+            raise InvalidArgument(
+                f"port {ports.format_spec(v6)}: network {net.name!r} is not IPv6-enabled",
+                network=net.name,
+            )
         taken = [m for e in self.topo.with_ports() for m in e.ports]
         ports.check_free(wanted, taken)
         return tuple(sorted((*current, *wanted)))

@@ -45,6 +45,9 @@ class NetworkCreate(Params):
     bridge: str | None = None  # custom bridge device name (--opt bridge=NAME)
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     aux_addresses: dict[str, str] = msgspec.field(default_factory=dict)  # name -> IPv4 reserved
+    ipv6: bool = False  # dual stack
+    subnet6: str | None = None  # IPv6 CIDR (default: the next /64 of the host's ULA /48)
+    gateway6: str | None = None
 
 
 class NetworkRef(Params):
@@ -66,6 +69,7 @@ class EndpointConnect(Params):
     ip: str | None = None
     mac: str | None = None
     ports: list[str] = msgspec.field(default_factory=list)  # "[HOST_IP:]H[-E]:C[-E][/proto]"
+    ip6: str | None = None  # static IPv6 address (dual-stack networks)
 
 
 class EndpointDisconnect(Params):
@@ -84,6 +88,7 @@ class SandboxRun(Params):
     ip: str | None = None
     mac: str | None = None
     ports: list[str] = msgspec.field(default_factory=list)
+    ip6: str | None = None
 
 
 class PortChange(Params):

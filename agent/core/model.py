@@ -25,6 +25,9 @@ class Network(msgspec.Struct, frozen=True, kw_only=True):
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     aux_addresses: dict[str, str] = msgspec.field(default_factory=dict)  # never handed out
     is_default: bool = False  # the `bridge` network created at start-up
+    ipv6: bool = False  # dual stack: the fields below are set
+    subnet6: str | None = None  # IPv6 CIDR, canonical
+    gateway6: str | None = None  # IPv6 address of the bridge inside `subnet6`
     created: float = 0.0  # unix time, set by the service
 
 
@@ -54,6 +57,7 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
     sandbox: str | None = None  # name of the agent-managed namespace, if created by `run`
     default_route: bool = False  # this endpoint holds the namespace's default route
     ports: tuple[PortMapping, ...] = ()  # published ports, sorted
+    ip6: str | None = None  # IPv6 address (dual-stack networks only)
 
 
 class Sandbox(msgspec.Struct, frozen=True, kw_only=True):

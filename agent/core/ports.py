@@ -7,6 +7,10 @@ port to port (8000-8002:80-82 is 8000->80, 8001->81, 8002->82) and is stored as 
 Two mappings collide when they share protocol and host port and their host addresses overlap
 (equal, or either is "every local address"): like two sockets bound to 0.0.0.0:80 and
 127.0.0.1:80, only one of them could receive the traffic.
+
+An IPv6 host address is written in brackets, as Docker does: `[fd00::1]:8080:80`. It applies to
+IPv6 only (an IPv4 host address to IPv4 only; none to both); `[::]` is refused, since the empty
+host address already means every local address of both families.
 """
 
 from __future__ import annotations
@@ -44,10 +48,14 @@ def _host_ip(text: str, spec: str) -> str:
     if text in ("", "0.0.0.0"):
         return ""
     try:
-        ip = ipaddress.IPv4Address(text)
+        if text.startswith("[") and text.endswith("]"):
+            ip: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv6Address(text[1:-1])
+        else:
+            ip = ipaddress.IPv4Address(text)
     except ValueError:
         raise InvalidArgument(
-            f"invalid host address {text!r} in {spec!r}: expected an IPv4 address",
+            f"invalid host address {text!r} in {spec!r}: expected an IPv4 address or an IPv6 "
+            "address in brackets",
             field="ports",
             spec=spec,
         ) from None
@@ -69,7 +77,7 @@ def parse(spec: str) -> list[PortMapping]:
         raise InvalidArgument(
             f"unknown protocol {proto!r} in {spec!r}: use tcp or udp", field="ports", spec=spec
         )
-    parts = body.rsplit(":", 2)
+    parts = body.rsplit(":", 2) if "]" not in body else _split_bracketed(body)
     if len(parts) == 2:
         parts.insert(0, "")
     if len(parts) != 3 or not parts[1] or not parts[2]:
@@ -90,6 +98,18 @@ def parse(spec: str) -> list[PortMapping]:
         PortMapping(protocol=proto, host_port=h, container_port=c, host_ip=host_ip)
         for h, c in zip(hosts, inner, strict=True)
     ]
+
+
+def _split_bracketed(body: str) -> list[str]:
+    """`[V6]:H:C` -> ["[V6]", "H", "C"] (anything else malformed: fewer parts)."""
+    host, bracket, rest = body.partition("]:")
+    return [host + "]", *rest.split(":", 1)] if bracket else [body]
+
+
+def _show(host_ip: str) -> str:
+    if not host_ip:
+        return "0.0.0.0"
+    return f"[{host_ip}]" if ":" in host_ip else host_ip
 
 
 def parse_all(specs: Iterable[str]) -> list[PortMapping]:
@@ -133,9 +153,9 @@ def check_free(new: Iterable[PortMapping], taken: Iterable[PortMapping]) -> None
 
 def describe(m: PortMapping) -> str:
     """`0.0.0.0:8080/tcp`, the host side of a mapping."""
-    return f"{m.host_ip or '0.0.0.0'}:{m.host_port}/{m.protocol}"
+    return f"{_show(m.host_ip)}:{m.host_port}/{m.protocol}"
 
 
 def format_spec(m: PortMapping) -> str:
     """`0.0.0.0:8080->80/tcp`, as `docker ps` shows it."""
-    return f"{m.host_ip or '0.0.0.0'}:{m.host_port}->{m.container_port}/{m.protocol}"
+    return f"{_show(m.host_ip)}:{m.host_port}->{m.container_port}/{m.protocol}"

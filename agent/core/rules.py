@@ -48,8 +48,14 @@ each network with published ports, two owned nat chains::
 Unlike Docker, the OUTPUT jump does not exclude 127.0.0.0/8: with `route_localnet=1` on the
 bridge (set by the firewall shell) and the 127.0.0.0/8 masquerade, localhost reaches published
 ports without a proxy. Port churn rewrites only the network's own P, H and C chains; the
-dispatch chains change only when a network gains its first or loses its last port. IPv6 would
-be a second `Ruleset` fed to ip6tables-restore; rules are IPv4.
+dispatch chains change only when a network gains its first or loses its last port.
+
+IPv6 (`render(..., family=6)`) is a second `Ruleset` of the same shape, fed to
+ip6tables-restore: only dual-stack networks appear in it, with their IPv6 subnet, endpoint
+addresses as `/128` and DNAT targets as `[C]:P`. A mapping with an IPv4 host address is
+rendered only for IPv4, one with an IPv6 host address only for IPv6, one without both. There is
+no IPv6 localhost rule: the kernel has no `route_localnet` for IPv6, so `::1` cannot be DNATed
+out of a bridge (Docker needs its userland proxy for that too).
 
 Every rule is written in the option order iptables-save prints, so a saved ruleset can be
 compared line by line with the rendered one.
@@ -64,6 +70,8 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import NamedTuple
+
+import msgspec
 
 from agent.core import naming
 from agent.core.model import Endpoint, Network, PortMapping
@@ -190,10 +198,20 @@ def _match_port(m: PortMapping, port: int) -> Rule:
     return ("-p", m.protocol, "-m", m.protocol, "--dport", str(port))
 
 
+def _host(ip: str) -> str:
+    """`C/32` or, for an IPv6 address, `C/128` (canonical, as the -save tools print it)."""
+    addr = ipaddress.ip_address(ip)
+    return f"{addr}/{addr.max_prefixlen}"
+
+
 def port_dnat(m: PortMapping, ip: str) -> Rule:
-    """`-A P [-d HOST_IP/32] -p tcp -m tcp --dport H -j DNAT --to-destination C:P`."""
-    dest = ("-d", f"{m.host_ip}/32") if m.host_ip else ()
-    target = ("-j", "DNAT", "--to-destination", f"{ip}:{m.container_port}")
+    """`-A P [-d HOST_IP/32] -p tcp -m tcp --dport H -j DNAT --to-destination C:P`.
+
+    IPv6: `-d HOST_IP/128`, `--to-destination [C]:P`.
+    """
+    dest = ("-d", _host(m.host_ip)) if m.host_ip else ()
+    where = f"[{ip}]" if ":" in ip else ip
+    target = ("-j", "DNAT", "--to-destination", f"{where}:{m.container_port}")
     return (*dest, *_match_port(m, m.host_port), *target)
 
 
@@ -203,13 +221,13 @@ def port_accept(m: PortMapping, ip: str, bridge: str) -> Rule:
     Only DNATed flows: unlike Docker 20.10, a neighbour routing straight to C:P is dropped
     (Docker 28 added the same protection).
     """
-    return ("-d", f"{ip}/32", "!", "-i", bridge, "-o", bridge, *_match_port(m, m.container_port),
+    return ("-d", _host(ip), "!", "-i", bridge, "-o", bridge, *_match_port(m, m.container_port),
             "-m", "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT")  # fmt: skip
 
 
 def port_hairpin(m: PortMapping, ip: str) -> Rule:
     """`-A H -s C/32 -d C/32 -p tcp -m tcp --dport P -j MASQUERADE`: C reaching itself."""
-    return ("-s", f"{ip}/32", "-d", f"{ip}/32", *_match_port(m, m.container_port),
+    return ("-s", _host(ip), "-d", _host(ip), *_match_port(m, m.container_port),
             "-j", "MASQUERADE")  # fmt: skip
 
 
@@ -231,7 +249,8 @@ def _port_parts(
     bridge: str, published: PortsOf
 ) -> tuple[tuple[Rule, ...], tuple[Rule, ...], tuple[Rule, ...]]:
     """(filter accepts for C, P chain, H chain) of one network's published ports."""
-    accepts, dnat, hairpin = [], [], [localhost_masquerade()]
+    v4 = not published or ":" not in published[0][0]
+    accepts, dnat, hairpin = [], [], [localhost_masquerade()] if v4 else []
     for ip, mappings in published:
         for m in mappings:
             accepts.append(port_accept(m, ip, bridge))
@@ -240,14 +259,25 @@ def _port_parts(
     return tuple(accepts), tuple(dnat), tuple(hairpin)
 
 
-def published_ports(endpoints: Iterable[Endpoint]) -> dict[str, PortsOf]:
-    """Network id -> its endpoints' published ports, in a deterministic order."""
+def mapped_for(m: PortMapping, family: int) -> bool:
+    """Whether mapping `m` is rendered for `family` (its host address decides, if any)."""
+    return not m.host_ip or (":" in m.host_ip) == (family == 6)
+
+
+def published_ports(endpoints: Iterable[Endpoint], family: int = 4) -> dict[str, PortsOf]:
+    """Network id -> its endpoints' published ports for `family`, in a deterministic order.
+
+    IPv6: only endpoints with an IPv6 address, and only mappings whose host address (if any)
+    is IPv6; IPv4 likewise leaves out mappings bound to an IPv6 host address.
+    """
     found: dict[str, list[tuple[str, tuple[PortMapping, ...]]]] = {}
     for ep in endpoints:
-        if ep.ports:
-            found.setdefault(ep.network_id, []).append((ep.ip, tuple(sorted(ep.ports))))
+        ip = ep.ip if family == 4 else ep.ip6
+        mappings = tuple(sorted(m for m in ep.ports if mapped_for(m, family)))
+        if ip and mappings:
+            found.setdefault(ep.network_id, []).append((ip, mappings))
     return {
-        net: tuple(sorted(eps, key=lambda e: ipaddress.IPv4Address(e[0])))
+        net: tuple(sorted(eps, key=lambda e: int(ipaddress.ip_address(e[0]))))
         for net, eps in found.items()
     }
 
@@ -315,11 +345,17 @@ EMPTY = Ruleset()
 
 @functools.lru_cache(maxsize=8192)
 def _network_parts(
-    ident: str, bridge: str, subnet: str, internal: bool, icc_on: bool, masq: bool
+    ident: str,
+    bridge: str,
+    subnet: str,
+    internal: bool,
+    icc_on: bool,
+    masq: bool,
+    family: int = 4,
 ) -> tuple[str, tuple[tuple[Rule, ...], Rule, Rule, tuple[Rule, Rule], tuple[Rule, ...]]]:
     """One network's rules, memoised: a sync re-renders every network, most unchanged."""
-    if ipaddress.ip_network(subnet, strict=False).version != 4:
-        raise ValueError(f"iptables rules are IPv4: {subnet}")
+    if ipaddress.ip_network(subnet, strict=False).version != family:
+        raise ValueError(f"IPv{family} rules need an IPv{family} subnet: {subnet}")
     chain = naming.network_chain(ident)
     nat = (masquerade(subnet, bridge),) if masq and not internal else ()
     own = network_chain_rules(bridge, internal=internal, icc_on=icc_on)
@@ -332,15 +368,22 @@ def _network_parts(
     )
 
 
-def render(networks: Iterable[Network], endpoints: Iterable[Endpoint] = ()) -> Ruleset:
+def render(
+    networks: Iterable[Network], endpoints: Iterable[Endpoint] = (), *, family: int = 4
+) -> Ruleset:
     """The desired ruleset of `networks` and the published ports of `endpoints`.
 
     Deterministic: networks sorted by id. Ports of endpoints whose network is not in
-    `networks`, or is internal, are ignored.
+    `networks`, or is internal, are ignored. `family=6` renders the ip6tables ruleset of the
+    dual-stack networks (their `subnet6`, the endpoints' `ip6`).
 
     Raises:
-        ValueError: two networks map to the same chain, or a subnet is not an IPv4 CIDR.
+        ValueError: two networks map to the same chain, or a subnet is not of `family`.
     """
+    if family == 6:
+        networks = [
+            msgspec.structs.replace(n, subnet=n.subnet6) for n in networks if n.ipv6 and n.subnet6
+        ]
     forward: list[Rule] = [jump(USER), jump(ISOLATION_1)]
     stage1: list[Rule] = []
     stage2: list[Rule] = []
@@ -348,9 +391,11 @@ def render(networks: Iterable[Network], endpoints: Iterable[Endpoint] = ()) -> R
     dnat: list[Rule] = []
     filter_chains: dict[str, tuple[Rule, ...]] = {}
     nat_chains: dict[str, tuple[Rule, ...]] = {}
-    ports = published_ports(endpoints)
+    ports = published_ports(endpoints, family)
     for n in sorted(networks, key=lambda n: n.id):
-        chain, parts = _network_parts(n.id, n.bridge, n.subnet, n.internal, n.icc, n.masquerade)
+        chain, parts = _network_parts(
+            n.id, n.bridge, n.subnet, n.internal, n.icc, n.masquerade, family
+        )
         if chain in filter_chains:
             raise ValueError(f"networks collide on chain {chain}")
         own, s1, s2, dispatch, masq = parts

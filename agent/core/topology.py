@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from agent.core import ipam
+from agent.core import ipam, ipam6
 from agent.core.errors import InvalidArgument, NotFound
 from agent.core.model import Endpoint, Network, Sandbox
 
@@ -24,6 +24,8 @@ class Topology:
         self.sandboxes: dict[str, Sandbox] = {}
         self.allocators: dict[str, ipam.AddressAllocator] = {}
         self.last_subnet: ipaddress.IPv4Network | None = None
+        self.allocators6: dict[str, ipam6.AddressAllocator6] = {}  # dual-stack networks
+        self.ula48: ipaddress.IPv6Network | None = None  # the host's ULA /48 (store meta)
         self._by_name: dict[str, str] = {}
         self._by_bridge: dict[str, str] = {}
         self._of_network: dict[str, dict[str, Endpoint]] = {}
@@ -47,6 +49,10 @@ class Topology:
         for aux in net.aux_addresses.values():
             alloc.reserve(ipaddress.IPv4Address(aux))
         self.allocators[net.id] = alloc
+        if net.ipv6 and net.subnet6 and net.gateway6:
+            self.allocators6[net.id] = ipam6.AddressAllocator6(
+                ipaddress.IPv6Network(net.subnet6), ipaddress.IPv6Address(net.gateway6)
+            )
 
     def remove_network(self, network_id: str) -> None:
         """Forget a network (its endpoints must be gone already)."""
@@ -54,6 +60,7 @@ class Topology:
         del self._by_name[net.name]
         del self._by_bridge[net.bridge]
         del self.allocators[network_id]
+        self.allocators6.pop(network_id, None)
         assert not self._of_network.pop(network_id), "network removed with endpoints"
 
     def find_network(self, ref: str) -> Network:

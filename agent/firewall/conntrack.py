@@ -41,6 +41,8 @@ def route_localnet(bridge: str) -> bool:
 def flush_argv(ip: str, m: PortMapping) -> list[str]:
     """`conntrack -D -p tcp --orig-port-dst H --reply-src C --reply-port-src P [--orig-dst IP]`."""
     argv = ["conntrack", "-D", "-p", m.protocol, "--orig-port-dst", str(m.host_port)]
+    if ":" in ip:
+        argv += ["-f", "ipv6"]
     argv += ["--reply-src", ip, "--reply-port-src", str(m.container_port)]
     if m.host_ip:
         argv += ["--orig-dst", m.host_ip]

@@ -202,6 +202,8 @@ class IptablesFirewall:
         serialize: `Script -> str`; the Cython accelerator when built.
         wait: pass `-w` (wait for the xtables lock) to iptables-restore.
         timeout: seconds one process may take; past it the outcome is unknown.
+        family: 4 (iptables) or 6 (ip6tables: `rules.render(..., family=6)`, give the
+            ip6tables binaries too).
     """
 
     def __init__(
@@ -212,7 +214,9 @@ class IptablesFirewall:
         serialize: Callable[[rules.Script], str] = accel.serialize.serialize,
         wait: bool = True,
         timeout: float = 30.0,
+        family: int = 4,
     ) -> None:
+        self.family = family
         self.restore = restore
         self.save = save
         self.serialize = serialize
@@ -231,19 +235,21 @@ class IptablesFirewall:
     ) -> tuple[rules.Ruleset, list[Network], tuple[Endpoint, ...]]:
         networks = list(networks)
         eps = self._endpoints if endpoints is None else tuple(endpoints)
-        return rules.render(networks, eps), networks, eps
+        return rules.render(networks, eps, family=self.family), networks, eps
 
     async def _ports_applied(self, networks: list[Network], eps: tuple[Endpoint, ...]) -> None:
         """route_localnet on bridges with ports; conntrack flush of the mappings that went away."""
         self._endpoints = eps
         usable = {n.id: n.bridge for n in networks if not n.internal}
+        v4 = self.family == 4
         now = {
-            (usable[ep.network_id], ep.ip, m)
+            (usable[ep.network_id], ip, m)
             for ep in self._endpoints
-            if ep.network_id in usable
+            if ep.network_id in usable and (ip := ep.ip if v4 else ep.ip6)
             for m in ep.ports
+            if rules.mapped_for(m, self.family)
         }
-        for bridge in sorted({b for b, _, _ in now - self._published}):
+        for bridge in sorted({b for b, _, _ in now - self._published}) if v4 else ():
             conntrack.route_localnet(bridge)
         gone = self._published - now
         self._published = now
@@ -290,7 +296,7 @@ class IptablesFirewall:
 
     def bridge_recreated(self, bridge: str) -> None:
         """A bridge came back (repair): its sysctls went with the old device; restore ours."""
-        if any(b == bridge for b, _, _ in self._published):
+        if self.family == 4 and any(b == bridge for b, _, _ in self._published):
             conntrack.route_localnet(bridge)
 
     def text(self) -> str:

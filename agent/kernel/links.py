@@ -78,6 +78,8 @@ class _Endpoint(msgspec.Struct, frozen=True):
     mtu: int
     address: str
     gateway: str | None
+    address6: str | None = None
+    gateway6: str | None = None
 
 
 class Kernel:
@@ -132,7 +134,9 @@ class Kernel:
                 return None
             raise
 
-    def _ensure_bridge(self, name: str, alias: str, address: str, mtu: int) -> int:
+    def _ensure_bridge(
+        self, name: str, alias: str, address: str, mtu: int, address6: str | None = None
+    ) -> int:
         link = self._find(name)
         if link is None:
             try:
@@ -158,10 +162,32 @@ class Kernel:
         except NetlinkError as exc:
             if exc.errno != errno.EEXIST:
                 raise _map(exc, f"cannot add {address} to {name}", bridge=name) from exc
+        if address6 is not None:
+            self._add_address6(link.index, name, address6)
         self._bridges[name] = link.index
         return link.index
 
-    def _delete_bridge(self, name: str, address: str | None, retire: bool = False) -> bool:
+    def _add_address6(self, index: int, name: str, address6: str) -> None:
+        """IPv6 on, no DAD on the bridge, then the address (NODAD); present already is fine.
+
+        accept_dad=0 matters: until the bridge's link-local address leaves DAD (~1 s after the
+        bridge comes up), a neighbour solicitation for forwarded traffic (DNAT to a container)
+        goes out with source `::`, which the container takes for a DAD probe and leaves
+        unanswered.
+        """
+        for key, value in (("disable_ipv6", "0"), ("accept_dad", "0")):
+            sysctl = f"/proc/sys/net/ipv6/conf/{name}/{key}"
+            with contextlib.suppress(OSError), open(sysctl, "w") as f:
+                f.write(value)
+        try:
+            self._one(rtnl.new_addr6(index, address6))
+        except NetlinkError as exc:
+            if exc.errno != errno.EEXIST:
+                raise _map(exc, f"cannot add {address6} to {name}", bridge=name) from exc
+
+    def _delete_bridge(
+        self, name: str, address: str | None, address6: str | None = None, retire: bool = False
+    ) -> bool:
         self._bridges.pop(name, None)
         link = self._find(name)
         if link is None:
@@ -173,11 +199,17 @@ class Kernel:
             if address is not None:
                 with contextlib.suppress(NetlinkError):
                     self._one(rtnl.del_addr(link.index, address))
+            if address6 is not None:
+                with contextlib.suppress(NetlinkError):
+                    self._one(rtnl.del_addr6(link.index, address6))
             return False
-        if retire:  # address and route go now; the device with the next `reap` batch
+        if retire:  # addresses and routes go now; the device with the next `reap` batch
             if address is not None:
                 with contextlib.suppress(NetlinkError):
                     self._one(rtnl.del_addr(link.index, address))
+            if address6 is not None:
+                with contextlib.suppress(NetlinkError):
+                    self._one(rtnl.del_addr6(link.index, address6))
             return self._retire(name)
         return self._delete(name)
 
@@ -244,6 +276,10 @@ class Kernel:
         steps = [(rtnl.new_addr(index, ep.address), f"add {ep.address} to {ep.ifname}")]
         if ep.gateway is not None:
             steps.append((rtnl.new_default_route(ep.gateway), f"route via {ep.gateway}"))
+        if ep.address6 is not None:
+            steps.append((rtnl.new_addr6(index, ep.address6), f"add {ep.address6} to {ep.ifname}"))
+        if ep.gateway6 is not None:
+            steps.append((rtnl.new_default_route6(ep.gateway6), f"route via {ep.gateway6}"))
         for (_, what), result in zip(steps, ns.transact([r for r, _ in steps]), strict=True):
             _step(result, what, where)
 
@@ -360,6 +396,11 @@ class Kernel:
         with open("/proc/sys/net/ipv4/ip_forward", "w") as f:
             f.write("1\n")
 
+    @staticmethod
+    def _set_ip6_forward() -> None:
+        with open("/proc/sys/net/ipv6/conf/all/forwarding", "w") as f:
+            f.write("1\n")
+
     # --- Trio side ---------------------------------------------------------------------------
 
     async def _call(self, fn: Any, *args: Any) -> Any:
@@ -371,21 +412,30 @@ class Kernel:
         except (OSError, Pyroute2Error) as exc:
             raise KernelError(f"{getattr(fn, '__name__', 'kernel')}: {exc}") from exc
 
-    async def ensure_bridge(self, *, name: str, alias: str, address: str, mtu: int = 1500) -> int:
+    async def ensure_bridge(
+        self, *, name: str, alias: str, address: str, mtu: int = 1500, address6: str | None = None
+    ) -> int:
         """Create bridge `name` (down, group LINK_GROUP, `alias`) or adopt it; returns ifindex.
 
         An adopted bridge keeps a foreign alias (only an alias of ours is rewritten). `address`
-        (CIDR) is added unless present.
+        (CIDR) is added unless present; so is `address6` (IPv6 CIDR, no DAD) when given.
 
         Error handling:
             Conflict if `name` is a link of another kind; InvalidArgument for bad values.
         """
         naming.validate_ifname(name)
         _interface(address)
-        return await self._call(self._ensure_bridge, name, alias, address, mtu)
+        if address6 is not None:
+            address6 = str(_interface6(address6))
+        return await self._call(self._ensure_bridge, name, alias, address, mtu, address6)
 
     async def delete_bridge(
-        self, name: str, address: str | None = None, *, retire: bool = False
+        self,
+        name: str,
+        address: str | None = None,
+        address6: str | None = None,
+        *,
+        retire: bool = False,
     ) -> bool:
         """Delete bridge `name`; False if it did not exist; Conflict if it is not a bridge.
 
@@ -394,7 +444,9 @@ class Kernel:
         loses `address` and goes down at once, and is deleted by the next `reap` (a bridge
         delete waits ~30 ms for the kernel).
         """
-        return await self._call(self._delete_bridge, naming.validate_ifname(name), address, retire)
+        return await self._call(
+            self._delete_bridge, naming.validate_ifname(name), address, address6, retire
+        )
 
     async def attach(
         self,
@@ -408,8 +460,13 @@ class Kernel:
         mtu: int,
         address: str,
         gateway: str | None,
+        address6: str | None = None,
+        gateway6: str | None = None,
     ) -> None:
         """Connect the namespace at `netns_path` to `bridge` by a veth pair; all or nothing.
+
+        `address6` (IPv6 CIDR, added without DAD) and `gateway6` (its default route) are
+        optional, for dual-stack networks.
 
         Error handling:
             NotFound (namespace or bridge missing), Conflict (`host_ifname` exists, or `ifname`
@@ -426,6 +483,8 @@ class Kernel:
             mtu=mtu,
             address=str(_interface(address)),
             gateway=None if gateway is None else str(_address(gateway)),
+            address6=None if address6 is None else str(_interface6(address6)),
+            gateway6=None if gateway6 is None else str(_interface6(gateway6).ip),
         )
         await self._call(self._attach, ep)
 
@@ -480,12 +539,24 @@ class Kernel:
         """Enable IPv4 forwarding (/proc/sys/net/ipv4/ip_forward = 1)."""
         await self._call(self._set_ip_forward)
 
+    async def set_ip6_forward(self) -> None:
+        """Enable IPv6 forwarding (net.ipv6.conf.all.forwarding = 1). Note: interfaces then
+        ignore router advertisements unless their accept_ra is 2 (as with Docker)."""
+        await self._call(self._set_ip6_forward)
+
 
 def _interface(value: str) -> ipaddress.IPv4Interface:
     try:
         return ipaddress.IPv4Interface(value)
     except ValueError as exc:
         raise InvalidArgument(f"invalid IPv4 address/prefix {value!r}", field="address") from exc
+
+
+def _interface6(value: str) -> ipaddress.IPv6Interface:
+    try:
+        return ipaddress.IPv6Interface(value)
+    except ValueError as exc:
+        raise InvalidArgument(f"invalid IPv6 address {value!r}", field="address6") from exc
 
 
 def _address(value: str) -> ipaddress.IPv4Address:

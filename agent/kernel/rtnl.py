@@ -257,6 +257,35 @@ def del_addr(index: int, cidr: str) -> Request:
     return RTM_DELADDR, NLM_F_ACK, body + attr(IFA_LOCAL, iface.ip.packed)
 
 
+IFA_FLAGS = 8
+IFA_F_NODAD = 0x02
+
+
+def new_addr6(index: int, cidr: str) -> Request:
+    """IPv6 address with IFA_F_NODAD: usable at once, no duplicate address detection delay."""
+    iface = ipaddress.IPv6Interface(cidr)
+    body = _IFADDR.pack(socket.AF_INET6, iface.network.prefixlen, IFA_F_NODAD, 0, index)
+    body += attr(IFA_LOCAL, iface.ip.packed) + attr(IFA_ADDRESS, iface.ip.packed)
+    body += attr_u32(IFA_FLAGS, IFA_F_NODAD)
+    return RTM_NEWADDR, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
+
+
+def del_addr6(index: int, cidr: str) -> Request:
+    """Remove the IPv6 address `cidr` from link `index`."""
+    iface = ipaddress.IPv6Interface(cidr)
+    body = _IFADDR.pack(socket.AF_INET6, iface.network.prefixlen, 0, 0, index)
+    return RTM_DELADDR, NLM_F_ACK, body + attr(IFA_ADDRESS, iface.ip.packed)
+
+
+def new_default_route6(gateway: str) -> Request:
+    """`::/0 via GATEWAY` in the main table."""
+    head = _RTMSG.pack(
+        socket.AF_INET6, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
+    )
+    body = head + attr(RTA_GATEWAY, ipaddress.IPv6Address(gateway).packed)
+    return RTM_NEWROUTE, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
+
+
 def new_default_route(gateway: str) -> Request:
     head = _RTMSG.pack(
         socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0

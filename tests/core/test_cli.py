@@ -153,6 +153,7 @@ def run(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> Run:
 def _create_defaults(**fields: Any) -> dict[str, Any]:
     base = {"subnet": None, "gateway": None, "ip_range": None, "internal": False, "icc": True}
     base |= {"masquerade": True, "mtu": None, "bridge": None, "labels": {}, "aux_addresses": {}}
+    base |= {"ipv6": False, "subnet6": None, "gateway6": None}
     return base | fields
 
 
@@ -183,6 +184,9 @@ def test_network_create_all_options(daemon: FakeDaemon, run: Run) -> None:
                 "bridge": "br-custom",
                 "labels": {"tier": "web", "team": ""},
                 "aux_addresses": {"gw2": "10.5.0.9"},
+                "ipv6": False,
+                "subnet6": None,
+                "gateway6": None,
             },
         )
     ]
@@ -247,10 +251,10 @@ def test_connect_disconnect_params(daemon: FakeDaemon, run: Run) -> None:
     assert daemon.requests == [
         ("endpoint.connect",
          {"network": "frontend", "netns": "web1", "ip": "172.18.0.9", "mac": "02:00:00:00:00:09",
-          "ports": []}),
+          "ports": [], "ip6": None}),
         ("endpoint.connect",
          {"network": "frontend", "netns": "/proc/42/ns/net", "ip": None, "mac": None,
-          "ports": []}),
+          "ports": [], "ip6": None}),
         ("endpoint.disconnect", {"network": "frontend", "netns": "web1", "force": True}),
         ("endpoint.disconnect", {"network": "frontend", "netns": "web1", "force": False}),
     ]  # fmt: skip
@@ -262,9 +266,9 @@ def test_run_prints_ip_and_sends_defaults(daemon: FakeDaemon, run: Run) -> None:
     assert run("run", "--network", "frontend", "--ip", "172.18.0.2", "--mac", "02:42:ac:12:00:02",
                "web1") == (0, "172.18.0.2\n", "")  # fmt: skip
     assert daemon.params("sandbox.run") == [
-        {"name": "web1", "network": "bridge", "ip": None, "mac": None, "ports": []},
+        {"name": "web1", "network": "bridge", "ip": None, "mac": None, "ports": [], "ip6": None},
         {"name": "web1", "network": "frontend", "ip": "172.18.0.2", "mac": "02:42:ac:12:00:02",
-         "ports": []},
+         "ports": [], "ip6": None},
     ]  # fmt: skip
 
 

@@ -32,6 +32,7 @@ def pm(hp: int, cp: int, proto: str = "tcp", host_ip: str = "") -> PortMapping:
         ("0.0.0.0:1:65535", [pm(1, 65535)]),
         (":8080:80", [pm(8080, 80)]),
         ("8000-8002:80-82", [pm(8000, 80), pm(8001, 81), pm(8002, 82)]),
+        ("[FD00::0001]:53:53/udp", [pm(53, 53, "udp", "fd00::1")]),
     ],
 )
 def test_parse(spec: str, expected: list[PortMapping]) -> None:
@@ -51,7 +52,9 @@ def test_parse(spec: str, expected: list[PortMapping]) -> None:
         ("8080:", "expected [HOST_IP:]"),
         ("x:80", "invalid port"),
         ("999.1.1.1:80:80", "invalid host address"),
-        ("[::1]:80:80", "invalid host address"),
+        ("::1:80:80", "invalid host address"),
+        ("[::]:80:80", "cannot receive"),
+        ("[10.0.0.1]:80:80", "invalid host address"),
         ("224.0.0.1:80:80", "cannot receive"),
         ("8000-8001:80", "differ in size"),
         ("8002-8000:80-82", "invalid port range"),

@@ -37,11 +37,14 @@ class FakeKernel:
         self.dying: set[str] = set()
         self.reap_gate: trio.Event | None = None
 
-    async def ensure_bridge(self, *, name, alias, address, mtu=1500) -> int:
+    async def ensure_bridge(self, *, name, alias, address, mtu=1500, address6=None) -> int:
         self.bridges[name] = address
         return len(self.bridges)
 
-    async def delete_bridge(self, name, address=None, *, retire=False) -> bool:
+    async def set_ip6_forward(self) -> None:
+        self.ip6_forward = True
+
+    async def delete_bridge(self, name, address=None, address6=None, *, retire=False) -> bool:
         return self.bridges.pop(name, None) is not None
 
     async def attach(self, **kw) -> None:

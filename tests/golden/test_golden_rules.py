@@ -16,6 +16,7 @@ import itertools
 import os
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from agent.core import naming, rules
@@ -106,11 +107,39 @@ def test_diff_publish_and_unpublish() -> None:
                                                             rules.render([net]))))  # fmt: skip
 
 
+def dual_stack(n: int, **options: bool) -> Network:
+    base = network(n, **options)
+    return msgspec.structs.replace(
+        base, ipv6=True, subnet6=f"fd12:3456:789a:{n}::/64", gateway6=f"fd12:3456:789a:{n}::1"
+    )
+
+
+@pytest.mark.parametrize(("internal", "icc", "masquerade"), COMBOS)
+def test_full_ipv6_ruleset_with_ports(internal: bool, icc: bool, masquerade: bool) -> None:
+    """ip6tables: dual-stack networks only, IPv6 ports only where the host address allows."""
+    options = {"internal": internal, "icc": icc, "masquerade": masquerade}
+    nets = [dual_stack(1, **options), dual_stack(2, **options), network(3, **options)]
+    specs = [("tcp", 8080, 80, ""), ("udp", 9090, 90, "fd00::1"), ("tcp", 7070, 70, "10.0.0.1")]
+    eps = [
+        msgspec.structs.replace(
+            published(nets[0], "172.18.0.3", *specs), ip6="fd12:3456:789a:1::3"
+        ),
+        msgspec.structs.replace(
+            published(nets[1], "172.19.0.2", ("tcp", 8081, 80, "")), ip6="fd12:3456:789a:2::2"
+        ),
+        published(nets[2], "172.20.0.2", ("tcp", 8082, 80, "")),  # IPv4-only network
+    ]
+    name = f"ipv6_internal-{int(internal)}_icc-{int(icc)}_masq-{int(masquerade)}.rules"
+    check(name, serialize(rules.full(rules.render(nets, eps, family=6))))
+    v4 = serialize(rules.full(rules.render(nets, eps)))
+    assert "fd00::1" not in v4 and "fd12" not in v4 and ("8080" in v4) != internal
+
+
 def test_no_stray_golden_files() -> None:
     expected = {
         f"{kind}_internal-{int(i)}_icc-{int(c)}_masq-{int(m)}.rules"
         for i, c, m in COMBOS
-        for kind in ("full", "ports")
+        for kind in ("full", "ports", "ipv6")
     } | {
         "diff_add_network.rules",
         "diff_remove_network.rules",
