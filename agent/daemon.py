@@ -38,7 +38,9 @@ log = get_logger("agent.daemon")
 DEFAULT_SOCKET = "/run/netagent/agent.sock"
 DEFAULT_STATE_DIR = "/var/lib/netagent"
 SHUTDOWN_GRACE = 5.0  # seconds for in-flight answers to be sent after the last change applied
-EVENT_QUEUE = 4096  # kernel events buffered for the reconciler; past it: Overflow, then resync
+# kernel events buffered for the reconciler (a few hundred bytes each); past it: Overflow,
+# then a full resync. Sized for bursts of thousands of attaches at once.
+EVENT_QUEUE = 65536
 
 
 class Namespaces:

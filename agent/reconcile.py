@@ -77,6 +77,8 @@ class Reconciler:
         return self.svc.topo.endpoint_of_veth(name)
 
     async def _on_link(self, ev: Any) -> None:
+        if ev.group == naming.DYING_GROUP:  # retired by the agent itself, deleted by its reaper
+            return
         if ev.action == "del":
             if self._endpoint_of_veth(ev.name) is not None:
                 ep = await self.svc.release_vanished(ev.name)

@@ -47,21 +47,35 @@ class CniBridge:
         self.dir = Path(tempfile.mkdtemp(prefix="cni-", dir=workdir))
         gateway = subnet.rsplit(".", 2)[0] + ".0.1"
         conf = {
-            "cniVersion": "1.0.0", "name": "bench", "type": "bridge", "bridge": "cni-bench0",
-            "isGateway": True, "ipMasq": True, "hairpinMode": True,
-            "ipam": {"type": "host-local", "dataDir": str(self.dir / "ipam"),
-                     "routes": [{"dst": "0.0.0.0/0"}],
-                     "ranges": [[{"subnet": subnet, "gateway": gateway}]]},
+            "cniVersion": "1.0.0",
+            "name": "bench",
+            "type": "bridge",
+            "bridge": "cni-bench0",
+            "isGateway": True,
+            "ipMasq": True,
+            "hairpinMode": True,
+            "ipam": {
+                "type": "host-local",
+                "dataDir": str(self.dir / "ipam"),
+                "routes": [{"dst": "0.0.0.0/0"}],
+                "ranges": [[{"subnet": subnet, "gateway": gateway}]],
+            },
         }
         self.conf = json.dumps(conf).encode()
         self.host_path = host_path
 
     def _run(self, command: str, cid: str, netns_path: str) -> None:
-        env = {"PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-               "CNI_COMMAND": command, "CNI_CONTAINERID": cid, "CNI_NETNS": netns_path,
-               "CNI_IFNAME": "eth0", "CNI_PATH": CNI_DIR}
-        r = subprocess.run([f"{CNI_DIR}/bridge"], input=self.conf, env=env, capture_output=True,
-                           timeout=60)
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "CNI_COMMAND": command,
+            "CNI_CONTAINERID": cid,
+            "CNI_NETNS": netns_path,
+            "CNI_IFNAME": "eth0",
+            "CNI_PATH": CNI_DIR,
+        }
+        r = subprocess.run(
+            [f"{CNI_DIR}/bridge"], input=self.conf, env=env, capture_output=True, timeout=60
+        )
         if r.returncode != 0:
             raise RuntimeError(f"cni {command} {cid}: {r.stdout[:300]!r} {r.stderr[:300]!r}")
 
@@ -81,27 +95,38 @@ class Netavark:
         self.dir = Path(tempfile.mkdtemp(prefix="netavark-", dir=workdir))
         self.prefix = prefix
         self.info = {
-            "name": "pnet1", "id": NETAVARK_NET_ID, "driver": "bridge",
+            "name": "pnet1",
+            "id": NETAVARK_NET_ID,
+            "driver": "bridge",
             "network_interface": "podman1",
             "subnets": [{"subnet": f"{prefix}.0.0/16", "gateway": f"{prefix}.0.1"}],
-            "ipv6_enabled": False, "internal": False, "dns_enabled": False,
+            "ipv6_enabled": False,
+            "internal": False,
+            "dns_enabled": False,
             "ipam_options": {"driver": "host-local"},
         }
         self.host_path = host_path
 
     def options(self, cid: str, slot: int) -> bytes:
         ip = f"{self.prefix}.{1 + slot // 250}.{2 + slot % 250}"
-        return json.dumps({
-            "container_id": cid, "container_name": cid,
-            "networks": {"pnet1": {"interface_name": "eth0", "static_ips": [ip]}},
-            "network_info": {"pnet1": self.info},
-        }).encode()
+        return json.dumps(
+            {
+                "container_id": cid,
+                "container_name": cid,
+                "networks": {"pnet1": {"interface_name": "eth0", "static_ips": [ip]}},
+                "network_info": {"pnet1": self.info},
+            }
+        ).encode()
 
     def _run(self, verb: str, cid: str, netns_path: str, slot: int) -> None:
         env = dict(os.environ, NETAVARK_FW="iptables")
-        r = subprocess.run([NETAVARK, "--config", str(self.dir), verb, netns_path],
-                           input=self.options(cid, slot), env=env, capture_output=True,
-                           timeout=60)
+        r = subprocess.run(
+            [NETAVARK, "--config", str(self.dir), verb, netns_path],
+            input=self.options(cid, slot),
+            env=env,
+            capture_output=True,
+            timeout=60,
+        )
         if r.returncode != 0:
             raise RuntimeError(f"netavark {verb} {cid}: {r.stderr[:400]!r}")
 
@@ -160,8 +185,14 @@ class Floor:
     def attach(self, cid: str, netns_path: str, slot: int = 0) -> None:
         fd = os.open(netns_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            self.ipr.link("add", ifname=f"vf{cid[-10:]}", kind="veth", master=self.bridge,
-                          state="up", peer={"ifname": "eth0", "net_ns_fd": fd})
+            self.ipr.link(
+                "add",
+                ifname=f"vf{cid[-10:]}",
+                kind="veth",
+                master=self.bridge,
+                state="up",
+                peer={"ifname": "eth0", "net_ns_fd": fd},
+            )
         finally:
             os.close(fd)
         problem: list[BaseException] = []
@@ -254,8 +285,10 @@ def report(contenders: list[Contender]) -> dict[str, Any]:
     """Print the table and ratios; return the JSON results."""
     results: dict[str, Any] = {}
     for con in contenders:
-        results[con.name] = {"attach": c.summarize(con.attach_s),
-                             "detach": c.summarize(con.detach_s)}
+        results[con.name] = {
+            "attach": c.summarize(con.attach_s),
+            "detach": c.summarize(con.detach_s),
+        }
     base = results.get("netagent")
     rows = []
     for name, r in results.items():
@@ -263,10 +296,39 @@ def report(contenders: list[Contender]) -> dict[str, Any]:
         ra = c.ratio(a.get("p50"), base["attach"].get("p50")) if base else None
         rd = c.ratio(d.get("p50"), base["detach"].get("p50")) if base else None
         r["ratio_vs_netagent"] = {"attach_p50": ra, "detach_p50": rd}
-        rows.append([name, a["p50"], a["p90"], a["p99"], a["mean"],
-                     d["p50"], d["p90"], d["p99"], d["mean"], ra, rd])
-    print(c.table(["contender (ms)", "att p50", "att p90", "att p99", "att mean",
-                   "det p50", "det p90", "det p99", "det mean", "att x", "det x"], rows))
+        rows.append(
+            [
+                name,
+                a["p50"],
+                a["p90"],
+                a["p99"],
+                a["mean"],
+                d["p50"],
+                d["p90"],
+                d["p99"],
+                d["mean"],
+                ra,
+                rd,
+            ]
+        )
+    print(
+        c.table(
+            [
+                "contender (ms)",
+                "att p50",
+                "att p90",
+                "att p99",
+                "att mean",
+                "det p50",
+                "det p90",
+                "det p99",
+                "det mean",
+                "att x",
+                "det x",
+            ],
+            rows,
+        )
+    )
     print("x = contender p50 / netagent p50 (above 1: netagent is faster)")
     return results
 
@@ -276,8 +338,11 @@ def main() -> None:
     ap = c.base_parser("attach", __doc__)
     ap.add_argument("--trials", type=int, default=200, help="measured trials per contender")
     ap.add_argument("--warmup", type=int, default=5, help="unrecorded trials first")
-    ap.add_argument("--only", default="netagent,cni-bridge,netavark,floor",
-                    help="comma-separated contenders (default: %(default)s)")
+    ap.add_argument(
+        "--only",
+        default="netagent,cni-bridge,netavark,floor",
+        help="comma-separated contenders (default: %(default)s)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.trials, args.warmup = min(args.trials, 20), 2
@@ -292,11 +357,12 @@ def main() -> None:
                 skipped[con.name] = f"keeper: {type(exc).__name__}: {exc}"
                 contenders.remove(con)
         total = args.warmup + args.trials
-        names = {con.name: [f"c{k}n{i}" for i in range(total)]
-                 for k, con in enumerate(contenders)}
+        names = {con.name: [f"c{k}n{i}" for i in range(total)] for k, con in enumerate(contenders)}
         setup_s = c.add_netns([n for ns in names.values() for n in ns])
-        print(f"{len(contenders)} contenders, {args.trials} trials (+{args.warmup} warm-up), "
-              f"{sum(map(len, names.values()))} namespaces made in {setup_s:.1f} s")
+        print(
+            f"{len(contenders)} contenders, {args.trials} trials (+{args.warmup} warm-up), "
+            f"{sum(map(len, names.values()))} namespaces made in {setup_s:.1f} s"
+        )
         for i in range(total):
             for con in contenders:
                 con.trial(f"bench{i:08d}", f"/run/netns/{names[con.name][i]}", i >= args.warmup)

@@ -69,8 +69,7 @@ def churn(loops: list[Loop], duration: float) -> dict[str, Any]:
     """Run every loop in its own thread for `duration` seconds; summarise."""
     start = threading.Barrier(len(loops) + 1)
     deadline: list[float] = [0.0]
-    threads = [threading.Thread(target=lp.run, args=(start, deadline), daemon=True)
-               for lp in loops]
+    threads = [threading.Thread(target=lp.run, args=(start, deadline), daemon=True) for lp in loops]
     for t in threads:
         t.start()
     deadline[0] = time.perf_counter() + duration
@@ -83,10 +82,14 @@ def churn(loops: list[Loop], duration: float) -> dict[str, Any]:
     detach = [s for lp in loops for s in lp.detach_s]
     errors = [e for lp in loops for e in lp.errors]
     return {
-        "clients": len(loops), "elapsed_s": round(elapsed, 3), "cycles": len(attach),
+        "clients": len(loops),
+        "elapsed_s": round(elapsed, 3),
+        "cycles": len(attach),
         "cycles_per_s": round(len(attach) / elapsed, 2),
-        "attach": c.summarize(attach), "detach": c.summarize(detach),
-        "errors": len(errors), "first_error": errors[0][:300] if errors else None,
+        "attach": c.summarize(attach),
+        "detach": c.summarize(detach),
+        "errors": len(errors),
+        "first_error": errors[0][:300] if errors else None,
     }
 
 
@@ -136,8 +139,11 @@ def main() -> None:
     ap = c.base_parser("churn", __doc__)
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per contender")
-    ap.add_argument("--only", default="netagent,cni-bridge,netavark",
-                    help="comma-separated contenders (default: %(default)s)")
+    ap.add_argument(
+        "--only",
+        default="netagent,cni-bridge,netavark",
+        help="comma-separated contenders (default: %(default)s)",
+    )
     args = ap.parse_args()
     if args.quick:
         args.duration = min(args.duration, 3.0)
@@ -164,13 +170,39 @@ def main() -> None:
             print(f"skipped {name}: {r['skipped']}")
             continue
         r["netagent_speedup"] = c.ratio(base, r["cycles_per_s"])
-        rows.append([name, r["cycles_per_s"], r["cycles"], r["attach"].get("p50"),
-                     r["attach"].get("p99"), r["detach"].get("p50"), r["detach"].get("p99"),
-                     r["errors"], r["veths_left"], r["netagent_speedup"]])
+        rows.append(
+            [
+                name,
+                r["cycles_per_s"],
+                r["cycles"],
+                r["attach"].get("p50"),
+                r["attach"].get("p99"),
+                r["detach"].get("p50"),
+                r["detach"].get("p99"),
+                r["errors"],
+                r["veths_left"],
+                r["netagent_speedup"],
+            ]
+        )
         if r["first_error"]:
             print(f"{name}: first error: {r['first_error']}")
-    print(c.table(["contender", "cycles/s", "cycles", "att p50", "att p99", "det p50",
-                   "det p99", "errors", "veths left", "netagent x"], rows))
+    print(
+        c.table(
+            [
+                "contender",
+                "cycles/s",
+                "cycles",
+                "att p50",
+                "att p99",
+                "det p50",
+                "det p99",
+                "errors",
+                "veths left",
+                "netagent x",
+            ],
+            rows,
+        )
+    )
     print("latencies in ms; netagent x = netagent cycles/s / contender cycles/s")
     c.write_json(args.json, "churn", args, results)
 

@@ -8,10 +8,16 @@ the venv's `agentctl --socket S ...`, run `--repeats` times, interleaved (one of
 again). `network create` / `network rm` alternate on the same name, so every create is followed
 by its rm. The venv interpreter doing nothing (`python -c pass`, and with `-I -S`) is measured
 alongside as the floor of any Python CLI.
+
+Bytecode: an installed package has `.pyc` files; a source tree run with
+PYTHONDONTWRITEBYTECODE=1 (as in this project's sandbox) recompiles every `agent` module on
+each run (~10 ms for agentctl's). Set PYTHONPYCACHEPREFIX=DIR and unset PYTHONDONTWRITEBYTECODE
+to measure the installed case; the variables in effect are printed and saved with the results.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +28,8 @@ from typing import Any
 import _common as c
 
 from agent.api import protocol as p
+
+BYTECODE_ENV = ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX", "PYTHONPATH")
 
 
 def commands(sock: str) -> dict[str, list[str]]:
@@ -54,8 +62,9 @@ def populate(agentd: c.Agentd, networks: int, endpoints: int) -> None:
     names = [f"cl{i}" for i in range(endpoints)]
     c.add_netns(names)
     for i, name in enumerate(names):
-        client.call("endpoint.connect", c.connect_params(f"n{i % max(1, networks)}",
-                                                         f"/run/netns/{name}"))
+        client.call(
+            "endpoint.connect", c.connect_params(f"n{i % max(1, networks)}", f"/run/netns/{name}")
+        )
 
 
 def main() -> None:
@@ -83,12 +92,18 @@ def main() -> None:
         agentd.close()
         shutil.rmtree(workdir, ignore_errors=True)
     results: dict[str, Any] = {k: c.summarize(v) for k, v in samples.items()}
-    print(f"{args.repeats} repeats; agentd with {args.networks + 1} networks, "
-          f"{args.endpoints} endpoints")
-    print(c.table(["command (ms)", "median", "p90", "mean", "min", "max"],
-                  [[k, v["p50"], v["p90"], v["mean"], v["min"], v["max"]]
-                   for k, v in results.items()]))
-    c.write_json(args.json, "cli", args, results)
+    conditions = {k: os.environ.get(k) for k in BYTECODE_ENV}
+    print(
+        f"{args.repeats} repeats; agentd with {args.networks + 1} networks, "
+        f"{args.endpoints} endpoints; {conditions}"
+    )
+    print(
+        c.table(
+            ["command (ms)", "median", "p90", "mean", "min", "max"],
+            [[k, v["p50"], v["p90"], v["mean"], v["min"], v["max"]] for k, v in results.items()],
+        )
+    )
+    c.write_json(args.json, "cli", args, {"conditions": conditions, **results})
 
 
 if __name__ == "__main__":

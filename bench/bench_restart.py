@@ -32,7 +32,9 @@ PING_RE = re.compile(r"(\d+) packets transmitted, (\d+) received")
 def start_ping(src: str, dst_ip: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         ["nsenter", f"--net=/run/netns/{src}", "ping", "-i", "0.01", "-W", "1", "-q", dst_ip],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
 
 
@@ -62,10 +64,16 @@ def one_restart(agentd: c.Agentd, dst_ip: str, margin: float) -> dict[str, Any]:
     time.sleep(margin)
     sent, received = stop_ping(ping)
     after = counts(agentd)
-    return {"stop_s": round(stop_s, 3), "start_to_ready_s": round(ready_s, 3),
-            "sigterm_to_ready_s": round(down_s, 3), "pings_sent": sent,
-            "pings_lost": sent - received, "state_kept": before == after,
-            "networks": after[0], "endpoints": after[1]}
+    return {
+        "stop_s": round(stop_s, 3),
+        "start_to_ready_s": round(ready_s, 3),
+        "sigterm_to_ready_s": round(down_s, 3),
+        "pings_sent": sent,
+        "pings_lost": sent - received,
+        "state_kept": before == after,
+        "networks": after[0],
+        "endpoints": after[1],
+    }
 
 
 def setup(agentd: c.Agentd, args: Any) -> tuple[dict[str, Any], str]:
@@ -75,7 +83,8 @@ def setup(agentd: c.Agentd, args: Any) -> tuple[dict[str, Any], str]:
     fill_networks(client, 0, max(1, args.networks))
     out: dict[str, Any] = {"networks_setup_s": round(time.perf_counter() - t0, 2)}
     if args.endpoints:
-        out["endpoints"] = fill_endpoints(agentd, args.endpoints)
+        spread = [f"s{k}" for k in range(max(1, args.networks))]  # 10 each at 1,000 / 10,000
+        out["endpoints"] = fill_endpoints(agentd, args.endpoints, spread)
     c.add_netns(["ping-a", "ping-b"])
     client.call("endpoint.connect", c.connect_params("s0", "/run/netns/ping-a"))
     ep = client.call("endpoint.connect", c.connect_params("s0", "/run/netns/ping-b"))
@@ -100,8 +109,11 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=0.5, help="ping seconds before and after")
     args = ap.parse_args()
     if args.quick:
-        args.networks, args.endpoints, args.restarts = min(args.networks, 20), \
-            min(args.endpoints, 100), 1
+        args.networks, args.endpoints, args.restarts = (
+            min(args.networks, 20),
+            min(args.endpoints, 100),
+            1,
+        )
     workdir = Path(tempfile.mkdtemp(prefix="bench-restart-"))
     agentd = c.Agentd("h-restart", "--pool", "10.0.0.0/8:24", workdir=workdir)
     try:
@@ -112,17 +124,41 @@ def main() -> None:
     finally:
         agentd.close()
         shutil.rmtree(workdir, ignore_errors=True)
-    print(f"{args.networks} networks (+ default), {args.endpoints} endpoints (+2 pinging); "
-          f"setup: networks {state['networks_setup_s']} s, endpoints "
-          f"{state.get('endpoints', {}).get('connect_setup_s', 0)} s; RSS {state['rss_mb']} MiB")
-    print(c.table(["restart", "stop s", "start->ready s", "SIGTERM->ready s", "pings sent",
-                   "pings lost", "state kept"],
-                  [[i + 1, r["stop_s"], r["start_to_ready_s"], r["sigterm_to_ready_s"],
-                    r["pings_sent"], r["pings_lost"], r["state_kept"]]
-                   for i, r in enumerate(runs)]))
+    print(
+        f"{args.networks} networks (+ default), {args.endpoints} endpoints (+2 pinging); "
+        f"setup: networks {state['networks_setup_s']} s, endpoints "
+        f"{state.get('endpoints', {}).get('connect_setup_s', 0)} s; RSS {state['rss_mb']} MiB"
+    )
+    print(
+        c.table(
+            [
+                "restart",
+                "stop s",
+                "start->ready s",
+                "SIGTERM->ready s",
+                "pings sent",
+                "pings lost",
+                "state kept",
+            ],
+            [
+                [
+                    i + 1,
+                    r["stop_s"],
+                    r["start_to_ready_s"],
+                    r["sigterm_to_ready_s"],
+                    r["pings_sent"],
+                    r["pings_lost"],
+                    r["state_kept"],
+                ]
+                for i, r in enumerate(runs)
+            ],
+        )
+    )
     if args.networks < 1000 or args.endpoints < 10000:
-        print("note: targets are stated for 1,000 networks / 10,000 endpoints; "
-              "pass --networks 1000 --endpoints 10000 (takes longer)")
+        print(
+            "note: targets are stated for 1,000 networks / 10,000 endpoints; "
+            "pass --networks 1000 --endpoints 10000 (takes longer)"
+        )
     c.write_json(args.json, "restart", args, {"setup": state, "restarts": runs})
 
 

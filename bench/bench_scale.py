@@ -10,9 +10,12 @@ one Client connection:
 2. attach/detach latency (`--attach-trials`, fresh namespace each) to network `s0` with 1 network,
    then 100, then `--networks` networks present (the networks are made between stages; their
    create latency is recorded too, so the cost of the N-th create shows);
-3. the same with `--endpoints` more endpoints present, spread over extra /22 networks of at
-   most 1,000 endpoints (a Linux bridge takes 1,024 ports), as many namespaces made with one
-   `ip -b` batch and connected by 4 client threads; and agentd's RSS.
+3. the same with `--endpoints` more endpoints present, spread round robin over the networks
+   already there (10 per network at 1,000 / 10,000, as on a CI host with many small networks;
+   `--crowded` puts them on extra /22 networks of 1,000 endpoints each instead: a Linux bridge
+   takes at most 1,024 ports, and every port added costs the kernel work proportional to the
+   bridge's size), as many namespaces made with one `ip -b` batch and connected by 4 client
+   threads; and agentd's RSS.
 Setup times are reported: at 10,000 endpoints most of the run is building the state.
 """
 
@@ -37,17 +40,20 @@ def timed(client: Any, method: str, params: Any) -> float:
 
 
 def create_remove(client: Any, trials: int) -> dict[str, Any]:
-    create = [timed(client, "network.create", p.NetworkCreate(name=f"cr{i}"))
-              for i in range(trials)]
-    remove = [timed(client, "network.remove", p.NetworkRemove(network=f"cr{i}"))
-              for i in range(trials)]
+    create = [
+        timed(client, "network.create", p.NetworkCreate(name=f"cr{i}")) for i in range(trials)
+    ]
+    remove = [
+        timed(client, "network.remove", p.NetworkRemove(network=f"cr{i}")) for i in range(trials)
+    ]
     return {"create": c.summarize(create), "remove": c.summarize(remove)}
 
 
 def fill_networks(client: Any, first: int, upto: int) -> list[float]:
     """Create networks s{first}..s{upto-1}; their create latencies."""
-    return [timed(client, "network.create", p.NetworkCreate(name=f"s{i}"))
-            for i in range(first, upto)]
+    return [
+        timed(client, "network.create", p.NetworkCreate(name=f"s{i}")) for i in range(first, upto)
+    ]
 
 
 class AttachProbe:
@@ -67,23 +73,31 @@ class AttachProbe:
             path = f"/run/netns/{self.names[self.next]}"
             self.next += 1
             attach.append(timed(self.client, "endpoint.connect", c.connect_params("s0", path)))
-            detach.append(timed(self.client, "endpoint.disconnect",
-                                c.disconnect_params("s0", path)))
-        return {"attach": c.summarize(attach[self.WARMUP:]),
-                "detach": c.summarize(detach[self.WARMUP:])}
+            detach.append(
+                timed(self.client, "endpoint.disconnect", c.disconnect_params("s0", path))
+            )
+        return {
+            "attach": c.summarize(attach[self.WARMUP :]),
+            "detach": c.summarize(detach[self.WARMUP :]),
+        }
 
 
 PER_BRIDGE = 1000  # a Linux bridge takes at most 1,024 ports (BR_MAX_PORTS): EXFULL past that
 
 
-def fill_endpoints(agentd: c.Agentd, count: int, threads: int = 4) -> dict[str, Any]:
-    """`count` namespaces connected to networks big0, big1... (/22 each, <= PER_BRIDGE
-    endpoints per network); setup timings."""
+def fill_endpoints(
+    agentd: c.Agentd, count: int, spread: list[str] | None, threads: int = 4
+) -> dict[str, Any]:
+    """`count` namespaces connected round robin to the networks `spread`, or (None) to networks
+    big0, big1... (/22 each, <= PER_BRIDGE endpoints per network); setup timings."""
     client = agentd.client()
-    nets = [f"big{k}" for k in range(-(-count // PER_BRIDGE))]
-    for k, net in enumerate(nets):
-        subnet = f"100.{64 + k // 64}.{(k % 64) * 4}.0/22"
-        client.call("network.create", p.NetworkCreate(name=net, subnet=subnet))
+    if spread:
+        nets = spread
+    else:
+        nets = [f"big{k}" for k in range(-(-count // PER_BRIDGE))]
+        for k, net in enumerate(nets):
+            subnet = f"100.{64 + k // 64}.{(k % 64) * 4}.0/22"
+            client.call("network.create", p.NetworkCreate(name=net, subnet=subnet))
     names = [f"e{i}" for i in range(count)]
     netns_s = c.add_netns(names)
     errors: list[str] = []
@@ -92,23 +106,29 @@ def fill_endpoints(agentd: c.Agentd, count: int, threads: int = 4) -> dict[str, 
         client = agentd.client()
         for i in part:
             try:
-                client.call("endpoint.connect", c.connect_params(
-                    nets[i // PER_BRIDGE], f"/run/netns/{names[i]}"))
+                net = nets[i % len(nets)] if spread else nets[i // PER_BRIDGE]
+                client.call("endpoint.connect", c.connect_params(net, f"/run/netns/{names[i]}"))
             except Exception as exc:
                 errors.append(f"{names[i]}: {exc}")
 
     t0 = time.perf_counter()
-    workers = [threading.Thread(target=work, args=(range(k, count, threads),))
-               for k in range(threads)]
+    workers = [
+        threading.Thread(target=work, args=(range(k, count, threads),)) for k in range(threads)
+    ]
     for w in workers:
         w.start()
     for w in workers:
         w.join()
     connect_s = time.perf_counter() - t0
-    return {"count": count, "networks": len(nets), "netns_setup_s": round(netns_s, 2),
-            "connect_setup_s": round(connect_s, 2),
-            "connects_per_s": round(count / connect_s, 1) if connect_s else None,
-            "errors": len(errors), "first_error": errors[0] if errors else None}
+    return {
+        "count": count,
+        "networks": len(nets),
+        "netns_setup_s": round(netns_s, 2),
+        "connect_setup_s": round(connect_s, 2),
+        "connects_per_s": round(count / connect_s, 1) if connect_s else None,
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
 
 
 def run(args: Any, workdir: Path) -> dict[str, Any]:
@@ -128,13 +148,14 @@ def run(args: Any, workdir: Path) -> dict[str, Any]:
             stage = probe.stage()
             stage["setup_s"] = round(time.perf_counter() - t0, 2)
             if creates:
-                stage["create_last_10pct"] = c.summarize(creates[-max(1, len(creates) // 10):])
+                stage["create_last_10pct"] = c.summarize(creates[-max(1, len(creates) // 10) :])
             stages[f"{level} network(s)"] = stage
             have = level
             print(f"  {level} network(s): attach p50 {stage['attach']['p50']} ms", flush=True)
         out["rss_mb"][f"{have} network(s)"] = round(agentd.rss_mb(), 1)
         if args.endpoints:
-            out["endpoints_setup"] = fill_endpoints(agentd, args.endpoints)
+            spread = None if args.crowded else [f"s{k}" for k in range(have)]
+            out["endpoints_setup"] = fill_endpoints(agentd, args.endpoints, spread)
             key = f"{have} network(s) + {args.endpoints} endpoints"
             stages[key] = probe.stage()
             out["rss_mb"][key] = round(agentd.rss_mb(), 1)
@@ -150,38 +171,79 @@ def run(args: Any, workdir: Path) -> dict[str, Any]:
 
 def report(args: Any, out: dict[str, Any]) -> None:
     cr = out["create_remove"]
-    print(c.table(["operation (ms)", "n", "p50", "p90", "p99", "mean"], [
-        [f"network.{k}", v["n"], v["p50"], v["p90"], v["p99"], v["mean"]]
-        for k, v in cr.items()]))
+    print(
+        c.table(
+            ["operation (ms)", "n", "p50", "p90", "p99", "mean"],
+            [
+                [f"network.{k}", v["n"], v["p50"], v["p90"], v["p99"], v["mean"]]
+                for k, v in cr.items()
+            ],
+        )
+    )
     print()
     stages = out["stages"]
     base = stages["1 network(s)"]["attach"]["p50"]
     rows = []
     for name, st in stages.items():
         last = st.get("create_last_10pct", {})
-        rows.append([name, st["attach"]["p50"], st["attach"]["p99"], st["detach"]["p50"],
-                     st["detach"]["p99"], c.ratio(st["attach"]["p50"], base),
-                     last.get("p50"), st.get("setup_s")])
-    print(c.table(["state", "att p50", "att p99", "det p50", "det p99", "att x 1-net",
-                   "create p50 (last 10%)", "setup s"], rows))
+        rows.append(
+            [
+                name,
+                st["attach"]["p50"],
+                st["attach"]["p99"],
+                st["detach"]["p50"],
+                st["detach"]["p99"],
+                c.ratio(st["attach"]["p50"], base),
+                last.get("p50"),
+                st.get("setup_s"),
+            ]
+        )
+    print(
+        c.table(
+            [
+                "state",
+                "att p50",
+                "att p99",
+                "det p50",
+                "det p99",
+                "att x 1-net",
+                "create p50 (last 10%)",
+                "setup s",
+            ],
+            rows,
+        )
+    )
     if "endpoints_setup" in out:
         es = out["endpoints_setup"]
-        print(f"\n{es['count']} endpoints: namespaces in {es['netns_setup_s']} s, connected in "
-              f"{es['connect_setup_s']} s ({es['connects_per_s']}/s, 4 clients, "
-              f"{es['networks']} networks), "
-              f"errors {es['errors']}")
+        print(
+            f"\n{es['count']} endpoints: namespaces in {es['netns_setup_s']} s, connected in "
+            f"{es['connect_setup_s']} s ({es['connects_per_s']}/s, 4 clients, "
+            f"{es['networks']} networks), "
+            f"errors {es['errors']}"
+        )
     print("agentd RSS (MiB): " + ", ".join(f"{k} {v}" for k, v in out["rss_mb"].items()))
     if args.endpoints < 10000 or args.networks < 1000:
-        print(f"note: ran with {args.networks} networks and {args.endpoints} endpoints "
-              "(targets are stated for 1,000 and 10,000; pass --networks/--endpoints)")
+        print(
+            f"note: ran with {args.networks} networks and {args.endpoints} endpoints "
+            "(targets are stated for 1,000 and 10,000; pass --networks/--endpoints)"
+        )
 
 
 def main() -> None:
     c.isolate()
     ap = c.base_parser("scale", __doc__)
     ap.add_argument("--networks", type=int, default=1000)
-    ap.add_argument("--endpoints", type=int, default=2000,
-                    help="target 10,000 (about 5 min here: connects slow down as they grow)")
+    ap.add_argument(
+        "--crowded",
+        action="store_true",
+        help="put the endpoints on networks of 1,000 endpoints each",
+    )
+    ap.add_argument(
+        "--endpoints",
+        type=int,
+        default=2000,
+        help="target 10,000 (about 5 min here: connects slow down as they grow)",
+    )
     ap.add_argument("--create-trials", type=int, default=100)
     ap.add_argument("--attach-trials", type=int, default=50)
     args = ap.parse_args()

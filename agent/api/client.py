@@ -9,26 +9,82 @@ Error handling: an application error on the wire (`error.data.kind`) is raised a
 error (negative code) or an unreadable response as `RemoteProtocolError`; a socket that cannot be
 reached, a daemon that hangs up or does not answer in time as `DaemonUnavailable`.
 
-Import cost matters here (agentctl starts in tens of milliseconds): stdlib, msgspec and the pure
-`agent.api.protocol` / `agent.core` modules only. The socket is the C module `_socket`: the
-`socket` wrapper spends about 2.5 ms of a 45 ms command building IntEnums and importing
-`selectors`, and a blocking connect / sendall / recv is all this client needs.
+Import cost matters here (agentctl's whole budget is ~40 ms, of which the interpreter takes
+~25): stdlib `json` and `agent.core.errors` only. msgspec and `agent.api.protocol` cost ~14 ms
+to import (msgspec pulls in datetime, decimal, uuid, typing...), so params travel as plain
+dicts built by `params()` from `PARAMS`, a copy of the protocol's Structs that the tests check
+field by field against `protocol.METHODS` (the source of truth). msgspec Structs are still
+accepted by `Client.call` (converted with `msgspec.to_builtins`; whoever built one has paid for
+msgspec already). The socket is the C module `_socket`: the `socket` wrapper spends ~2.5 ms
+building IntEnums and importing `selectors`; a blocking connect / sendall / recv is all we need.
 """
 
 from __future__ import annotations
 
 import _socket
+import json
 import os
-from collections.abc import Iterator
-from typing import Any
 
-import msgspec
-
-from agent.api import protocol
 from agent.core.errors import ERRORS_BY_KIND, AgentError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # `typing` costs ~2 ms at run time; annotations are strings here
+    from collections.abc import Iterator
+    from typing import Any
 
 DEFAULT_SOCKET = "/run/netagent/agent.sock"
 SOCKET_ENV = "NETAGENT_SOCKET"
+REQUIRED = "<required>"  # a field without a default in PARAMS
+
+_NET = {"network": REQUIRED}
+# method -> {field: default}, mirroring `agent.api.protocol.METHODS` (checked by the tests).
+PARAMS: dict[str, dict[str, Any]] = {
+    "system.info": {},
+    "system.ruleset": {},
+    "system.reconcile": {},
+    "network.create": {
+        "name": REQUIRED,
+        "subnet": None,
+        "gateway": None,
+        "ip_range": None,
+        "internal": False,
+        "icc": True,
+        "masquerade": True,
+        "mtu": None,
+        "bridge": None,
+        "labels": {},
+        "aux_addresses": {},
+        "ipv6": False,
+        "subnet6": None,
+        "gateway6": None,
+    },
+    "network.list": {"labels": []},
+    "network.inspect": _NET,
+    "network.remove": {**_NET, "force": False},
+    "network.prune": {"labels": []},
+    "endpoint.connect": {
+        **_NET,
+        "netns": REQUIRED,
+        "ip": None,
+        "mac": None,
+        "ports": [],
+        "ip6": None,
+    },
+    "endpoint.disconnect": {**_NET, "netns": REQUIRED, "force": False},
+    "endpoint.list": {"network": None},
+    "sandbox.run": {
+        "name": REQUIRED,
+        "network": "bridge",
+        "ip": None,
+        "mac": None,
+        "ports": [],
+        "ip6": None,
+    },
+    "sandbox.remove": {"name": REQUIRED},
+    "events.subscribe": {"types": []},
+    "port.publish": {"netns": REQUIRED, "ports": REQUIRED, "network": None},
+    "port.unpublish": {"netns": REQUIRED, "ports": REQUIRED, "network": None},
+}
 
 
 class RemoteProtocolError(AgentError):
@@ -50,19 +106,75 @@ def default_socket() -> str:
     return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
 
 
-def error_from_body(body: protocol.ErrorBody) -> AgentError:
-    """Rebuild the exception a JSON-RPC error body stands for."""
-    data = dict(body.data or {})
-    if body.code < 0:
-        exc: AgentError = RemoteProtocolError(body.message)
-        data.setdefault("code", body.code)
+def params(method: str, **fields: Any) -> dict[str, Any]:
+    """The params of `method` as a dict: every field, the given ones over the defaults.
+
+    Raises:
+        KeyError: `method` is not a method of the protocol.
+        TypeError: a field the method does not have, or a required one missing.
+    """
+    spec = PARAMS[method]
+    unknown = fields.keys() - spec.keys()
+    if unknown:
+        raise TypeError(f"{method}: unknown params {sorted(unknown)}")
+    out: dict[str, Any] = {}
+    for name, default in spec.items():
+        if name in fields:
+            out[name] = fields[name]
+        elif default is REQUIRED:
+            raise TypeError(f"{method}: missing param {name!r}")
+        else:
+            out[name] = default.copy() if isinstance(default, (dict, list)) else default
+    return out
+
+
+def error_from_body(body: Any) -> AgentError:
+    """Rebuild the exception a JSON-RPC error body (`{code, message, data}`) stands for."""
+    data = dict(body.get("data") or {})
+    if body["code"] < 0:
+        exc: AgentError = RemoteProtocolError(body["message"])
+        data.setdefault("code", body["code"])
     else:
         kind = data.pop("kind", None)
         cls = ERRORS_BY_KIND.get(kind, AgentError) if isinstance(kind, str) else AgentError
-        exc = cls(body.message)
+        exc = cls(body["message"])
     # Set after construction: the daemon's data may hold a key named "message".
     exc.data = data
     return exc
+
+
+def encode_request(method: str, params: Any, request_id: int) -> bytes:
+    """One request line; `params` is a dict, a msgspec Struct or None (no params)."""
+    if params is None:
+        params = {}
+    elif hasattr(params, "__struct_fields__"):
+        import msgspec  # already loaded by whoever built the Struct
+
+        params = msgspec.to_builtins(params)
+    body = {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+
+
+def decode_response(line: bytes) -> dict[str, Any]:
+    """A response line as a dict with `id` and either `result` or a well-formed `error`.
+
+    Raises:
+        ValueError: not JSON, or not the shape of a JSON-RPC response.
+    """
+    response = json.loads(line)
+    if not isinstance(response, dict):
+        raise ValueError(f"expected an object, got {type(response).__name__}")
+    if not isinstance(response.get("id"), (int, str, type(None))):
+        raise ValueError("bad id")
+    error = response.get("error")
+    if error is not None:
+        ok = isinstance(error, dict) and isinstance(error.get("message"), str)
+        code = error.get("code") if ok else None
+        if not ok or not isinstance(code, int) or isinstance(code, bool):
+            raise ValueError(f"malformed error object: {error!r}")
+        if not isinstance(error.get("data"), (dict, type(None))):
+            raise ValueError(f"malformed error data: {error['data']!r}")
+    return response
 
 
 class Client:
@@ -123,8 +235,12 @@ class Client:
         del buffer[: end + 1]
         return line
 
-    def call(self, method: str, params: msgspec.Struct | None = None) -> Any:
+    def call(self, method: str, params: Any = None) -> Any:
         """Send one request and return its decoded JSON result.
+
+        Args:
+            method: a name of `agent.api.protocol.METHODS`.
+            params: a dict (see `params()`), the method's msgspec Struct, or None for none.
 
         Raises:
             AgentError: the subclass named by the error's `data.kind` (NotFound, Conflict...).
@@ -133,7 +249,7 @@ class Client:
         """
         request_id = self._next_id
         self._next_id += 1
-        line = protocol.encode_request(method, params, request_id)  # type: ignore[arg-type]
+        line = encode_request(method, params, request_id)
         sock = self._sock or self._connect()
         try:
             sock.sendall(line)
@@ -157,7 +273,7 @@ class Client:
             )
         return self._result(answer, request_id)
 
-    def stream(self, method: str, params: msgspec.Struct | None = None) -> Iterator[Any]:
+    def stream(self, method: str, params: Any = None) -> Iterator[Any]:
         """Call a streaming method (`events.subscribe`): yields the params of each notification
         that follows the answer, until the daemon ends the stream or the caller stops."""
         self.call(method, params)
@@ -165,7 +281,7 @@ class Client:
         assert sock is not None
         sock.settimeout(None)  # events may be rare: wait for as long as it takes
         while (line := self._readline(sock)).endswith(b"\n"):
-            note = msgspec.json.decode(line)
+            note = json.loads(line)
             if note.get("method", "").endswith(".closed"):
                 raise DaemonUnavailable(
                     f"agentd ended the stream: {note.get('params', {}).get('reason', '?')}",
@@ -177,15 +293,15 @@ class Client:
 
     def _result(self, answer: bytes, request_id: int) -> Any:
         try:
-            response = protocol.decode_response(answer)
-        except msgspec.DecodeError as exc:
+            response = decode_response(answer)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError included
             self.close()
             raise RemoteProtocolError(f"unreadable response from agentd: {exc}") from exc
-        if response.error is not None:
-            raise error_from_body(response.error)
-        if response.id != request_id:
+        if response.get("error") is not None:
+            raise error_from_body(response["error"])
+        if response.get("id") != request_id:
             self.close()
             raise RemoteProtocolError(
-                f"response id {response.id!r} does not match request id {request_id}"
+                f"response id {response.get('id')!r} does not match request id {request_id}"
             )
-        return response.result
+        return response.get("result")

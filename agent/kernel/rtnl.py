@@ -167,6 +167,15 @@ def retire(name: str, group: int) -> Request:
     return RTM_NEWLINK, NLM_F_ACK, body + attr_u32(IFLA_GROUP, group)
 
 
+def set_group(name: str, group: int) -> Request:
+    """Only move a link into link group `group` (no RCU wait, unlike setting it down)."""
+    return (
+        RTM_NEWLINK,
+        NLM_F_ACK,
+        ifinfo() + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_GROUP, group),
+    )
+
+
 def del_group(group: int) -> Request:
     """Delete every link of link group `group` (ENODEV when there is none)."""
     return RTM_DELLINK, NLM_F_ACK, ifinfo() + attr_u32(IFLA_GROUP, group)

@@ -26,6 +26,7 @@ import msgspec
 import pytest
 
 from agent import cli
+from agent.api import client as client_mod
 from agent.api import protocol
 from agent.api.client import Client, DaemonUnavailable, RemoteProtocolError
 from agent.core.errors import AgentError, Busy, NotFound
@@ -593,7 +594,7 @@ def _clean_env(tmp: str) -> dict[str, str]:
     return env | {"PYTHONPYCACHEPREFIX": os.path.join(tmp, "pycache")}
 
 
-def test_import_graph_is_stdlib_msgspec_and_pure_modules(sockdir: str) -> None:
+def test_import_graph_is_stdlib_and_pure_modules(sockdir: str) -> None:
     script = (
         "import sys, json\n"
         "import agent.cli\n"
@@ -607,14 +608,75 @@ def test_import_graph_is_stdlib_msgspec_and_pure_modules(sockdir: str) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     after_import, after_run = json.loads(proc.stdout)
-    allowed_agent = {"agent", "agent.cli", "agent.api", "agent.api.client", "agent.api.protocol",
-                     "agent.core", "agent.core.model", "agent.core.errors"}  # fmt: skip
+    allowed_agent = {"agent", "agent.cli", "agent.api", "agent.api.client", "agent.core",
+                     "agent.core.errors"}  # fmt: skip
     for modules in (after_import, after_run):
         top = {m.split(".")[0] for m in modules}
         assert not top & {"trio", "pyroute2", "structlog", "sqlite3", "_sqlite3", "outcome"}
         assert {m for m in modules if m.split(".")[0] == "agent"} <= allowed_agent
-    assert "msgspec" not in after_import  # loaded lazily: --help and usage errors skip it
-    assert "msgspec" in after_run
+        # msgspec and the protocol's Structs cost ~14 ms: params travel as dicts (see below)
+        assert "msgspec" not in modules
+    assert "agent.api.client" not in after_import  # loaded lazily: --help skips it
+    assert "agent.api.client" in after_run
+
+
+@pytest.mark.parametrize("method", sorted(protocol.METHODS))
+def test_client_params_mirror_the_protocol(method: str) -> None:
+    """`client.PARAMS` is a copy of the protocol's Structs: same fields, same defaults."""
+    fields = msgspec.structs.fields(protocol.METHODS[method])
+    expected = {
+        f.name: client_mod.REQUIRED if f.required
+        else (f.default_factory() if f.default is msgspec.NODEFAULT else f.default)
+        for f in fields
+    }  # fmt: skip
+    assert client_mod.PARAMS[method] == expected
+    required = {k for k, v in expected.items() if v is client_mod.REQUIRED}
+    given = {k: f"v-{k}" if k != "ports" else ["80:80"] for k in required}
+    built = client_mod.params(method, **given)
+    # What the client sends decodes into the method's Struct and back to the same dict.
+    assert msgspec.to_builtins(msgspec.convert(built, protocol.METHODS[method])) == built
+
+
+def test_client_params_refuse_unknown_and_missing_fields() -> None:
+    with pytest.raises(TypeError, match="unknown params"):
+        client_mod.params("network.list", label=["x"])
+    with pytest.raises(TypeError, match="missing param 'name'"):
+        client_mod.params("network.create")
+    with pytest.raises(KeyError):
+        client_mod.params("network.frobnicate")
+    a, b = client_mod.params("network.list"), client_mod.params("network.list")
+    a["labels"].append("x")
+    assert b == {"labels": []} and client_mod.PARAMS["network.list"] == {"labels": []}
+
+
+def test_client_encodes_structs_and_dicts_alike() -> None:
+    struct = protocol.NetworkCreate(name="n", labels={"a": "é"}, mtu=1400)
+    as_dict = client_mod.params("network.create", name="n", labels={"a": "é"}, mtu=1400)
+    line = client_mod.encode_request("network.create", struct, 7)
+    assert line == client_mod.encode_request("network.create", as_dict, 7)
+    assert line == protocol.encode_request("network.create", struct, 7)  # byte for byte
+    request, decoded = protocol.decode_request(line)
+    assert (request.method, request.id, decoded) == ("network.create", 7, struct)
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b'{"jsonrpc":"2.0","id":1,"error":{"code":"x","message":"m"}}\n',
+        b'{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":2}}\n',
+        b'{"jsonrpc":"2.0","id":1,"error":{"code":1,"message":"m","data":[1]}}\n',
+        b'{"jsonrpc":"2.0","id":1,"error":"boom"}\n',
+        b'{"jsonrpc":"2.0","id":[1],"result":1}\n',
+        b"[1]\n",
+        b"\xff\n",
+    ],
+)
+def test_malformed_responses_are_protocol_errors(line: bytes) -> None:
+    with pytest.raises(ValueError):
+        client_mod.decode_response(line)
+    client = Client("/nonexistent")
+    with pytest.raises(RemoteProtocolError, match="unreadable response from agentd"):
+        client._result(line, 1)
 
 
 def test_startup_time(daemon: FakeDaemon, sockdir: str) -> None:
