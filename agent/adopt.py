@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
+from typing import Any
 
 from agent.core import naming
 from agent.core.errors import AgentError
@@ -58,7 +59,8 @@ async def adopt(
     if any(net.ipv6 for net in state.networks):
         await kernel.set_ip6_forward()
 
-    present: dict[str, object] = {}  # endpoint id -> its host link seen in the kernel
+    present: dict[str, Any] = {}  # endpoint id -> its host link seen in the kernel
+    stored = {e.id for e in state.endpoints}
     for link in owned_links:
         owner = naming.parse_alias(link.alias)
         if owner is None:  # our link group but no alias yet: a create interrupted by a crash
@@ -72,23 +74,34 @@ async def adopt(
         if kind == "net" and ident not in topo.networks:
             await kernel.delete_bridge(link.name)
             report.leftovers_deleted.append(link.name)
-        elif kind == "ep" and not any(e.id == ident for e in state.endpoints):
+        elif kind == "ep" and ident not in stored:
             await kernel.detach(link.name)
             report.leftovers_deleted.append(link.name)
         elif kind == "ep":
             present[ident] = link
 
     bridges: dict[str, int] = {}  # network id -> bridge ifindex
+    by_name = {link.name: link for link in owned_links}
     for net in topo.networks.values():
         prefix = ipaddress.IPv4Network(net.subnet).prefixlen
+        gateway = f"{net.gateway}/{prefix}"
+        link = by_name.get(net.bridge)
+        if (
+            link is not None
+            and link.kind == "bridge"
+            and gateway in link.addresses
+            and not (net.ipv6)
+        ):  # intact (the dump says so): no netlink round trip per network at start-up
+            bridges[net.id] = link.index
+            continue
         bridges[net.id] = await kernel.ensure_bridge(
             name=net.bridge,
             alias=naming.bridge_alias(net.id),
-            address=f"{net.gateway}/{prefix}",
+            address=gateway,
             mtu=net.mtu,
             address6=gateway6_cidr(net),
         )
-        if not any(link.index == bridges[net.id] for link in owned_links):
+        if link is None:
             report.bridges_restored.append(net.bridge)
 
     for ep in state.endpoints:

@@ -126,14 +126,18 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 await nursery.start(serve_nft_changes, nft_send)
             await kernel.set_ip_forward()
             await kernel.reap()  # links a crash left retired (cut off, not yet deleted)
+            phases = {"load": time.monotonic() - started}
             topo = Topology(accel.Bitmap)
             ns = Namespaces()
+            owned = await kernel.owned_links()
+            phases["dump"] = time.monotonic() - started
             await adopt(
-                state=state, topo=topo, kernel=kernel, owned_links=await kernel.owned_links(),
-                ns=ns, store=store,
-            )  # fmt: skip
+                state=state, topo=topo, kernel=kernel, owned_links=owned, ns=ns, store=store
+            )
+            phases["adopt"] = time.monotonic() - started
             firewall = DualFirewall.default()
             await firewall.setup(list(topo.networks.values()), list(topo.endpoints.values()))
+            phases["firewall"] = time.monotonic() - started
             svc = Service(
                 topo=topo, kernel=kernel, firewall=firewall, namespaces=ns, store=store,
                 pools=pools,
@@ -162,6 +166,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 endpoints=len(topo.endpoints),
                 accelerated=accel.ACCELERATED,
                 startup_ms=round((time.monotonic() - started) * 1000, 1),
+                phases_ms={k: round(v * 1000, 1) for k, v in phases.items()},  # since start
             )
             async for signum in signals:
                 log.info("agentd.stopping", signal=signal.Signals(signum).name)

@@ -15,6 +15,7 @@ N=1,000 and M=10,000; the defaults are smaller so the run fits in about 2 minute
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -64,7 +65,11 @@ def one_restart(agentd: c.Agentd, dst_ip: str, margin: float) -> dict[str, Any]:
     time.sleep(margin)
     sent, received = stop_ping(ping)
     after = counts(agentd)
+    ready = [json.loads(line) for line in agentd.log().splitlines() if '"agentd.ready"' in line]
+    print(f"  agentd: startup {ready[-1].get('startup_ms')} ms, phases (ms since start) "
+          f"{ready[-1].get('phases_ms')}", flush=True)
     return {
+        "agentd_phases_ms": ready[-1].get("phases_ms"),
         "stop_s": round(stop_s, 3),
         "start_to_ready_s": round(ready_s, 3),
         "sigterm_to_ready_s": round(down_s, 3),

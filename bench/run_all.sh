@@ -26,6 +26,8 @@ run bench_churn $QUICK
 run bench_scale $QUICK
 run bench_restart $QUICK
 run bench_cli $QUICK
+run bench_reactions $QUICK
+run bench_events --json "$OUT/events.json"
 if [ -n "$failed" ]; then
     echo "FAILED:$failed" >&2
     exit 1

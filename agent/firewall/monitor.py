@@ -26,12 +26,12 @@ The socket is read like the rtnetlink one (`agent.kernel.events.pump`): never bl
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import trio
 
+from agent.core.nlevents import _attrs, _cstr  # the same checked attribute walk
 from agent.kernel.events import Outbox, open_netlink, pump
 
 NETLINK_NETFILTER = 12
@@ -50,7 +50,6 @@ NFTA_TABLE = 1  # NFTA_TABLE_NAME and every NFTA_<object>_TABLE
 NFTA_GEN_ID, NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 1, 2, 3
 
 _HDR = struct.Struct("=IH")
-_NLA = struct.Struct("=HH")
 _BE32 = struct.Struct(">I")
 
 
@@ -127,26 +126,10 @@ class NftDecoder:
         return change
 
 
-def _attrs(view: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, payload start, payload end) of each attribute in `view[pos:end]`, checked."""
-    while pos < end:
-        if end - pos < 4:
-            raise ValueError(f"truncated attribute at offset {pos}")
-        size, kind = _NLA.unpack_from(view, pos)
-        if size < 4 or size > end - pos:
-            raise ValueError(f"bad attribute length {size} at offset {pos}")
-        yield kind & 0x3FFF, pos + 4, pos + size
-        pos += (size + 3) & ~3
-
-
 def _be32(view: memoryview, start: int, end: int) -> int:
     if end - start < 4:
         raise ValueError(f"short u32 attribute at offset {start}")
     return _BE32.unpack_from(view, start)[0]
-
-
-def _cstr(view: memoryview, start: int, end: int) -> str:
-    return bytes(view[start:end]).split(b"\0", 1)[0].decode(errors="replace")
 
 
 async def serve_nft_changes(

@@ -2,5 +2,6 @@
 
 Layering: `owner` (threads awaited from Trio) < `rtnl` (lean prebuilt rtnetlink messages) <
 `netns` (namespace files, fork-free sockets inside) < `links` (the `Kernel` API). These are the
-only modules that use pyroute2, setns or netlink sockets.
+only modules that use setns or rtnetlink sockets (the event readers in `events` and
+`firewall.monitor` open their own).
 """

@@ -1,6 +1,6 @@
 """Threads the kernel shell runs blocking work in, awaited from Trio.
 
-Theory of operation: pyroute2 and the raw netlink sockets are blocking and not thread-safe, so
+Theory of operation: the raw netlink sockets are blocking and not thread-safe, so
 one dedicated `Owner` thread per kernel shell runs every job in order (DESIGN section 4:
 `trio.to_thread`'s cached workers with a shared IPRoute are slower and leak fds). Switching
 network namespace (`setns`/`unshare`) changes the calling thread for good, so it happens only in
