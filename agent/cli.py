@@ -239,13 +239,15 @@ def cmd_info(client: Any, args: argparse.Namespace) -> int:
 
 
 def _print_info(info: dict[str, Any]) -> None:
+    special = {"pid": "PID", "uptime_s": "Uptime"}
+    labels = {k: special.get(k, k.replace("_", " ").capitalize()) + ":" for k in info}
+    width = max(map(len, labels.values()), default=0) + 1  # values aligned in one column
     for key, value in info.items():
-        label = {"pid": "PID", "uptime_s": "Uptime"}.get(key, key.replace("_", " ").capitalize())
         if isinstance(value, bool):
             value = "yes" if value else "no"
         elif key == "uptime_s":
             value = _duration(float(value))
-        sys.stdout.write(f"{label + ':':<13}{value}\n")
+        sys.stdout.write(f"{labels[key]:<{width}}{value}\n")
 
 
 def _duration(seconds: float) -> str:
