@@ -6,7 +6,7 @@ Layers, innermost first (an inner layer never imports an outer one):
 - `agent.api.protocol`  pure: the JSON-RPC wire types (msgspec).
 - shells            `agent.kernel` (netlink), `agent.firewall` (iptables-restore),
                     `agent.store` (sqlite3), `agent.api.server` (Unix socket).
-- `agent.service`   the single writer that ties core decisions to shell actions.
+- `agent.service`   every change goes through it: core decisions, shell actions, rollback.
 - `agent.daemon`    process wiring (agentd); `agent.cli` is agentctl (client only).
 """
 

@@ -1,7 +1,8 @@
 """The event bus behind `events.subscribe` (and `agentctl events`).
 
-Theory of operation: the service publishes from its single writer, so events are totally
-ordered (`seq`) and each object's events arrive in the order they happened. Each subscriber has
+Theory of operation: events are published in one Trio thread, so they are totally ordered
+(`seq`); requests on one namespace are serialised (`agent.locks`), so each object's events
+arrive in the order they happened. Each subscriber has
 a bounded queue; publishing never blocks: a subscriber too slow to keep up is closed (its
 stream ends with an error) rather than slowing the agent down.
 """

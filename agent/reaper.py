@@ -9,9 +9,9 @@ the next retirements queue for the following batch (group commit, no fixed delay
 
 What waits for the batch: an endpoint's address goes back to the pool only once its veth is
 really gone; a connect to a namespace whose previous interface is still dying waits for it
-(outside the writer lock), so the name `eth0` is free; a bridge name is reused only after its
-old device is gone. After a crash, retired links still carry the agent's alias and are deleted
-by adoption like any leftover.
+(holding only that namespace's lock), so the name `eth0` is free; a bridge name is reused only
+after its old device is gone. After a crash, retired links still carry the agent's alias and
+are deleted by adoption like any leftover.
 """
 
 from __future__ import annotations

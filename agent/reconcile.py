@@ -10,7 +10,7 @@ Theory of operation. Two event streams feed this module:
   (`IptablesFirewall.repair`: one iptables-save, compare, converge), after a short debounce so
   that a burst of foreign commands costs one check.
 
-Every reaction takes the service's writer lock and re-checks the topology under it: an event
+Every reaction takes the service's topology lock exclusively and re-checks under it: an event
 caused by the agent's own request (a disconnect deletes a veth) finds nothing left to do.
 Reactions are idempotent; on a lost event (`Overflow`) a full resync compares a dump of the
 agent's links with the topology.
@@ -140,7 +140,7 @@ class Reconciler:
     async def resync_links(self) -> list[str]:
         """Compare a dump of the agent's links with the topology and repair every difference.
 
-        The dump and the decisions happen under the writer lock, so no request can add an
+        The dump and the decisions happen under the exclusive lock, so no request can add an
         endpoint between the dump and its check.
         """
         async with self.svc.lock:

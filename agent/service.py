@@ -1,4 +1,4 @@
-"""The single writer: every change to the topology goes through `Service`.
+"""Every change to the topology goes through `Service`.
 
 Theory of operation. A request is validated and decided by the pure core (IPAM, naming,
 rules) against the in-memory topology, then applied to the kernel (links), the firewall
@@ -7,7 +7,8 @@ a later step fails, so a request either lands whole or changes nothing. The stor
 last: after a crash, anything the kernel holds that the store does not know is a leftover that
 start-up adoption deletes (see `agent.adopt`).
 
-Mutations are serialised by one writer lock; read-only requests answer from memory. A
+Mutations take the topology lock (`agent.locks`): endpoint requests in shared mode with a
+per-namespace lock, everything network-wide exclusively; read-only requests answer from memory. A
 disconnect only cuts its veth off (one netlink message) and leaves the slow kernel deletion to
 `agent.reaper`, which deletes many at once; see there for what waits for it.
 """

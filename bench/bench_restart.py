@@ -66,8 +66,11 @@ def one_restart(agentd: c.Agentd, dst_ip: str, margin: float) -> dict[str, Any]:
     sent, received = stop_ping(ping)
     after = counts(agentd)
     ready = [json.loads(line) for line in agentd.log().splitlines() if '"agentd.ready"' in line]
-    print(f"  agentd: startup {ready[-1].get('startup_ms')} ms, phases (ms since start) "
-          f"{ready[-1].get('phases_ms')}", flush=True)
+    print(
+        f"  agentd: startup {ready[-1].get('startup_ms')} ms, phases (ms since start) "
+        f"{ready[-1].get('phases_ms')}",
+        flush=True,
+    )
     return {
         "agentd_phases_ms": ready[-1].get("phases_ms"),
         "stop_s": round(stop_s, 3),
