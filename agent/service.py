@@ -283,10 +283,26 @@ class Service(PortsMixin):
                 return await self._connect(req, sandbox=sandbox)
 
     async def _connect(self, req: p.EndpointConnect, *, sandbox: str | None) -> Endpoint:
-        topo = self.topo
-        net = topo.find_network(req.network)
+        """Decide and reserve (synchronously), then apply; the reservation is undone on failure."""
+        net = self.topo.find_network(req.network)
         path = self.ns.resolve(req.netns)
-        key = self.ns.netns_key(path)
+        ep = self._reserve_endpoint(req, net, path, self.ns.netns_key(path), sandbox)
+        try:
+            await self._apply_endpoint(ep, net)
+        except BaseException:
+            self.topo.remove_endpoint(ep.id)
+            self._release_address(ep.network_id, ep.ip, ep.ip6)
+            raise
+        log.info("endpoint.connect.complete", endpoint_id=ep.id, network=net.name, ip=ep.ip)
+        self.bus.publish("endpoint", "connected", ep.id, network=net.name, netns=ep.netns, ip=ep.ip)
+        return ep
+
+    def _reserve_endpoint(
+        self, req: p.EndpointConnect, net: Network, path: str, key: str, sandbox: str | None
+    ) -> Endpoint:
+        """Validate, take the addresses and put the endpoint in the topology, with no await in
+        between: concurrent requests then see its name, default route and addresses."""
+        topo = self.topo
         present = topo.endpoints_in(key)
         if any(e.network_id == net.id for e in present):
             raise Conflict(
@@ -303,77 +319,69 @@ class Service(PortsMixin):
         requested = _parse_ip(req.ip) if req.ip is not None else None
         mac = ipam.validate_mac(req.mac) if req.mac is not None else None
         published = self._new_ports(net, req.ports, ())
-        alloc = topo.allocators[net.id]
-        alloc6 = _allocator6(topo, net, req.ip6)
+        alloc, alloc6 = topo.allocators[net.id], _allocator6(topo, net, req.ip6)
         ip = alloc.allocate(requested)
         try:
             ip6 = alloc6.allocate(_ip6_of(req.ip6)) if alloc6 is not None else None
         except BaseException:
             alloc.release(ip)
             raise
-        try:
-            ep_id = secrets.token_hex(32)
-            taken = {e.ifname for e in present}
-            ifname = next(
-                n for i in range(len(taken) + 1) if (n := naming.container_ifname(i)) not in taken
-            )
+        ep_id = secrets.token_hex(32)
+        taken = {e.ifname for e in present}
+        ifname = next(
+            n for i in range(len(taken) + 1) if (n := naming.container_ifname(i)) not in taken
+        )
+        ep = Endpoint(
             # one default route per namespace: the first non-internal network's (like Docker)
-            route = not net.internal and not any(e.default_route for e in present)
-            ep = Endpoint(
-                default_route=route,
-                id=ep_id,
-                network_id=net.id,
-                netns=path,
-                netns_key=key,
-                ifname=ifname,
-                host_ifname=naming.host_veth_name(ep_id),
-                ip=str(ip),
-                mac=mac or ipam.mac_for(ip),
-                sandbox=sandbox,
-                ports=published,
-                ip6=str(ip6) if ip6 is not None else None,
-            )
-            prefix = ipaddress.IPv4Network(net.subnet).prefixlen
-            topo.add_endpoint(ep)  # reserved: concurrent requests see its name, route, address
-            with trio.CancelScope(shield=True):
-                await self.kernel.attach(
-                    netns_path=path,
-                    bridge=net.bridge,
-                    host_ifname=ep.host_ifname,
-                    alias=naming.veth_alias(ep.id),
-                    ifname=ifname,
-                    mac=ep.mac,
-                    mtu=net.mtu,
-                    address=f"{ip}/{prefix}",
-                    gateway=net.gateway if route else None,
-                    **attach6_args(net, ep),
-                )
-                try:
-                    if ep.ports:
-                        await self._sync_ports(topo.with_ports())
-                    try:
-                        with self.store.transaction() as w:
-                            w.put_endpoint(ep)
-                            w.set_meta(f"cursor:{net.id}", str(alloc.cursor))
-                            if alloc6 is not None:
-                                w.set_meta(f"cursor6:{net.id}", str(alloc6.cursor))
-                    except BaseException:
-                        if ep.ports:
-                            await self._sync_ports(e for e in topo.with_ports() if e.id != ep.id)
-                        raise
-                except BaseException:
-                    await self.kernel.detach(ep.host_ifname)
-                    raise
-        except BaseException:
-            if ep_id in topo.endpoints:
-                topo.remove_endpoint(ep_id)
-            alloc.release(ip)
-            if ip6 is not None and alloc6 is not None:
-                alloc6.release(ip6)
-            raise
-        log.info("endpoint.connect.complete", endpoint_id=ep.id, network=net.name, ip=ep.ip)
-        self.bus.publish("endpoint", "connected", ep.id, network=net.name, netns=ep.netns, ip=ep.ip)
+            default_route=not net.internal and not any(e.default_route for e in present),
+            id=ep_id,
+            network_id=net.id,
+            netns=path,
+            netns_key=key,
+            ifname=ifname,
+            host_ifname=naming.host_veth_name(ep_id),
+            ip=str(ip),
+            mac=mac or ipam.mac_for(ip),
+            sandbox=sandbox,
+            ports=published,
+            ip6=str(ip6) if ip6 is not None else None,
+        )
+        topo.add_endpoint(ep)
         return ep
+
+    async def _apply_endpoint(self, ep: Endpoint, net: Network) -> None:
+        """Kernel, then port rules, then store; each undone if a later one fails."""
+        topo = self.topo
+        prefix = ipaddress.IPv4Network(net.subnet).prefixlen
+        with trio.CancelScope(shield=True):
+            await self.kernel.attach(
+                netns_path=ep.netns,
+                bridge=net.bridge,
+                host_ifname=ep.host_ifname,
+                alias=naming.veth_alias(ep.id),
+                ifname=ep.ifname,
+                mac=ep.mac,
+                mtu=net.mtu,
+                address=f"{ep.ip}/{prefix}",
+                gateway=net.gateway if ep.default_route else None,
+                **attach6_args(net, ep),
+            )
+            try:
+                if ep.ports:
+                    await self._sync_ports(topo.with_ports())
+                try:
+                    with self.store.transaction() as w:
+                        w.put_endpoint(ep)
+                        w.set_meta(f"cursor:{net.id}", str(topo.allocators[net.id].cursor))
+                        if (alloc6 := topo.allocators6.get(net.id)) is not None:
+                            w.set_meta(f"cursor6:{net.id}", str(alloc6.cursor))
+                except BaseException:
+                    if ep.ports:
+                        await self._sync_ports(e for e in topo.with_ports() if e.id != ep.id)
+                    raise
+            except BaseException:
+                await self.kernel.detach(ep.host_ifname)
+                raise
 
     async def disconnect(self, req: p.EndpointDisconnect) -> Endpoint:
         path = self.ns.resolve(req.netns)
