@@ -100,12 +100,17 @@ cdef class Bitmap:
     def set(self, i):
         """Set bit `i`; True if it was clear. Raises IndexError outside [0, size)."""
         cdef Py_ssize_t j = self._check(i)
+        if (self._words[j >> 6] >> (j & 63)) & 1:
+            return False
+        self._set_clear_bit(j)
+        return True
+
+    cdef void _set_clear_bit(self, Py_ssize_t j) noexcept nogil:
+        """Set bit `j`, known to be clear, and keep the summary tree true."""
         cdef Py_ssize_t w = j >> 6, p
         cdef uint64_t bit = (<uint64_t> 1) << (j & 63)
         cdef uint64_t new
         cdef int k
-        if self._words[w] & bit:
-            return False
         new = self._words[w] | bit
         self._words[w] = new
         self._count += 1
@@ -116,7 +121,6 @@ cdef class Bitmap:
                 if self._tree[p]:
                     break
                 w >>= 6
-        return True
 
     def clear(self, i):
         """Clear bit `i`; True if it was set. Raises IndexError outside [0, size)."""
@@ -184,6 +188,30 @@ cdef class Bitmap:
         found = self._find_from(s)
         if found < 0 and s:
             found = self._find_from(0)
+        return found
+
+    def take(self, Py_ssize_t start, Py_ssize_t lo, Py_ssize_t hi):
+        """Allocate in one call: the first clear bit in [start, hi), else in [lo, start), is
+        set and returned; -1 if [lo, hi) is full. A `start` outside [lo, hi) means `lo`.
+
+        Raises:
+            IndexError: not 0 <= lo <= hi <= size.
+        """
+        cdef Py_ssize_t s = start, l = lo, h = hi, found
+        if not 0 <= l <= h <= self._size:
+            raise IndexError(f"range [{l}, {h}) outside [0, {self._size})")
+        if l == h or self._count == self._size:
+            return -1
+        if not l <= s < h:
+            s = l
+        found = self._find_from(s)
+        if not 0 <= found < h:
+            found = self._find_from(l) if s > l else -1
+            if found >= s:
+                found = -1
+        if found < 0:
+            return -1
+        self._set_clear_bit(found)
         return found
 
     def __repr__(self):

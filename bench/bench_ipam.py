@@ -5,8 +5,8 @@ Usage: .venv/bin/python bench/bench_ipam.py [--json out.json] [--ops N]
 For a /24, a /16 and a /8, each empty and 99.9 % full (random holes, seeded), and for each bitmap
 implementation, it measures in nanoseconds per operation:
 
-- `bitmap` level: the raw allocator step, `find_clear(cursor)` + `set` (alloc) and `clear`
-  (release), i.e. what `_fast.bitmap` accelerates;
+- `bitmap` level: the raw allocator step, `take(cursor, lo, hi)` (find and set in one call) and
+  `clear` (release), i.e. what `_fast.bitmap` accelerates;
 - `allocator` level: `AddressAllocator.allocate()` / `.release(addr)`, which adds the
   `ipaddress` objects and bookkeeping a caller really pays;
 - `cycle`: one allocate immediately followed by its release, timed as one loop.
@@ -102,14 +102,15 @@ def run_batches(
 
 
 def bench_bitmap(bm: Any, free: int, ops: int, overhead: int) -> tuple[float, float, float]:
-    """The raw round-robin step on a bitmap: find_clear from a cursor, set; clear to release."""
+    """The raw round-robin step on a bitmap, as the allocator takes it: `take` (find the next
+    clear bit from a cursor and set it, one call); `clear` to release."""
     cursor = 0
-    find, set_bit, clear = bm.find_clear, bm.set, bm.clear
+    size = bm.size
+    take, clear = bm.take, bm.clear
 
     def alloc() -> int:
         nonlocal cursor
-        i = find(cursor)
-        set_bit(i)
+        i = take(cursor, 0, size)
         cursor = i + 1
         return i
 

@@ -165,5 +165,29 @@ class Bitmap:
             found = self._find_from(0)
         return found
 
+    def take(self, start: int, lo: int, hi: int) -> int:
+        """Allocate in one call: the first clear bit in [start, hi), else in [lo, start), is
+        set and returned; -1 if [lo, hi) is full. A `start` outside [lo, hi) means `lo`.
+
+        Raises:
+            IndexError: not 0 <= lo <= hi <= size.
+        """
+        start, lo, hi = int(start), int(lo), int(hi)
+        if not 0 <= lo <= hi <= self._size:
+            raise IndexError(f"range [{lo}, {hi}) outside [0, {self._size})")
+        if lo == hi or self._count == self._size:
+            return -1
+        if not lo <= start < hi:
+            start = lo
+        found = self._find_from(start)
+        if not 0 <= found < hi:
+            found = self._find_from(lo) if start > lo else -1
+            if found >= start:
+                found = -1
+        if found < 0:
+            return -1
+        self.set(found)
+        return found
+
     def __repr__(self) -> str:
         return f"Bitmap(size={self._size}, count={self._count})"

@@ -387,16 +387,12 @@ class AddressAllocator:
         """
         if requested is not None:
             return self._take(requested)
-        i = self._bits.find_clear(self._cursor)
-        if not self._cursor <= i < self._hi:
-            i = self._bits.find_clear(self._lo)
-            if not self._lo <= i < self._hi:
-                where = f"ip range {self.ip_range}" if self.ip_range else f"subnet {self.subnet}"
-                raise PoolExhausted(
-                    f"no free address left in the {where} of this network",
-                    subnet=str(self.subnet),
-                )
-        self._bits.set(i)
+        i = self._bits.take(self._cursor, self._lo, self._hi)  # find and set, one call
+        if i < 0:
+            where = f"ip range {self.ip_range}" if self.ip_range else f"subnet {self.subnet}"
+            raise PoolExhausted(
+                f"no free address left in the {where} of this network", subnet=str(self.subnet)
+            )
         self._used += 1
         self._cursor = i + 1 if i + 1 < self._hi else self._lo
         return IPv4Address(self._base + i)

@@ -63,6 +63,16 @@ class Model:
         order = itertools.chain(range(start, self.size), range(start))
         return next((i for i in order if i not in self.bits), -1)
 
+    def take(self, start: int, lo: int, hi: int) -> int:
+        if not 0 <= lo <= hi <= self.size:
+            raise IndexError((lo, hi))
+        start = start if lo <= start < hi else lo
+        order = itertools.chain(range(start, hi), range(lo, start))
+        found = next((i for i in order if i not in self.bits), -1)
+        if found >= 0:
+            self.bits.add(found)
+        return found
+
 
 @pytest.mark.parametrize("cls", IMPLS)
 class TestCases:
@@ -190,6 +200,12 @@ class Twins(RuleBasedStateMachine):
         found = self._same("find_clear", self._index(data))
         if found is not IndexError and found >= 0:
             self._same("set", found)
+
+    @rule(data=st.data())
+    def take(self, data: st.DataObject) -> None:
+        lo = data.draw(st.integers(-1, self.size))
+        hi = data.draw(st.integers(max(lo, 0), self.size + 1))
+        self._same("take", self._index(data), lo, hi)
 
     @invariant()
     def counts_agree(self) -> None:
