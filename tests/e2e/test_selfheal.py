@@ -152,6 +152,8 @@ def test_links_set_down_are_brought_up(host: Host) -> None:
 def test_gateway_address_removed_is_restored(host: Host) -> None:
     sh("ip", "-n", host.name, "addr", "del", "172.17.0.1/16", "dev", "netagent0")
     wait_for(lambda: ipv4_of(host.name, "netagent0") == ["172.17.0.1/16"], what="gateway restored")
+    time.sleep(0.2)  # and it stays: restored once, not twice
+    assert ipv4_of(host.name, "netagent0") == ["172.17.0.1/16"]
     foreign_intact(host)
 
 
