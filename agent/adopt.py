@@ -22,7 +22,7 @@ from agent.core.errors import AgentError
 from agent.core.model import Endpoint
 from agent.core.topology import Topology
 from agent.log import get_logger
-from agent.service import KernelOps, NamespaceOps, attach6_args, gateway6_cidr
+from agent.service import KernelOps, NamespaceOps, attach_args, gateway6_cidr
 from agent.store.sqlite import State, Store
 
 log = get_logger("agent.adopt")
@@ -170,21 +170,8 @@ def _forget_endpoint(store: Store, ep: Endpoint) -> None:
 
 
 async def _reattach(kernel: KernelOps, topo: Topology, ep: Endpoint) -> bool:
-    net = topo.networks[ep.network_id]
-    prefix = ipaddress.IPv4Network(net.subnet).prefixlen
     try:
-        await kernel.attach(
-            netns_path=ep.netns,
-            bridge=net.bridge,
-            host_ifname=ep.host_ifname,
-            alias=naming.veth_alias(ep.id),
-            ifname=ep.ifname,
-            mac=ep.mac,
-            mtu=net.mtu,
-            address=f"{ep.ip}/{prefix}",
-            gateway=net.gateway if ep.default_route else None,
-            **attach6_args(net, ep),
-        )
+        await kernel.attach(**attach_args(topo.networks[ep.network_id], ep))
     except AgentError as exc:
         log.warning("adopt.reattach.failed", endpoint_id=ep.id, error=str(exc))
         return False

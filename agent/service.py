@@ -19,7 +19,7 @@ import ipaddress
 import secrets
 import time
 from collections.abc import Iterable
-from typing import Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -352,20 +352,8 @@ class Service(PortsMixin):
     async def _apply_endpoint(self, ep: Endpoint, net: Network) -> None:
         """Kernel, then port rules, then store; each undone if a later one fails."""
         topo = self.topo
-        prefix = ipaddress.IPv4Network(net.subnet).prefixlen
         with trio.CancelScope(shield=True):
-            await self.kernel.attach(
-                netns_path=ep.netns,
-                bridge=net.bridge,
-                host_ifname=ep.host_ifname,
-                alias=naming.veth_alias(ep.id),
-                ifname=ep.ifname,
-                mac=ep.mac,
-                mtu=net.mtu,
-                address=f"{ep.ip}/{prefix}",
-                gateway=net.gateway if ep.default_route else None,
-                **attach6_args(net, ep),
-            )
+            await self.kernel.attach(**attach_args(net, ep))
             try:
                 if ep.ports:
                     await self._sync_ports(topo.with_ports())
@@ -543,15 +531,23 @@ def gateway6_cidr(net: Network) -> str | None:
     return f"{net.gateway6}/{ipaddress.IPv6Network(net.subnet6).prefixlen}"
 
 
-def attach6_args(net: Network, ep: Endpoint) -> dict[str, str | None]:
-    """The IPv6 keyword arguments of `kernel.attach` for `ep` (none on an IPv4-only network)."""
-    if not (ep.ip6 and net.subnet6):
-        return {}
-    prefix = ipaddress.IPv6Network(net.subnet6).prefixlen
-    return {
-        "address6": f"{ep.ip6}/{prefix}",
-        "gateway6": net.gateway6 if ep.default_route else None,
+def attach_args(net: Network, ep: Endpoint) -> dict[str, Any]:
+    """The keyword arguments of `kernel.attach` for `ep` (connect, and re-attach at start-up)."""
+    args: dict[str, Any] = {
+        "netns_path": ep.netns,
+        "bridge": net.bridge,
+        "host_ifname": ep.host_ifname,
+        "alias": naming.veth_alias(ep.id),
+        "ifname": ep.ifname,
+        "mac": ep.mac,
+        "mtu": net.mtu,
+        "address": f"{ep.ip}/{ipaddress.IPv4Network(net.subnet).prefixlen}",
+        "gateway": net.gateway if ep.default_route else None,
     }
+    if ep.ip6 and net.subnet6:  # dual stack
+        args["address6"] = f"{ep.ip6}/{ipaddress.IPv6Network(net.subnet6).prefixlen}"
+        args["gateway6"] = net.gateway6 if ep.default_route else None
+    return args
 
 
 def _plan_v6(
