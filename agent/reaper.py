@@ -10,8 +10,13 @@ the next retirements queue for the following batch (group commit, no fixed delay
 What waits for the batch: an endpoint's address goes back to the pool only once its veth is
 really gone; a connect to a namespace whose previous interface is still dying waits for it
 (holding only that namespace's lock), so the name `eth0` is free; a bridge name is reused only
-after its old device is gone. After a crash, retired links still carry the agent's alias and
-are deleted by adoption like any leftover.
+after its old device is gone.
+
+A removed network's bridge is not even retired by `network rm`: a batch delete in progress holds
+the kernel's netlink lock for tens of milliseconds, so any netlink message would wait for it.
+The bridge (no port and no rule left) is handed over here and retired at the start of the next
+batch, in the reaper's own thread. After a crash, retired links and handed-over bridges still
+carry the agent's alias and are deleted by adoption like any leftover.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class Reaper:
         self.kernel = kernel
         self._release = release  # (network id, address, IPv6 address) -> back to the pool
         self._addresses: list[tuple[str, str, str | None]] = []
+        self._bridges: list[tuple[str, str | None, str | None]] = []
         self._waiting: dict[str, trio.Event] = {}  # netns key or bridge name -> batch done
         self._in_flight: dict[str, trio.Event] = {}  # the same, for the batch being deleted
         self._wakeup = trio.Event()
@@ -46,8 +52,11 @@ class Reaper:
         self._addresses.append((network_id, ip, ip6))
         self._mark(netns_key)
 
-    def retired_bridge(self, bridge: str) -> None:
-        self._mark(bridge)
+    def retire_bridge(self, bridge: str, address: str | None, address6: str | None) -> None:
+        """Retire and delete `bridge` with the next batch (a user's bridge: only `address` and
+        `address6`, the gateways the agent added, are removed). Its key is `br:<name>`."""
+        self._bridges.append((bridge, address, address6))
+        self._mark(f"br:{bridge}")
 
     def _mark(self, key: str) -> None:
         self._waiting.setdefault(key, trio.Event())
@@ -75,9 +84,10 @@ class Reaper:
             await self._wakeup.wait()
             self._wakeup = trio.Event()
             addresses, self._addresses = self._addresses, []
+            bridges, self._bridges = self._bridges, []
             self._in_flight, self._waiting = self._waiting, {}
             with trio.CancelScope(shield=True):
-                await self._delete_batch(len(self._in_flight))
+                await self._delete_batch(len(self._in_flight), bridges)
             for network_id, ip, ip6 in addresses:
                 self._release(network_id, ip, ip6)
             done, self._in_flight = self._in_flight, {}
@@ -86,11 +96,13 @@ class Reaper:
             if not self._waiting:
                 self._idle.set()
 
-    async def _delete_batch(self, size: int) -> None:
+    async def _delete_batch(
+        self, size: int, bridges: list[tuple[str, str | None, str | None]]
+    ) -> None:
         while True:
             start = trio.current_time()
             try:
-                await self.kernel.reap()
+                await self.kernel.reap(bridges)
             except AgentError as exc:  # the links stay retired (cut off); try again
                 log.error("reaper.batch.failed", error=exc.message, links=size)
                 await trio.sleep(RETRY_DELAY)

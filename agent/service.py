@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -72,7 +72,7 @@ class KernelOps(Protocol):
     ) -> None: ...
     async def detach(self, host_ifname: str) -> bool: ...
     async def retire(self, host_ifname: str) -> bool: ...
-    async def reap(self) -> bool: ...
+    async def reap(self, bridges: Sequence[tuple[str, str | None, str | None]] = ()) -> bool: ...
     async def enslave(self, host_ifname: str, bridge: str) -> None: ...
     async def set_up(self, name: str) -> None: ...
     async def link_state(self, name: str) -> tuple[bool, int] | None: ...
@@ -120,6 +120,7 @@ class Service(PortsMixin):
         self.reaper = reaper or Reaper(kernel, self._release_address)
         self.lock = TopologyLock()
         self._netns_locks = KeyedLocks()
+        self._dying_subnets: dict[str, ipaddress.IPv4Network] = {}  # bridge key -> its subnet
 
     # -- networks --------------------------------------------------------------------------
 
@@ -127,8 +128,19 @@ class Service(PortsMixin):
         dying = None if req.bridge is None else self.reaper.pending(f"br:{req.bridge}")
         if dying is not None:
             await dying.wait()  # a bridge of that name is being deleted: let it go first
+        await self._wait_for_dying_subnets(req.subnet)
         async with self.lock:
             return await self._create_network(req, is_default=is_default)
+
+    async def _wait_for_dying_subnets(self, subnet: str | None) -> None:
+        """A removed network's bridge keeps its gateway address until the reaper deletes it: an
+        explicit subnet overlapping it waits for that (a chosen one avoids it as a host route)."""
+        for key, old in list(self._dying_subnets.items()):
+            dying = self.reaper.pending(key)
+            if dying is None:
+                del self._dying_subnets[key]
+            elif subnet is not None and _overlaps(subnet, old):
+                await dying.wait()
 
     async def _create_network(self, req: p.NetworkCreate, *, is_default: bool) -> Network:
         topo = self.topo
@@ -250,13 +262,17 @@ class Service(PortsMixin):
         remaining = [n for n in self.topo.networks.values() if n.id != net.id]
         with trio.CancelScope(shield=True):
             await self.firewall.sync(remaining)
-            if await self.kernel.delete_bridge(
-                net.bridge, _gateway_cidr(net), gateway6_cidr(net), retire=True
-            ):
-                self.reaper.retired_bridge(f"br:{net.bridge}")
-            with self.store.transaction() as w:
-                w.delete_network(net.id)
+            try:
+                with self.store.transaction() as w:
+                    w.delete_network(net.id)
+            except BaseException:
+                await self.firewall.sync(self.topo.networks.values())
+                raise
         self.topo.remove_network(net.id)
+        # the bridge has no port and no rule left: the reaper retires and deletes it (a netlink
+        # message now would wait for a batch delete in progress)
+        self.reaper.retire_bridge(net.bridge, _gateway_cidr(net), gateway6_cidr(net))
+        self._dying_subnets[f"br:{net.bridge}"] = ipaddress.IPv4Network(net.subnet)
         self.bus.publish("network", "removed", net.id, name=net.name)
         log.info("network.remove.complete", network_id=net.id, name=net.name)
 
@@ -519,6 +535,14 @@ def _check_aux(
         except AgentError as exc:
             message = f"--aux-address {name}={text}: {exc.message}"
             raise type(exc)(message, field="aux_addresses") from exc
+
+
+def _overlaps(subnet: str, other: ipaddress.IPv4Network) -> bool:
+    """Whether the (not yet validated) `subnet` text overlaps `other`; False if malformed."""
+    try:
+        return ipaddress.ip_network(subnet.strip(), strict=False).overlaps(other)
+    except ValueError:
+        return False
 
 
 def _gateway_cidr(net: Network) -> str:

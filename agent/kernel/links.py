@@ -24,7 +24,7 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -37,6 +37,9 @@ from agent.core.errors import AgentError, Conflict, InvalidArgument, KernelError
 from agent.kernel import netns, rtnl
 from agent.kernel.owner import Owner
 from agent.kernel.rtnl import NetlinkError, check
+from agent.log import get_logger
+
+log = get_logger("agent.kernel")
 
 _STALE_MASTER = (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP)
 
@@ -117,23 +120,30 @@ class Kernel:
         if self._reap_rt is not None:
             self._reap_rt.close()
 
-    def _reap(self) -> bool:
-        assert self._reap_rt is not None
+    def _reap(self, bridges: tuple[tuple[str, str | None, str | None], ...]) -> bool:
+        rt = self._reap_rt
+        assert rt is not None
+        for name, address, address6 in bridges:
+            try:
+                self._delete_bridge(name, address, address6, retire=True, rt=rt)
+            except Conflict as exc:  # replaced by another kind of link meanwhile: not ours
+                log.warning("bridge.retire.skipped", bridge=name, error=exc.message)
         try:
-            check(self._reap_rt.transact([rtnl.del_group(naming.DYING_GROUP)])[0])
+            check(rt.transact([rtnl.del_group(naming.DYING_GROUP)])[0])
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return False
             raise _map(exc, "cannot delete retired links") from exc
         return True
 
-    def _one(self, request: rtnl.Request) -> list[bytes]:
-        assert self._rt is not None
-        return check(self._rt.transact([request])[0])
+    def _one(self, request: rtnl.Request, rt: rtnl.RtSocket | None = None) -> list[bytes]:
+        rt = rt or self._rt
+        assert rt is not None
+        return check(rt.transact([request])[0])
 
-    def _find(self, name: str) -> rtnl.Link | None:
+    def _find(self, name: str, rt: rtnl.RtSocket | None = None) -> rtnl.Link | None:
         try:
-            return rtnl.Link(self._one(rtnl.get_link(name))[0])
+            return rtnl.Link(self._one(rtnl.get_link(name), rt)[0])
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return None
@@ -191,10 +201,15 @@ class Kernel:
                 raise _map(exc, f"cannot add {address6} to {name}", bridge=name) from exc
 
     def _delete_bridge(
-        self, name: str, address: str | None, address6: str | None = None, retire: bool = False
+        self,
+        name: str,
+        address: str | None,
+        address6: str | None = None,
+        retire: bool = False,
+        rt: rtnl.RtSocket | None = None,
     ) -> bool:
         self._bridges.pop(name, None)
-        link = self._find(name)
+        link = self._find(name, rt)
         if link is None:
             return False
         if link.kind != "bridge":
@@ -203,16 +218,16 @@ class Kernel:
             # a bridge the user made (--opt bridge=NAME): it stays, only our address goes
             if address is not None:
                 with contextlib.suppress(NetlinkError):
-                    self._one(rtnl.del_addr(link.index, address))
+                    self._one(rtnl.del_addr(link.index, address), rt)
             if address6 is not None:
                 with contextlib.suppress(NetlinkError):
-                    self._one(rtnl.del_addr6(link.index, address6))
+                    self._one(rtnl.del_addr6(link.index, address6), rt)
             return False
         if retire:
-            # the device goes with the next `reap` batch. It has no port left and no rule
-            # points at it; setting it down or removing its address first would each wait for
-            # an RCU grace period, the very cost the batch shares out
-            self._one(rtnl.set_group(name, naming.DYING_GROUP))
+            # the device goes with the group delete that follows. It has no port left and no
+            # rule points at it; setting it down or removing its address first would each wait
+            # for an RCU grace period, the very cost the batch shares out
+            self._one(rtnl.set_group(name, naming.DYING_GROUP), rt)
             return True
         return self._delete(name)
 
@@ -497,11 +512,20 @@ class Kernel:
         delete waits 15-20 ms for the kernel (RCU)."""
         return await self._call(self._retire, naming.validate_ifname(host_ifname))
 
-    async def reap(self) -> bool:
+    async def reap(self, bridges: Sequence[tuple[str, str | None, str | None]] = ()) -> bool:
         """Delete every retired link in one message (one RCU wait for all), in the reaper
-        thread; False if there was none."""
+        thread; False if there was none.
+
+        `bridges` (name, gateway CIDR, IPv6 gateway CIDR) of removed networks are retired first,
+        in the same job, as `delete_bridge(..., retire=True)` does: a user's bridge only loses
+        our addresses. This keeps `network rm` off the netlink lock, which a batch delete in
+        progress holds for tens of milliseconds.
+
+        Error handling:
+            A name that is no longer a bridge is skipped (logged); KernelError otherwise.
+        """
         try:
-            return await self._reaper.call(self._reap)
+            return await self._reaper.call(self._reap, tuple(bridges))
         except OSError as exc:
             raise KernelError(f"cannot delete retired links: {exc}") from exc
 

@@ -61,9 +61,11 @@ class FakeKernel:
         self.dying.add(host_ifname)
         return True
 
-    async def reap(self) -> bool:
+    async def reap(self, bridges=()) -> bool:
         if self.reap_gate is not None:
             await self.reap_gate.wait()
+        for name, _, _ in bridges:
+            self.bridges.pop(name, None)
         for name in self.dying:
             self.veths.pop(name, None)
         found, self.dying = bool(self.dying), set()
@@ -252,3 +254,44 @@ async def test_connect_waits_for_the_namespace_previous_interface(svc, nursery) 
     await svc.reaper.wait_idle()
     await trio.sleep(0.01)
     assert done and done[0].ifname == "eth0" and done[0].ip != other.ip
+
+
+async def test_rm_hands_the_bridge_to_the_reaper_and_a_same_subnet_create_waits(
+    svc, nursery
+) -> None:
+    await svc.create_network(p.NetworkCreate(name="a", subnet="10.1.0.0/24"))
+    old = svc.topo.find_network("a").bridge
+    svc.kernel.reap_gate = trio.Event()  # hold the batch that deletes the old bridge
+    await svc.remove_network(p.NetworkRemove(network="a"))
+    assert svc.topo.networks == {} and svc.firewall.networks == []  # rules gone at once
+    assert old in svc.kernel.bridges  # the device is still there, with 10.1.0.1/24
+    made: list = []
+
+    async def create_again() -> None:
+        made.append(await svc.create_network(p.NetworkCreate(name="b", subnet="10.1.0.0/25")))
+
+    nursery.start_soon(create_again)
+    # an unrelated subnet is not held back
+    await svc.create_network(p.NetworkCreate(name="c", subnet="10.2.0.0/24"))
+    await trio.sleep(0.05)
+    assert made == []  # its gateway would sit beside the old bridge's
+    svc.kernel.reap_gate.set()
+    await svc.reaper.wait_idle()
+    await trio.sleep(0.01)
+    assert made and old not in svc.kernel.bridges
+    assert sorted(svc.kernel.bridges.values()) == ["10.1.0.1/25", "10.2.0.1/24"]
+
+
+async def test_rm_store_failure_keeps_the_network_and_its_rules(svc, monkeypatch) -> None:
+    await svc.create_network(p.NetworkCreate(name="a", subnet="10.1.0.0/24"))
+    net = svc.topo.find_network("a")
+
+    def broken(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(svc.store, "transaction", broken)
+    with pytest.raises(OSError):
+        await svc.remove_network(p.NetworkRemove(network="a"))
+    assert svc.topo.find_network("a") is net
+    assert svc.firewall.networks == ["a"]  # the rules were put back
+    assert net.bridge in svc.kernel.bridges and svc.reaper.backlog == 0
