@@ -201,8 +201,14 @@ class Service(PortsMixin):
         return net
 
     async def _apply_new_network(self, net: Network, subnet: ipaddress.IPv4Network) -> None:
-        """Bridge, then rules, then store; each undone if a later one fails."""
-        with trio.CancelScope(shield=True):
+        """Bridge and rules at once (the rules only name the bridge), then store; whatever
+        succeeded is undone if anything fails."""
+        failed: list[Exception] = []
+
+        made: list[bool] = []
+        synced: list[bool] = []
+
+        async def bridge() -> None:
             await self.kernel.ensure_bridge(
                 name=net.bridge,
                 alias=naming.bridge_alias(net.id),
@@ -210,10 +216,25 @@ class Service(PortsMixin):
                 mtu=net.mtu,
                 address6=gateway6_cidr(net),
             )
+            made.append(True)
+            if net.ipv6:
+                await self.kernel.set_ip6_forward()
+
+        async def rules() -> None:
+            await self.firewall.sync([*self.topo.networks.values(), net])
+            synced.append(True)
+
+        async def step(fn: Any) -> None:
             try:
-                if net.ipv6:
-                    await self.kernel.set_ip6_forward()
-                await self.firewall.sync([*self.topo.networks.values(), net])
+                await fn()
+            except Exception as exc:  # kept, so that the other step is undone, not orphaned
+                failed.append(exc)
+
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(step, bridge)
+                nursery.start_soon(step, rules)
+            if not failed:
                 try:
                     with self.store.transaction() as w:
                         w.put_network(net)
@@ -221,12 +242,16 @@ class Service(PortsMixin):
                             w.set_meta("ula48", str(self.topo.ula48))
                         if net.ip_range is None and not net.is_default:
                             w.set_meta("last_subnet", net.subnet)
-                except BaseException:
+                except Exception as exc:
+                    failed.append(exc)
+            if failed:
+                if synced:
                     await self.firewall.sync(self.topo.networks.values())
-                    raise
-            except BaseException:
-                await self.kernel.delete_bridge(net.bridge)
-                raise
+                if made:
+                    await self.kernel.delete_bridge(
+                        net.bridge, _gateway_cidr(net), gateway6_cidr(net)
+                    )
+                raise failed[0]
         self.topo.add_network(net)
 
     def list_networks(self, req: p.NetworkFilter) -> list[Network]:

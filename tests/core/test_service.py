@@ -33,11 +33,15 @@ class FakeKernel:
         self.bridges: dict[str, str] = {}
         self.veths: dict[str, dict] = {}
         self.fail_attach = False
+        self.fail_bridge = False
         self.routes: list[ipaddress.IPv4Network] = []
         self.dying: set[str] = set()
         self.reap_gate: trio.Event | None = None
 
     async def ensure_bridge(self, *, name, alias, address, mtu=1500, address6=None) -> int:
+        await trio.sleep(0)
+        if self.fail_bridge:
+            raise Conflict(f"{name} is a veth, not a bridge", bridge=name)
         self.bridges[name] = address
         return len(self.bridges)
 
@@ -148,6 +152,16 @@ async def test_firewall_failure_leaves_no_bridge_and_no_record(svc) -> None:
     assert svc.kernel.bridges == {}
     assert svc.topo.networks == {}
     assert svc.store.load().networks == []
+
+
+async def test_bridge_failure_takes_the_new_rules_back(svc) -> None:
+    await svc.create_network(p.NetworkCreate(name="a", subnet="10.1.0.0/24"))
+    svc.kernel.fail_bridge = True  # the rules are applied meanwhile, then must go again
+    with pytest.raises(Conflict):
+        await svc.create_network(p.NetworkCreate(name="b", subnet="10.2.0.0/24"))
+    assert svc.firewall.networks == ["a"]
+    assert [n.name for n in svc.topo.networks.values()] == ["a"]
+    assert [n.name for n in svc.store.load().networks] == ["a"]
 
 
 async def test_kernel_failure_on_connect_releases_the_address(svc) -> None:
