@@ -24,6 +24,7 @@ import ipaddress
 import os
 import socket
 import struct
+import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -42,6 +43,10 @@ from agent.log import get_logger
 log = get_logger("agent.kernel")
 
 _STALE_MASTER = (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP)
+
+#: Owner threads for kernel jobs. An attach spends most of its ~1.5 ms waiting (for netlink
+#: replies, the kernel's rtnl lock, its namespace-socket thread), so a few run side by side.
+KERNEL_THREADS = int(os.environ.get("NETAGENT_KERNEL_THREADS", "3"))
 
 
 class LinkInfo(msgspec.Struct, frozen=True):
@@ -100,18 +105,29 @@ class Kernel:
     def __init__(self, owner: Owner, reaper: Owner) -> None:
         self._owner = owner
         self._reaper = reaper  # its own thread and socket: a batch delete never delays an attach
-        self._rt: rtnl.RtSocket | None = None
+        self._local = threading.local()  # one netlink socket per owner thread
+        self._sockets: list[rtnl.RtSocket] = []
         self._reap_rt: rtnl.RtSocket | None = None
         self._bridges: dict[str, int] = {}
 
     # --- owner-thread side -------------------------------------------------------------------
 
+    @property
+    def _rt(self) -> rtnl.RtSocket:
+        """This owner thread's netlink socket, opened on its first job."""
+        rt = getattr(self._local, "rt", None)
+        if rt is None:
+            rt = self._local.rt = rtnl.RtSocket()
+            self._sockets.append(rt)
+        return rt
+
     def _open(self) -> None:
-        self._rt = rtnl.RtSocket()
+        """Open this owner thread's socket (run in each of them at start-up)."""
+        assert self._rt is not None
 
     def _close(self) -> None:
-        if self._rt is not None:
-            self._rt.close()
+        for rt in self._sockets:
+            rt.close()
 
     def _open_reaper(self) -> None:
         self._reap_rt = rtnl.RtSocket()
@@ -158,6 +174,8 @@ class Kernel:
                 self._one(rtnl.new_bridge(name, mtu, naming.LINK_GROUP))
             except NetlinkError as exc:
                 raise _map(exc, f"cannot create bridge {name}", bridge=name) from exc
+            if address6 is None:  # an IPv4-only network's bridge needs no IPv6 either
+                _disable_ipv6(name)
             try:
                 self._one(rtnl.set_alias(name, alias))
             except NetlinkError as exc:
@@ -265,6 +283,7 @@ class Kernel:
             )
             try:
                 self._one(request)
+                _disable_ipv6(ep.host_ifname)
                 return master
             except NetlinkError as exc:
                 if cached and exc.errno in _STALE_MASTER:  # bridge recreated behind our back
@@ -315,9 +334,11 @@ class Kernel:
             try:
                 ns = rtnl.RtSocket(ns_socket())
                 self._configure_inside(ep, ns)
-                assert self._rt is not None
                 alias, bridge_up = self._rt.transact(
-                    [rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True), rtnl.set_up(master)]
+                    [
+                        rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True, up=True),
+                        rtnl.set_up(master),
+                    ]
                 )
                 _step(alias, f"set the alias of {ep.host_ifname}", {"ifname": ep.host_ifname})
                 _step(bridge_up, f"set bridge {ep.bridge} up", {"bridge": ep.bridge})
@@ -338,7 +359,6 @@ class Kernel:
 
     def _enslave(self, host_ifname: str, bridge: str) -> None:
         master, _ = self._bridge_index(bridge)
-        assert self._rt is not None
         port, hairpin, bridge_up = self._rt.transact(
             [rtnl.set_master_up(host_ifname, master), rtnl.set_hairpin(host_ifname),
              rtnl.set_up(master)]
@@ -348,7 +368,6 @@ class Kernel:
         _step(bridge_up, f"set bridge {bridge} up", {"bridge": bridge})
 
     def _dump(self, request: rtnl.Request) -> list[bytes]:
-        assert self._rt is not None
         return check(self._rt.transact([request])[0])
 
     def _owned_links(self) -> list[LinkInfo]:
@@ -576,6 +595,30 @@ def _as_messages(payloads: list[bytes], kind: int) -> bytes:
     )
 
 
+def _disable_ipv6(ifname: str) -> None:
+    """No IPv6 on a link that is still down: a bridge port (host veth end) forwards frames and
+    needs no address of its own, nor does an IPv4-only network's bridge. Otherwise each gets a
+    link-local address and routes, sends DAD/MLD/RS packets when it comes up, and every link
+    going up or down walks the whole IPv6 routing table: with 10,000 endpoints on 1,000
+    networks, an attach took ~35x longer than with one (measured; ~4x without those routes).
+    Nothing to do when IPv6 is off in the kernel or the MTU is below IPv6's minimum (no entry).
+    Best effort: a failure (read-only /proc/sys) costs only speed, so it is logged, once.
+    """
+    global _ipv6_warned
+    try:
+        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
+            f.write("1")
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        if not _ipv6_warned:
+            _ipv6_warned = True
+            log.warning("veth.disable_ipv6.failed", ifname=ifname, error=str(exc))
+
+
+_ipv6_warned = False
+
+
 def _interface(value: str) -> ipaddress.IPv4Interface:
     try:
         return ipaddress.IPv4Interface(value)
@@ -611,12 +654,12 @@ def _mac(value: str) -> str:
 @asynccontextmanager
 async def open_kernel() -> AsyncIterator[Kernel]:
     """Start the owner thread and its netlink sockets; close them all on exit."""
-    owner, reaper = Owner(), Owner("netagent-reaper")
+    owner, reaper = Owner(threads=KERNEL_THREADS), Owner("netagent-reaper")
     owner.start()
     reaper.start()
     kernel = Kernel(owner, reaper)
     try:
-        await owner.call(kernel._open)
+        await owner.call_each(kernel._open)  # every thread's socket now: none opens later
         await reaper.call(kernel._open_reaper)
         yield kernel
     finally:

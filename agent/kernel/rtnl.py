@@ -140,14 +140,15 @@ def set_master_up(name: str, master: int) -> Request:
 IFLA_INFO_SLAVE_KIND, IFLA_INFO_SLAVE_DATA, IFLA_BRPORT_MODE = 4, 5, 4
 
 
-def set_alias(name: str, alias: str, *, hairpin: bool = False) -> Request:
-    """Set the alias; with `hairpin`, also the bridge port's hairpin mode (one message).
+def set_alias(name: str, alias: str, *, hairpin: bool = False, up: bool = False) -> Request:
+    """Set the alias; with `hairpin`, also the bridge port's hairpin mode, with `up` bring the
+    link up (one message).
 
     Hairpin mode lets a frame leave by the port it came in: needed when a container reaches
     its own published port, DNATed back to itself by br_netfilter (Docker sets it too when
     its userland proxy is off).
     """
-    body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr_str(IFLA_IFALIAS, alias)
+    body = ifinfo(up=up) + attr_str(IFLA_IFNAME, name) + attr_str(IFLA_IFALIAS, alias)
     return RTM_NEWLINK, NLM_F_ACK, body + (_HAIRPIN if hairpin else b"")
 
 
@@ -235,10 +236,11 @@ def new_bridge(name: str, mtu: int, group: int) -> Request:
 def new_veth(
     *, name: str, master: int, group: int, mtu: int, peer: str, peer_mac: str, netns_fd: int
 ) -> Request:
-    """The host end is up and enslaved at creation; the peer is born in the namespace.
+    """The host end is enslaved (and down) at creation; the peer is born in the namespace.
 
-    The kernel applies the host end's ifinfomsg flags (`rtnl_configure_link`); the peer cannot
-    be brought up in the same message (ENOTCONN: `veth_open` runs before the pair is linked).
+    The host end stays down until `set_alias(..., up=True)`, so that IPv6 can be disabled on
+    it before it comes up (see `links.Kernel._create_veth`); the peer cannot be brought up in
+    this message either (ENOTCONN: `veth_open` runs before the pair is linked).
     IFLA_MASTER in a create enslaves after registering and unregisters the pair if that fails.
     IFLA_IFALIAS is ignored at creation (measured): it needs its own message.
     """
@@ -247,7 +249,7 @@ def new_veth(
     peer_body += attr_u32(IFLA_MTU, mtu) + attr_u32(IFLA_NET_NS_FD, netns_fd)
     data = attr(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_body))
     linkinfo = attr(IFLA_LINKINFO, attr_str(IFLA_INFO_KIND, "veth") + data)
-    body = ifinfo(up=True) + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_MTU, mtu)
+    body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_MTU, mtu)
     body += attr_u32(IFLA_MASTER, master) + attr_u32(IFLA_GROUP, group) + linkinfo
     return RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
 

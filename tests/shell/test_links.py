@@ -215,6 +215,33 @@ async def test_two_namespaces_on_one_bridge_ping(kernel, scratch):
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
 
+def ipv6_disabled(ifname: str) -> bool:
+    with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6") as f:
+        return f.read().strip() == "1"
+
+
+async def test_ports_and_ipv4_only_bridges_carry_no_ipv6(kernel, scratch):
+    bridge = await make_bridge(kernel, scratch)
+    dual = scratch.name("tbr")
+    await kernel.ensure_bridge(
+        name=dual, alias=naming.bridge_alias(ident()), address="172.19.0.1/16",
+        address6="fd00:1::1/64",
+    )  # fmt: skip
+    ns, host = scratch.ip_netns(), scratch.name("tve")
+    await kernel.attach(**endpoint(bridge, host, 2, ns))
+    assert ipv6_disabled(host) and ipv6_disabled(bridge) and not ipv6_disabled(dual)
+    for name in (host, bridge):  # no link-local address, so no per-port IPv6 routes
+        assert not any(link["addr_info"] for link in ip_json("-6", "addr", "show", "dev", name))
+    # the container's own interface keeps IPv6 (its link-local address)
+    [eth0] = ip_json("-6", "addr", "show", "dev", "eth0", ns=ns)
+    assert any(a["local"].startswith("fe80:") for a in eth0["addr_info"])
+    # and the port still forwards: a second endpoint is reachable through the bridge
+    other = scratch.ip_netns()
+    await kernel.attach(**endpoint(bridge, scratch.name("tve"), 3, other))
+    ping = run("ip", "netns", "exec", ns.rsplit("/", 1)[1], "ping", "-c1", "-W1", "172.18.0.3")
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+
+
 async def test_internal_network_has_no_default_route(kernel, scratch):
     bridge = await make_bridge(kernel, scratch)
     ns = scratch.ip_netns()
