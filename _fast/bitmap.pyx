@@ -336,7 +336,7 @@ cdef class RangeAllocator:
         return found
 
     cdef int _check(self, Py_ssize_t i) except -1:
-        if not 0 <= i < self._b.size:
+        if <size_t> i >= <size_t> self._b.size:  # one unsigned compare covers i < 0
             raise IndexError(f"offset {i} out of range [0, {self._b.size})")
         return 0
 
