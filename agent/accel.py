@@ -32,3 +32,5 @@ nlevents, _nlevents_fast = _load("nlevents", pure_nlevents)
 ACCELERATED = _bitmap_fast and _serialize_fast and _nlevents_fast
 
 Bitmap = bitmap.Bitmap
+#: Per-network address offsets (`AddressAllocator`'s `range_allocator`, `Topology`'s factory).
+RangeAllocator = bitmap.RangeAllocator

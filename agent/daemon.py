@@ -127,7 +127,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
             await kernel.set_ip_forward()
             await kernel.reap()  # links a crash left retired (cut off, not yet deleted)
             phases = {"load": time.monotonic() - started}
-            topo = Topology(accel.Bitmap)
+            topo = Topology(accel.RangeAllocator)
             ns = Namespaces()
             owned = await kernel.owned_links()
             phases["dump"] = time.monotonic() - started

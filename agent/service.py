@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import trio
@@ -172,7 +172,7 @@ class Service(PortsMixin):
             avoid=routes,
             after=topo.last_subnet,
         )
-        _check_aux(req.aux_addresses, subnet, gateway, ip_range, self.topo.bitmap_cls)
+        _check_aux(req.aux_addresses, subnet, gateway, ip_range, self.topo.range_allocator)
         v6 = _plan_v6(topo, req)
         net = Network(
             ipv6=req.ipv6,
@@ -548,12 +548,12 @@ def _check_aux(
     subnet: ipaddress.IPv4Network,
     gateway: ipaddress.IPv4Address,
     ip_range: ipaddress.IPv4Network | None,
-    bitmap_cls: type,
+    range_allocator: Callable[..., ipam.RangeAllocator],
 ) -> None:
     """Refuse --aux-address values that are not free addresses of the subnet."""
     if not aux:
         return
-    trial = ipam.AddressAllocator(subnet, gateway, ip_range, bitmap_cls=bitmap_cls)
+    trial = ipam.AddressAllocator(subnet, gateway, ip_range, range_allocator=range_allocator)
     for name, text in aux.items():
         try:
             trial.reserve(_parse_ip(text))

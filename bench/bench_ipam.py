@@ -1,26 +1,46 @@
-"""Address allocation cost: the Cython bitmap against its pure-Python twin, side by side.
+"""Address allocation cost: the Cython accelerators against their pure-Python twins, side by side.
 
 Usage: .venv/bin/python bench/bench_ipam.py [--json out.json] [--ops N]
 
-For a /24, a /16 and a /8, each empty and 99.9 % full (random holes, seeded), and for each bitmap
-implementation, it measures in nanoseconds per operation:
+For a /24, a /16 and a /8, each empty and 99.9 % full (random holes, seeded), and for each
+implementation (`_fast.bitmap` and `agent.core.bitmap`, in the same run), it measures in
+nanoseconds per operation, at three levels:
 
-- `bitmap` level: the raw allocator step, `take(cursor, lo, hi)` (find and set in one call) and
-  `clear` (release), i.e. what `_fast.bitmap` accelerates;
-- `allocator` level: `AddressAllocator.allocate()` / `.release(addr)`, which adds the
-  `ipaddress` objects and bookkeeping a caller really pays;
-- `cycle`: one allocate immediately followed by its release, timed as one loop.
+- `bitmap`: the raw bitmap step, `Bitmap.take(cursor, 0, size)` (find and set in one call)
+  through a small closure that keeps the cursor (the same closure for both twins), and
+  `Bitmap.clear` to release;
+- `core`: `RangeAllocator.allocate()` and `.release(i)`, the bound methods called directly:
+  everything one network's allocation needs (cursor, range, fixed offsets, counters, wrap), in
+  integers;
+- `allocator`: `AddressAllocator.allocate()` / `.release(addr)` over that same RangeAllocator,
+  which adds the `ipaddress` objects a caller really pays.
 
-Allocations are timed in batches (up to 1,000 allocs, then the same addresses released), so the
-fill level stays where it was set; the timer's own cost is measured and subtracted. The
-nearly-full state is built once per (size, implementation) through the public `set` and handed
-to `AddressAllocator` through its `bitmap_cls` factory. Prints a table and, with `--json`, writes
-a list of dicts (one per measurement). The whole run takes well under 60 s on 2 cores.
+What is timed, identically for both implementations (only the bound methods differ):
+
+- `allocate`: `got = [alloc() for _ in itertools.repeat(None, batch)]`, batch = min(1,000,
+  free offsets), between two `perf_counter_ns()` calls; the batch is then released, so the fill
+  level stays where it was set. Batches are repeated until `--ops` allocations are done;
+- `release`: `for item in got: release(item)` on that batch, between two timer calls;
+- `cycle`: `for _ in itertools.repeat(None, 1000): release(alloc())` between two timer calls,
+  repeated min(ops, 20,000) / 1,000 times (no list: this is the figure to read when a single
+  offset is free).
+
+When a single offset is free (the nearly full /24) the batch is 1 and `allocate`/`release` are
+each timed as one bare call between two timer calls (no list or loop around it). The loop, the
+list and the call into the method are part of every figure; the only thing subtracted is the
+timer's own cost (the median of 2,000 `t0 = now(); t1 = now()` pairs), once per timed section.
+Each figure is the median over its timed sections of the per-operation time, so that a section
+hit by another process on a busy machine does not skew it. The nearly-full state is built once per
+(size, implementation): a Bitmap through its public `set` for the `bitmap` level, a
+RangeAllocator through its public `claim` for `core` and `allocator` (handed to AddressAllocator
+through its `range_allocator` factory). Prints a table and, with `--json`, writes a list of dicts
+(one per measurement). The whole run takes well under 60 s on 2 cores.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -34,6 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from agent.core import bitmap as pure_bitmap
+from agent.core.bitmap import CLAIMED
 from agent.core.ipam import AddressAllocator
 
 try:
@@ -57,6 +78,14 @@ def timer_overhead() -> int:
     return int(statistics.median(samples))
 
 
+def _holes(size: int, fill: float, seed: int) -> list[int]:
+    """Sorted free host offsets (never 0, 1 or size - 1) leaving `fill` of the rest set."""
+    if not fill:
+        return list(range(2, size - 1))
+    count = max(1, round((size - 3) * (1 - fill)))
+    return sorted(random.Random(seed).sample(range(2, size - 1), count))
+
+
 def build(cls: type, size: int, fill: float, seed: int = 1) -> tuple[Any, int]:
     """A bitmap with network, gateway and broadcast set and `fill` of the rest set too."""
     bm = cls(size)
@@ -64,41 +93,73 @@ def build(cls: type, size: int, fill: float, seed: int = 1) -> tuple[Any, int]:
         bm.set(i)
     if not fill:
         return bm, size - 3
-    holes = max(1, round((size - 3) * (1 - fill)))
-    hole_list = sorted(random.Random(seed).sample(range(2, size - 1), holes))
+    holes = _holes(size, fill, seed)
     set_bit = bm.set
     lo = 2
-    for hole in [*hole_list, size - 1]:
+    for hole in [*holes, size - 1]:
         for i in range(lo, hole):
             set_bit(i)
         lo = hole + 1
-    return bm, holes
+    return bm, len(holes)
+
+
+def build_core(cls: type, size: int, fill: float, seed: int = 1) -> tuple[Any, int]:
+    """A RangeAllocator over [0, size) with network, gateway and broadcast fixed and the same
+    holes as `build` (same seed), the rest claimed."""
+    core = cls(size, 0, size, (0, 1, size - 1))
+    if not fill:
+        return core, core.free
+    holes = _holes(size, fill, seed)
+    claim = core.claim
+    lo = 2
+    for hole in [*holes, size - 1]:
+        for i in range(lo, hole):
+            claim(i)
+        lo = hole + 1
+    assert core.free == len(holes) and claim(2 if holes[0] != 2 else holes[-1]) != CLAIMED
+    return core, core.free
 
 
 def run_batches(
     alloc: Callable[[], Any], release: Callable[[Any], Any], free: int, ops: int, overhead: int
 ) -> tuple[float, float, float]:
     """ns per allocation, per release (`ops` of each, in batches of up to BATCH), and per
-    allocate+release cycle (one timed loop: no per-batch cost, which matters at 1 free address).
+    allocate+release cycle (timed loops of BATCH cycles: no list, which matters at 1 free
+    address). Each figure is the median over its timed sections of (section - overhead) / ops
+    in the section.
     """
+    repeat = itertools.repeat
     batch = min(BATCH, free)
-    t_alloc = t_release = done = 0
+    per_alloc: list[float] = []
+    per_release: list[float] = []
+    done = 0
     while done < ops:
-        t0 = _now()
-        got = [alloc() for _ in range(batch)]
-        t1 = _now()
-        for item in got:
+        if batch == 1:  # one bare call per timed section: no list, no loop
+            t0 = _now()
+            item = alloc()
+            t1 = _now()
             release(item)
-        t2 = _now()
-        t_alloc += t1 - t0 - overhead
-        t_release += t2 - t1 - overhead
+            t2 = _now()
+        else:
+            t0 = _now()
+            got = [alloc() for _ in repeat(None, batch)]
+            t1 = _now()
+            for item in got:
+                release(item)
+            t2 = _now()
+            del got, item  # freed here, not inside the next batch's allocate section
+        per_alloc.append((t1 - t0 - overhead) / batch)
+        per_release.append((t2 - t1 - overhead) / batch)
         done += batch
-    cycles = min(ops, 20_000)
-    t0 = _now()
-    for _ in range(cycles):
-        release(alloc())
-    t_cycle = _now() - t0 - overhead
-    return t_alloc / done, t_release / done, t_cycle / cycles
+    per_cycle: list[float] = []
+    for _ in range(max(1, min(ops, 20_000) // BATCH)):
+        t0 = _now()
+        for _ in repeat(None, BATCH):
+            release(alloc())
+        t1 = _now()
+        per_cycle.append((t1 - t0 - overhead) / BATCH)
+    median = statistics.median
+    return median(per_alloc), median(per_release), median(per_cycle)
 
 
 def bench_bitmap(bm: Any, free: int, ops: int, overhead: int) -> tuple[float, float, float]:
@@ -117,12 +178,17 @@ def bench_bitmap(bm: Any, free: int, ops: int, overhead: int) -> tuple[float, fl
     return run_batches(alloc, clear, free, ops, overhead)
 
 
+def bench_core(core: Any, free: int, ops: int, overhead: int) -> tuple[float, float, float]:
+    """RangeAllocator's own bound methods: `allocate()` and `release(i)`."""
+    return run_batches(core.allocate, core.release, free, ops, overhead)
+
+
 def bench_allocator(
-    bm: Any, net: IPv4Network, free: int, ops: int, overhead: int
+    core: Any, net: IPv4Network, free: int, ops: int, overhead: int
 ) -> tuple[float, float, float]:
-    """AddressAllocator over the prepared bitmap (handed in through `bitmap_cls`)."""
+    """AddressAllocator over the prepared RangeAllocator (handed in through `range_allocator`)."""
     gw = IPv4Address(int(net.network_address) + 1)
-    allocator = AddressAllocator(net, gw, bitmap_cls=lambda _size: bm)
+    allocator = AddressAllocator(net, gw, range_allocator=lambda *_: core)
     return run_batches(allocator.allocate, allocator.release, free, ops, overhead)
 
 
@@ -131,9 +197,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here as a JSON list")
     parser.add_argument("--ops", type=int, default=50_000, help="operations per measurement")
     args = parser.parse_args(argv)
-    impls = [("pure", pure_bitmap.Bitmap)]
+    impls: list[tuple[str, Any]] = [("pure", pure_bitmap)]
     if fast_bitmap is not None:
-        impls.insert(0, ("cython", fast_bitmap.Bitmap))
+        impls.insert(0, ("cython", fast_bitmap))
     else:
         print("warning: _fast.bitmap is not built; measuring the pure twin only", file=sys.stderr)
     overhead = timer_overhead()
@@ -142,14 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     for subnet in SUBNETS:
         net = IPv4Network(subnet)
         for fill_name, fill in FILLS:
-            for impl, cls in impls:
+            for impl, module in impls:
                 t0 = time.perf_counter()
-                bm, free = build(cls, net.num_addresses, fill)
+                bm, free = build(module.Bitmap, net.num_addresses, fill)
+                core, core_free = build_core(module.RangeAllocator, net.num_addresses, fill)
+                assert core_free == free
                 build_s = time.perf_counter() - t0
                 measured = {
                     "bitmap": bench_bitmap(bm, free, args.ops, overhead),
-                    "allocator": bench_allocator(bm, net, free, args.ops, overhead),
+                    "core": bench_core(core, free, args.ops, overhead),
+                    "allocator": bench_allocator(core, net, free, args.ops, overhead),
                 }
+                del bm, core
                 for level, (ns_alloc, ns_release, ns_cycle) in measured.items():
                     for op, ns in (
                         ("allocate", ns_alloc),

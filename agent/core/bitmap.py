@@ -8,13 +8,30 @@ next non-full word, so every operation costs O(log64 size): at most four levels 
 bits), whatever the fill. The padding bits past `size` in the last word are kept set, so that
 word reads as full when every real bit is set.
 
+`RangeAllocator` is what one network's addresses need, in integers only: a bitmap of `size`
+offsets, a dynamic range [lo, hi), `fixed` offsets (network, broadcast, gateway, reserved) set at
+creation and never handed out nor released, a round-robin cursor and a count of the offsets used
+inside [lo, hi). `allocate()` first compares that count with the range's capacity (a full range
+answers -1 at once), then searches the first clear bit from the cursor; if it lies at or past
+`hi`, the free offset must be in [lo, cursor), so one search from `lo` finds it. Both searches
+are the O(log64 size) ones above, so an allocation stays cheap in a nearly full /8. The cursor
+then moves just past the offset handed out, wrapping to `lo` at `hi`.
+
 The Cython twin in `_fast/bitmap.pyx` keeps exactly this layout in C arrays and must give the
-same result for every operation (tests/core/test_bitmap.py checks them side by side).
+same result for every operation (tests/core/test_bitmap.py and tests/core/test_range_allocator.py
+check them side by side).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 _FULL = (1 << 64) - 1
+
+#: `RangeAllocator.claim` results.
+CLAIMED = 1
+IN_USE = 0
+FIXED = -1
 
 
 def _ctz(word: int) -> int:
@@ -191,3 +208,151 @@ class Bitmap:
 
     def __repr__(self) -> str:
         return f"Bitmap(size={self._size}, count={self._count})"
+
+
+class RangeAllocator:
+    """Round-robin allocation of offsets in [lo, hi) out of `size`, around `fixed` offsets.
+
+    Offsets are plain integers (an address's index in its subnet). Fixed offsets may lie inside
+    or outside the range; they are set at creation and never handed out nor released. `claim`
+    takes any other offset of [0, size) and does not move the cursor; `used` counts only the
+    allocated offsets inside [lo, hi).
+    """
+
+    __slots__ = ("_bits", "_capacity", "_cursor", "_fixed", "_hi", "_lo", "_size", "_used")
+
+    def __init__(self, size: int, lo: int, hi: int, fixed: Iterable[int] = ()) -> None:
+        """Create the allocator with only the `fixed` offsets set; the cursor starts at `lo`.
+
+        Raises:
+            ValueError: `size` < 1, not 0 <= lo <= hi <= size, or a fixed offset outside
+                [0, size).
+        """
+        size, lo, hi = int(size), int(lo), int(hi)
+        if size < 1:
+            raise ValueError(f"bitmap size must be at least 1, not {size}")
+        if not 0 <= lo <= hi <= size:
+            raise ValueError(f"range [{lo}, {hi}) outside [0, {size})")
+        offsets = sorted({int(i) for i in fixed})
+        for off in offsets:
+            if not 0 <= off < size:
+                raise ValueError(f"fixed offset {off} outside [0, {size})")
+        self._bits = Bitmap(size)
+        for off in offsets:
+            self._bits.set(off)
+        self._fixed = frozenset(offsets)
+        self._size = size
+        self._lo = lo
+        self._hi = hi
+        self._capacity = (hi - lo) - sum(lo <= off < hi for off in offsets)
+        self._used = 0
+        self._cursor = lo
+
+    def allocate(self) -> int:
+        """The next free offset of [lo, hi) from the cursor (wrapping), now allocated; the
+        cursor moves just past it. -1 when the range is full."""
+        if self._used == self._capacity:
+            return -1
+        bits = self._bits
+        found = bits._find_from(self._cursor)
+        if found < 0 or found >= self._hi:
+            # nothing free in [cursor, hi): the range is not full, so [lo, cursor) has one
+            found = bits._find_from(self._lo)
+        bits.set(found)
+        self._used += 1
+        self._cursor = found + 1 if found + 1 < self._hi else self._lo
+        return found
+
+    def _check(self, i: int) -> None:
+        if not 0 <= i < self._size:
+            raise IndexError(f"offset {i} out of range [0, {self._size})")
+
+    def claim(self, i: int) -> int:
+        """Allocate offset `i` anywhere in [0, size) (a static request); the cursor stays.
+
+        Returns CLAIMED (1), IN_USE (0) or FIXED (-1). Raises IndexError outside [0, size).
+        """
+        self._check(i)
+        if not self._bits.set(i):
+            return FIXED if i in self._fixed else IN_USE
+        if self._lo <= i < self._hi:
+            self._used += 1
+        return CLAIMED
+
+    def release(self, i: int) -> bool:
+        """Free offset `i`; False if it is not allocated or is fixed.
+
+        Raises IndexError outside [0, size).
+        """
+        self._check(i)
+        if i in self._fixed or not self._bits.clear(i):
+            return False
+        if self._lo <= i < self._hi:
+            self._used -= 1
+        return True
+
+    def is_allocated(self, i: int) -> bool:
+        """Whether offset `i` is allocated (fixed offsets are not). IndexError outside."""
+        self._check(i)
+        return i not in self._fixed and self._bits.test(i)
+
+    def is_fixed(self, i: int) -> bool:
+        """Whether offset `i` is fixed. IndexError outside [0, size)."""
+        self._check(i)
+        return i in self._fixed
+
+    @property
+    def cursor(self) -> int:
+        """Where the next allocation starts searching, in [lo, hi) (lo when empty)."""
+        return self._cursor
+
+    def set_cursor(self, value: int) -> None:
+        """Restore a persisted cursor; `hi` (just past the end) wraps to `lo`.
+
+        Raises:
+            ValueError: `value` is outside [lo, hi].
+        """
+        if not self._lo <= value <= self._hi:
+            raise ValueError(f"cursor {value} is outside the range [{self._lo}, {self._hi}]")
+        self._cursor = self._lo if value == self._hi else value
+
+    @property
+    def size(self) -> int:
+        """Number of offsets, fixed ones included."""
+        return self._size
+
+    @property
+    def lo(self) -> int:
+        """First offset of the dynamic range."""
+        return self._lo
+
+    @property
+    def hi(self) -> int:
+        """End (exclusive) of the dynamic range."""
+        return self._hi
+
+    @property
+    def fixed(self) -> tuple[int, ...]:
+        """The fixed offsets, sorted."""
+        return tuple(sorted(self._fixed))
+
+    @property
+    def capacity(self) -> int:
+        """Offsets of [lo, hi) that are not fixed."""
+        return self._capacity
+
+    @property
+    def used(self) -> int:
+        """Allocated offsets inside [lo, hi) (claims outside the range are not counted)."""
+        return self._used
+
+    @property
+    def free(self) -> int:
+        """Offsets of [lo, hi) still available."""
+        return self._capacity - self._used
+
+    def __repr__(self) -> str:
+        return (
+            f"RangeAllocator(size={self._size}, lo={self._lo}, hi={self._hi}, "
+            f"used={self._used}, free={self._capacity - self._used})"
+        )

@@ -10,12 +10,14 @@ reference/golden/docker_ipam_observations.txt):
   network nor a host route. Existing networks and routes are merged into sorted integer
   intervals; a candidate that overlaps one jumps straight past it, so a /8 split into /24s with
   thousands of networks costs a few bisections, not 65,536 comparisons.
-- **Addresses** of a network are indexed by their offset in the subnet, in a bitmap
-  (`agent.core.bitmap` or its Cython twin `_fast.bitmap`). Network, broadcast, gateway and any
-  extra reserved address are set at creation and never handed out. Dynamic allocation draws from
-  the ip range (or the subnet), round robin from a cursor just after the last dynamic allocation,
-  so a just-released address is not reused at once (as Docker's serial allocation does). Static
-  requests may take any free host address of the subnet and do not move the cursor.
+- **Addresses** of a network are indexed by their offset in the subnet, in a range allocator
+  over a bitmap (`agent.core.bitmap.RangeAllocator` or its Cython twin in `_fast.bitmap`) that
+  also keeps the cursor and the counters, so a dynamic allocation is a single call. Network,
+  broadcast, gateway and any extra reserved address are fixed at creation and never handed out.
+  Dynamic allocation draws from the ip range (or the subnet), round robin from a cursor just
+  after the last dynamic allocation, so a just-released address is not reused at once (as
+  Docker's serial allocation does). Static requests may take any free host address of the
+  subnet and do not move the cursor.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ from __future__ import annotations
 import ipaddress
 import re
 from bisect import bisect_right
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 
-from agent.core.bitmap import Bitmap
+from agent.core.bitmap import CLAIMED, FIXED, RangeAllocator
 from agent.core.errors import Conflict, InvalidArgument, NotFound, PoolExhausted
 
 IPNetwork = IPv4Network | IPv6Network
@@ -289,7 +291,9 @@ class AddressAllocator:
 
     Network, broadcast, gateway and `reserved` addresses are never handed out. Dynamic
     allocation draws from `ip_range` (or the whole subnet) round robin; static requests may use
-    any free host address of the subnet.
+    any free host address of the subnet. The integer work (bitmap, range, cursor, counters) is
+    done by a `RangeAllocator` (`agent.core.bitmap` or its Cython twin `_fast.bitmap`); this
+    class converts addresses to offsets and results to errors.
     """
 
     def __init__(
@@ -298,17 +302,19 @@ class AddressAllocator:
         gateway: IPv4Address,
         ip_range: IPv4Network | None = None,
         reserved: Iterable[IPv4Address] = (),
-        bitmap_cls: type = Bitmap,
+        range_allocator: Callable[[int, int, int, Iterable[int]], RangeAllocator] = (
+            RangeAllocator
+        ),
     ) -> None:
-        """Index a bitmap over `subnet` and set the addresses never handed out.
+        """Set up the offsets of `subnet`, with the addresses never handed out fixed.
 
         Args:
-            subnet: the network's subnet; the bitmap has one bit per address of it.
+            subnet: the network's subnet; one offset per address of it.
             gateway: the bridge's address, never handed out.
             ip_range: where dynamic allocation draws from (default: the whole subnet).
             reserved: further addresses never handed out.
-            bitmap_cls: `agent.core.bitmap.Bitmap` or `_fast.bitmap.Bitmap` (any callable
-                taking the size in bits and returning such a bitmap).
+            range_allocator: `agent.core.bitmap.RangeAllocator` or `_fast.bitmap.RangeAllocator`
+                (any callable taking `(size, lo, hi, fixed)` and returning such an allocator).
 
         Raises:
             InvalidArgument: gateway, ip range or a reserved address outside the subnet.
@@ -321,22 +327,17 @@ class AddressAllocator:
         self.gateway = gateway
         self.ip_range = ip_range
         self._base = int(subnet.network_address)
-        self._bits = bitmap_cls(subnet.num_addresses)
-        rng = ip_range or subnet
-        self._lo = int(rng.network_address) - self._base
-        self._hi = int(rng.broadcast_address) - self._base + 1
         self._size = subnet.num_addresses
+        rng = ip_range or subnet
+        lo = int(rng.network_address) - self._base
+        hi = int(rng.broadcast_address) - self._base + 1
         fixed = {0, self._size - 1, self._offset(gateway)}
         for addr in reserved:
             if self._offset(addr) < 0:
                 raise InvalidArgument(f"reserved address {addr} is not inside the subnet {subnet}")
             fixed.add(self._offset(addr))
-        for i in fixed:
-            self._bits.set(i)
-        self._fixed = frozenset(fixed)
-        self._capacity = (self._hi - self._lo) - sum(self._lo <= i < self._hi for i in fixed)
-        self._used = 0
-        self._cursor = self._lo
+        self._core = range_allocator(self._size, lo, hi, sorted(fixed))
+        self._next = self._core.allocate  # bound once: the dynamic path is one C call
 
     def _offset(self, addr: IPAddress) -> int:
         """Index of `addr` in the subnet, or -1 outside it (integer arithmetic: hot path)."""
@@ -348,7 +349,7 @@ class AddressAllocator:
     @property
     def cursor(self) -> int:
         """Offset in the subnet where the next dynamic search starts."""
-        return self._cursor
+        return self._core.cursor
 
     def set_cursor(self, value: int) -> None:
         """Restore a persisted cursor; a value at the end of the range wraps to its start.
@@ -356,26 +357,25 @@ class AddressAllocator:
         Raises:
             InvalidArgument: `value` lies outside the dynamic range.
         """
-        if not self._lo <= value <= self._hi:
-            raise InvalidArgument(
-                f"cursor {value} is outside the range [{self._lo}, {self._hi}]", cursor=value
-            )
-        self._cursor = self._lo if value == self._hi else value
+        try:
+            self._core.set_cursor(value)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), cursor=value) from None
 
     @property
     def used(self) -> int:
         """Addresses of the dynamic range currently allocated."""
-        return self._used
+        return self._core.used
 
     @property
     def free(self) -> int:
         """Addresses of the dynamic range still available."""
-        return self._capacity - self._used
+        return self._core.free
 
     def is_allocated(self, addr: IPAddress) -> bool:
         """Whether `addr` was handed out (network, broadcast, gateway and reserved are not)."""
         i = self._offset(addr)
-        return i >= 0 and i not in self._fixed and self._bits.test(i)
+        return i >= 0 and self._core.is_allocated(i)
 
     def allocate(self, requested: IPv4Address | None = None) -> IPv4Address:
         """Hand out `requested`, or the next free address of the dynamic range.
@@ -387,14 +387,12 @@ class AddressAllocator:
         """
         if requested is not None:
             return self._take(requested)
-        i = self._bits.take(self._cursor, self._lo, self._hi)  # find and set, one call
+        i = self._next()
         if i < 0:
             where = f"ip range {self.ip_range}" if self.ip_range else f"subnet {self.subnet}"
             raise PoolExhausted(
                 f"no free address left in the {where} of this network", subnet=str(self.subnet)
             )
-        self._used += 1
-        self._cursor = i + 1 if i + 1 < self._hi else self._lo
         return IPv4Address(self._base + i)
 
     def _take(self, addr: IPAddress) -> IPv4Address:
@@ -404,16 +402,15 @@ class AddressAllocator:
                 f"address {addr} is not inside the subnet {self.subnet} of this network",
                 address=str(addr),
             )
-        if i in self._fixed:
+        got = self._core.claim(i)
+        if got == FIXED:
             raise InvalidArgument(
                 f"address {addr} is reserved on this network (network, broadcast, gateway "
                 "or a reserved address)",
                 address=str(addr),
             )
-        if not self._bits.set(i):
+        if got != CLAIMED:
             raise Conflict(f"address {addr} is already in use on this network", address=str(addr))
-        if self._lo <= i < self._hi:
-            self._used += 1
         return IPv4Address(self._base + i)
 
     def reserve(self, addr: IPv4Address) -> None:
@@ -431,10 +428,8 @@ class AddressAllocator:
             NotFound: `addr` is not allocated on this network.
         """
         i = self._offset(addr)
-        if i < 0 or i in self._fixed or not self._bits.clear(i):
+        if i < 0 or not self._core.release(i):
             raise NotFound(f"address {addr} is not allocated on this network", address=str(addr))
-        if self._lo <= i < self._hi:
-            self._used -= 1
 
 
 def mac_for(ip: IPv4Address) -> str:

@@ -8,8 +8,10 @@ costs the same with 10,000 endpoints as with one.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Callable
 
 from agent.core import ipam, ipam6
+from agent.core.bitmap import RangeAllocator
 from agent.core.errors import InvalidArgument, NotFound
 from agent.core.model import Endpoint, Network, Sandbox
 
@@ -17,8 +19,9 @@ from agent.core.model import Endpoint, Network, Sandbox
 class Topology:
     """What the agent owns, as it is now (the store holds the same, durably)."""
 
-    def __init__(self, bitmap_cls: type) -> None:
-        self.bitmap_cls = bitmap_cls
+    def __init__(self, range_allocator: Callable[..., RangeAllocator]) -> None:
+        """`range_allocator` builds each network's offset allocator (`agent.accel` picks it)."""
+        self.range_allocator = range_allocator
         self.networks: dict[str, Network] = {}
         self.endpoints: dict[str, Endpoint] = {}
         self.sandboxes: dict[str, Sandbox] = {}
@@ -44,7 +47,7 @@ class Topology:
             ipaddress.IPv4Network(net.subnet),
             ipaddress.IPv4Address(net.gateway),
             ipaddress.IPv4Network(net.ip_range) if net.ip_range else None,
-            bitmap_cls=self.bitmap_cls,
+            range_allocator=self.range_allocator,
         )
         for aux in net.aux_addresses.values():
             alloc.reserve(ipaddress.IPv4Address(aux))

@@ -33,10 +33,10 @@ try:
 except ImportError:  # the extension is optional
     fast_bitmap = None
 
-BITMAPS = [
-    pytest.param(pure_bitmap.Bitmap, id="pure"),
+RANGE_ALLOCATORS = [
+    pytest.param(pure_bitmap.RangeAllocator, id="pure"),
     pytest.param(
-        fast_bitmap.Bitmap if fast_bitmap else None,
+        fast_bitmap.RangeAllocator if fast_bitmap else None,
         id="cython",
         marks=pytest.mark.skipif(fast_bitmap is None, reason="_fast.bitmap is not built"),
     ),
@@ -290,8 +290,8 @@ def test_plan_exhausted() -> None:
 # --- AddressAllocator ------------------------------------------------------------------------
 
 
-@pytest.fixture(params=BITMAPS)
-def bitmap_cls(request: pytest.FixtureRequest) -> type:
+@pytest.fixture(params=RANGE_ALLOCATORS)
+def range_allocator(request: pytest.FixtureRequest) -> type:
     return request.param
 
 
@@ -299,16 +299,16 @@ def alloc(subnet: str, gw: str, rng: str | None = None, **kw: Any) -> AddressAll
     return AddressAllocator(N(subnet), A(gw), N(rng) if rng else None, **kw)
 
 
-def test_docker_first_addresses(bitmap_cls: type) -> None:
-    a = alloc("172.18.0.0/16", "172.18.0.1", bitmap_cls=bitmap_cls)
+def test_docker_first_addresses(range_allocator: type) -> None:
+    a = alloc("172.18.0.0/16", "172.18.0.1", range_allocator=range_allocator)
     assert [str(a.allocate()) for _ in range(3)] == ["172.18.0.2", "172.18.0.3", "172.18.0.4"]
-    b = alloc("10.10.0.0/24", "10.10.0.254", "10.10.0.128/25", bitmap_cls=bitmap_cls)
+    b = alloc("10.10.0.0/24", "10.10.0.254", "10.10.0.128/25", range_allocator=range_allocator)
     assert str(b.allocate()) == "10.10.0.128"  # Docker gave c4 exactly this
     assert (b.used, b.free) == (1, 128 - 3)  # .254 gateway and .255 broadcast are in the range
 
 
-def test_round_robin_after_release_and_wrap(bitmap_cls: type) -> None:
-    a = alloc("10.0.0.0/29", "10.0.0.1", bitmap_cls=bitmap_cls)
+def test_round_robin_after_release_and_wrap(range_allocator: type) -> None:
+    a = alloc("10.0.0.0/29", "10.0.0.1", range_allocator=range_allocator)
     got = [a.allocate() for _ in range(3)]
     assert got == [A("10.0.0.2"), A("10.0.0.3"), A("10.0.0.4")]
     a.release(A("10.0.0.3"))
@@ -320,8 +320,8 @@ def test_round_robin_after_release_and_wrap(bitmap_cls: type) -> None:
     assert (a.used, a.free) == (5, 0)
 
 
-def test_slash30_holds_one_address(bitmap_cls: type) -> None:
-    a = alloc("10.0.0.0/30", "10.0.0.1", bitmap_cls=bitmap_cls)
+def test_slash30_holds_one_address(range_allocator: type) -> None:
+    a = alloc("10.0.0.0/30", "10.0.0.1", range_allocator=range_allocator)
     assert a.free == 1
     assert a.allocate() == A("10.0.0.2")
     with pytest.raises(PoolExhausted):
@@ -340,8 +340,8 @@ def test_slash30_holds_one_address(bitmap_cls: type) -> None:
         ("10.0.0.5", Conflict, r"address 10\.0\.0\.5 is already in use on this network"),
     ],
 )
-def test_static_rejects(bitmap_cls: type, addr: str, exc: type, match: str) -> None:
-    a = alloc("10.0.0.0/24", "10.0.0.1", reserved=[A("10.0.0.9")], bitmap_cls=bitmap_cls)
+def test_static_rejects(range_allocator: type, addr: str, exc: type, match: str) -> None:
+    a = alloc("10.0.0.0/24", "10.0.0.1", reserved=[A("10.0.0.9")], range_allocator=range_allocator)
     a.allocate(A("10.0.0.5"))
     with pytest.raises(exc, match=match):
         a.allocate(ip_address(addr))  # type: ignore[arg-type]
@@ -349,8 +349,8 @@ def test_static_rejects(bitmap_cls: type, addr: str, exc: type, match: str) -> N
         a.reserve(ip_address(addr))  # type: ignore[arg-type]
 
 
-def test_static_outside_range_and_cursor_untouched(bitmap_cls: type) -> None:
-    a = alloc("10.0.0.0/24", "10.0.0.1", "10.0.0.128/25", bitmap_cls=bitmap_cls)
+def test_static_outside_range_and_cursor_untouched(range_allocator: type) -> None:
+    a = alloc("10.0.0.0/24", "10.0.0.1", "10.0.0.128/25", range_allocator=range_allocator)
     assert a.allocate(A("10.0.0.7")) == A("10.0.0.7")
     assert a.used == 0  # outside the dynamic range
     a.allocate(A("10.0.0.128"))
@@ -362,8 +362,8 @@ def test_static_outside_range_and_cursor_untouched(bitmap_cls: type) -> None:
     assert not a.is_allocated(A("10.0.0.1")) and not a.is_allocated(A("10.0.9.1"))
 
 
-def test_release_errors_and_identity(bitmap_cls: type) -> None:
-    a = alloc("10.0.0.0/24", "10.0.0.1", bitmap_cls=bitmap_cls)
+def test_release_errors_and_identity(range_allocator: type) -> None:
+    a = alloc("10.0.0.0/24", "10.0.0.1", range_allocator=range_allocator)
     for addr in ("10.0.0.5", "10.0.0.1", "10.0.0.0", "10.9.0.5"):
         with pytest.raises(NotFound, match="not allocated"):
             a.release(A(addr))
@@ -375,11 +375,11 @@ def test_release_errors_and_identity(bitmap_cls: type) -> None:
     assert a.allocate(ip) == ip
 
 
-def test_cursor_survives_a_restart(bitmap_cls: type) -> None:
-    a = alloc("10.0.0.0/24", "10.0.0.1", bitmap_cls=bitmap_cls)
+def test_cursor_survives_a_restart(range_allocator: type) -> None:
+    a = alloc("10.0.0.0/24", "10.0.0.1", range_allocator=range_allocator)
     taken = [a.allocate() for _ in range(10)]
     a.release(taken[-1])
-    b = alloc("10.0.0.0/24", "10.0.0.1", bitmap_cls=bitmap_cls)
+    b = alloc("10.0.0.0/24", "10.0.0.1", range_allocator=range_allocator)
     for ip in taken[:-1]:
         b.reserve(ip)
     b.set_cursor(a.cursor)
@@ -389,7 +389,7 @@ def test_cursor_survives_a_restart(bitmap_cls: type) -> None:
     for bad in (-1, 257):
         with pytest.raises(InvalidArgument):
             b.set_cursor(bad)
-    c = alloc("10.0.0.0/24", "10.0.0.1", "10.0.0.128/25", bitmap_cls=bitmap_cls)
+    c = alloc("10.0.0.0/24", "10.0.0.1", "10.0.0.128/25", range_allocator=range_allocator)
     with pytest.raises(InvalidArgument):
         c.set_cursor(5)
 
@@ -404,10 +404,10 @@ def test_bad_construction() -> None:
 
 
 @pytest.mark.parametrize("subnet", ["10.0.0.0/16", "10.0.0.0/8"])
-def test_nearly_full(bitmap_cls: type, subnet: str) -> None:
+def test_nearly_full(range_allocator: type, subnet: str) -> None:
     net = N(subnet)
     size = net.num_addresses
-    a = AddressAllocator(net, net.network_address + 1, bitmap_cls=bitmap_cls)
+    a = AddressAllocator(net, net.network_address + 1, range_allocator=range_allocator)
     holes = {size // 3, size // 2 + 1, size - 2}
     step = 1 if size <= 1 << 16 else 4099  # the /8: fill a sparse grid plus a dense block
     pre = [i for i in range(2, size - 1, step) if i not in holes]
@@ -449,8 +449,11 @@ class AllocatorMachine(RuleBasedStateMachine):
         if rng_plen is not None and plen + rng_plen <= 32:
             subs = list(self.net.subnets(prefixlen_diff=rng_plen))
             self.rng = subs[rng_pick % len(subs)]
-        classes = [pure_bitmap.Bitmap] + ([fast_bitmap.Bitmap] if fast_bitmap else [])
-        self.allocs = [AddressAllocator(self.net, self.gw, self.rng, bitmap_cls=c) for c in classes]
+        classes = [pure_bitmap.RangeAllocator]
+        classes += [fast_bitmap.RangeAllocator] if fast_bitmap else []
+        self.allocs = [
+            AddressAllocator(self.net, self.gw, self.rng, range_allocator=c) for c in classes
+        ]
 
     def _all(self, name: str, *args: Any) -> Any:
         results = []

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 from agent.api import protocol as p
-from agent.core.bitmap import Bitmap
+from agent.core.bitmap import RangeAllocator
 from agent.core.errors import (
     AgentError,
     Busy,
@@ -122,7 +122,7 @@ class FakeNamespaces:
 async def svc(tmp_path, nursery):
     with open_store(tmp_path) as store:
         service = Service(
-            topo=Topology(Bitmap),
+            topo=Topology(RangeAllocator),
             kernel=FakeKernel(),
             firewall=FakeFirewall(),
             namespaces=FakeNamespaces(),
