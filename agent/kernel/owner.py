@@ -78,29 +78,18 @@ async def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 class Owner:
-    """`threads` threads that run submitted jobs, each job whole, in submission order of start.
-
-    With one thread, jobs also finish in order. With more, jobs run concurrently: callers that
-    need an order between two jobs await the first before submitting the second (the service
-    does, through its per-namespace and topology locks). Per-thread state lives in
-    `threading.local` (the kernel shell keeps one netlink socket per thread).
+    """One thread that runs submitted jobs in order.
 
     Resource handling:
-        `start()` launches the threads; `await stop()` runs the queued jobs, then ends them.
+        `start()` launches the thread; `await stop()` runs the queued jobs, then ends it.
     """
 
-    def __init__(self, name: str = "netagent-kernel", threads: int = 1) -> None:
-        if threads < 1:
-            raise ValueError(f"an owner needs at least one thread, not {threads}")
+    def __init__(self, name: str = "netagent-kernel") -> None:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._loop, name=f"{name}-{i}" if i else name, daemon=True)
-            for i in range(threads)
-        ]
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     def start(self) -> None:
-        for thread in self._threads:
-            thread.start()
+        self._thread.start()
 
     def _loop(self) -> None:
         while True:
@@ -110,58 +99,22 @@ class Owner:
             fn, args, report = job
             report(outcome.capture(fn, *args))
 
-    def _alive(self) -> bool:
-        return all(thread.is_alive() for thread in self._threads)
-
     async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` in an owner thread and return its result (or raise its error).
+        """Run `fn(*args)` in the owner thread and return its result (or raise its error).
 
         Cancellation is deferred until the job is done: its effect is never lost.
         """
-        if not self._alive():
+        if not self._thread.is_alive():
             raise RuntimeError("kernel owner thread is not running")
         return await _wait_for(lambda report: self._jobs.put((fn, args, report)))
 
-    async def call_each(self, fn: Callable[[], Any]) -> None:
-        """Run `fn()` once in every owner thread (per-thread set-up, such as opening a socket).
-
-        Each job waits at a barrier until all have started, so no thread can take two.
-        """
-        barrier = threading.Barrier(len(self._threads))
-        failed: list[BaseException] = []
-
-        def job() -> None:
-            try:
-                fn()
-            finally:
-                barrier.wait()
-
-        async def one() -> None:
-            try:
-                await self.call(job)
-            except Exception as exc:
-                failed.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            for _ in self._threads:
-                nursery.start_soon(one)
-        if failed:
-            raise failed[0]
-
     async def stop(self) -> None:
-        """Finish the queued jobs and end the threads."""
-        threads = [t for t in self._threads if t.is_alive()]
-        if not threads:
+        """Finish the queued jobs and end the thread."""
+        if not self._thread.is_alive():
             return
-        for _ in threads:
-            self._jobs.put(_STOP)
-
-        def join_all() -> None:
-            for thread in threads:
-                thread.join()
-
+        self._jobs.put(_STOP)
         await _wait_for(
             lambda report: threading.Thread(
-                target=lambda: report(outcome.capture(join_all)), daemon=True
+                target=lambda: report(outcome.capture(self._thread.join)), daemon=True
             ).start()
         )
