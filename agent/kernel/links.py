@@ -24,7 +24,6 @@ import ipaddress
 import os
 import socket
 import struct
-import threading
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -43,10 +42,6 @@ from agent.log import get_logger
 log = get_logger("agent.kernel")
 
 _STALE_MASTER = (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP)
-
-#: Owner threads for kernel jobs. An attach spends most of its ~1.5 ms waiting (for netlink
-#: replies, the kernel's rtnl lock, its namespace-socket thread), so a few run side by side.
-KERNEL_THREADS = int(os.environ.get("NETAGENT_KERNEL_THREADS", "3"))
 
 
 class LinkInfo(msgspec.Struct, frozen=True):
@@ -105,29 +100,18 @@ class Kernel:
     def __init__(self, owner: Owner, reaper: Owner) -> None:
         self._owner = owner
         self._reaper = reaper  # its own thread and socket: a batch delete never delays an attach
-        self._local = threading.local()  # one netlink socket per owner thread
-        self._sockets: list[rtnl.RtSocket] = []
+        self._rt: rtnl.RtSocket | None = None
         self._reap_rt: rtnl.RtSocket | None = None
         self._bridges: dict[str, int] = {}
 
     # --- owner-thread side -------------------------------------------------------------------
 
-    @property
-    def _rt(self) -> rtnl.RtSocket:
-        """This owner thread's netlink socket, opened on its first job."""
-        rt = getattr(self._local, "rt", None)
-        if rt is None:
-            rt = self._local.rt = rtnl.RtSocket()
-            self._sockets.append(rt)
-        return rt
-
     def _open(self) -> None:
-        """Open this owner thread's socket (run in each of them at start-up)."""
-        assert self._rt is not None
+        self._rt = rtnl.RtSocket()
 
     def _close(self) -> None:
-        for rt in self._sockets:
-            rt.close()
+        if self._rt is not None:
+            self._rt.close()
 
     def _open_reaper(self) -> None:
         self._reap_rt = rtnl.RtSocket()
@@ -334,6 +318,7 @@ class Kernel:
             try:
                 ns = rtnl.RtSocket(ns_socket())
                 self._configure_inside(ep, ns)
+                assert self._rt is not None
                 alias, bridge_up = self._rt.transact(
                     [
                         rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True, up=True),
@@ -359,6 +344,7 @@ class Kernel:
 
     def _enslave(self, host_ifname: str, bridge: str) -> None:
         master, _ = self._bridge_index(bridge)
+        assert self._rt is not None
         port, hairpin, bridge_up = self._rt.transact(
             [rtnl.set_master_up(host_ifname, master), rtnl.set_hairpin(host_ifname),
              rtnl.set_up(master)]
@@ -368,6 +354,7 @@ class Kernel:
         _step(bridge_up, f"set bridge {bridge} up", {"bridge": bridge})
 
     def _dump(self, request: rtnl.Request) -> list[bytes]:
+        assert self._rt is not None
         return check(self._rt.transact([request])[0])
 
     def _owned_links(self) -> list[LinkInfo]:
@@ -654,12 +641,12 @@ def _mac(value: str) -> str:
 @asynccontextmanager
 async def open_kernel() -> AsyncIterator[Kernel]:
     """Start the owner thread and its netlink sockets; close them all on exit."""
-    owner, reaper = Owner(threads=KERNEL_THREADS), Owner("netagent-reaper")
+    owner, reaper = Owner(), Owner("netagent-reaper")
     owner.start()
     reaper.start()
     kernel = Kernel(owner, reaper)
     try:
-        await owner.call_each(kernel._open)  # every thread's socket now: none opens later
+        await owner.call(kernel._open)
         await reaper.call(kernel._open_reaper)
         yield kernel
     finally:
