@@ -161,8 +161,9 @@ class Service(PortsMixin):
             raise Conflict(f"bridge {bridge!r} is already used by another network", bridge=bridge)
         if self.reaper.pending(f"br:{bridge}") is not None:
             raise Busy(f"bridge {bridge!r} is being deleted; retry", bridge=bridge)
-        used = [ipaddress.IPv4Network(n.subnet) for n in topo.networks.values()]
-        routes = [r for r in await self.kernel.host_routes() if r.prefixlen > 0 and r not in used]
+        used = topo.subnets()
+        ours = set(used)
+        routes = [r for r in await self.kernel.host_routes() if r.prefixlen > 0 and r not in ours]
         subnet, gateway, ip_range = ipam.plan_subnet(
             subnet=req.subnet,
             gateway=req.gateway,

@@ -448,7 +448,21 @@ def _appends(chain: str, rules: Iterable[Rule]) -> list[Op]:
 
 
 def _dispatch_delta(chain: str, head: int, old: tuple[Rule, ...], new: tuple[Rule, ...]):
-    """`-D` for the tail rules that went away, `-A` for the new ones (multiset difference)."""
+    """`-D` for the tail rules that went away, `-A` for the new ones (multiset difference).
+
+    A dispatch chain holds a few rules per network (thousands with 1,000 networks) and one
+    change touches a few: equal tails cost one tuple comparison, distinct rules (the usual
+    case) a set difference; only duplicates need the multiset."""
+    old_tail, new_tail = old[head:], new[head:]
+    if old_tail == new_tail:
+        return [], []
+    before, after = set(old_tail), set(new_tail)
+    if len(before) == len(old_tail) and len(after) == len(new_tail):
+        went, came_in = before - after, after - before
+        return (
+            [("-D", chain, rule) for rule in old_tail if rule in went],
+            [("-A", chain, rule) for rule in new_tail if rule in came_in],
+        )
     gone = Counter(old[head:]) - Counter(new[head:])
     came = Counter(new[head:]) - Counter(old[head:])
     deletes: list[Op] = []

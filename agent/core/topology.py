@@ -57,6 +57,11 @@ class Topology:
                 ipaddress.IPv6Network(net.subnet6), ipaddress.IPv6Address(net.gateway6)
             )
 
+    def subnets(self) -> list[ipaddress.IPv4Network]:
+        """The IPv4 subnets of every network: the allocators' own objects, whose derived
+        addresses `ipaddress` caches, so subnet choice costs no parsing per network."""
+        return [alloc.subnet for alloc in self.allocators.values()]
+
     def remove_network(self, network_id: str) -> None:
         """Forget a network (its endpoints must be gone already)."""
         net = self.networks.pop(network_id)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 import pytest
 from hypothesis import given, settings
@@ -329,3 +330,25 @@ def test_adding_one_network_to_a_thousand_is_small() -> None:
     # declare C + 4 rules in C + 2 dispatch + 2 isolation + 1 masquerade
     assert len(script) == 10
     assert len(rules.diff(old, rules.render(many[1:]))) == 7
+
+
+@given(
+    st.lists(st.sampled_from("abcdef"), max_size=12),
+    st.lists(st.sampled_from("abcdef"), max_size=12),
+)
+def test_dispatch_delta_is_the_multiset_difference(old: list[str], new: list[str]) -> None:
+    """Distinct rules take the set path, duplicates the multiset one: same answer either way."""
+    head = (("-j", "HEAD"),)
+    before = head + tuple(("-j", r) for r in old)
+    after = head + tuple(("-j", r) for r in new)
+    deletes, adds = rules._dispatch_delta("C", 1, before, after)
+    tail = list(before[1:])
+    for _, chain, rule in deletes:  # apply: -D removes the first match, -A appends
+        assert chain == "C"
+        tail.remove(rule)
+    tail += [rule for _, _, rule in adds]
+    assert sorted(tail) == sorted(after[1:])
+    assert all(op == "-D" for op, _, _ in deletes) and all(op == "-A" for op, _, _ in adds)
+    # minimal: nothing deleted that stays, nothing added that was there
+    assert len(deletes) == sum((Counter(old) - Counter(new)).values())
+    assert len(adds) == sum((Counter(new) - Counter(old)).values())
