@@ -12,6 +12,7 @@ waiting task receives its result; a cancellation is delivered at the caller's ne
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import queue
 import threading
@@ -52,16 +53,26 @@ def run_sync_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
 
 
 def start_in_fresh_thread(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
-    """Start `fn(*args)` in a new throwaway thread; the returned function joins and returns."""
+    """Start `fn(*args)` in a new throwaway thread; the returned function joins and returns.
+
+    A bare `_thread` thread: `threading.Thread.start` waits until the thread runs (~0.1 ms of
+    an attach's ~1.1 ms in the owner thread); here the caller goes on at once.
+    """
     box: list[outcome.Outcome[T]] = []
-    thread = threading.Thread(
-        target=lambda: box.append(outcome.capture(fn, *args)), name="netagent-ns", daemon=True
-    )
-    thread.start()
+    done = _thread.allocate_lock()
+    done.acquire()
+
+    def run() -> None:
+        try:
+            box.append(outcome.capture(fn, *args))
+        finally:
+            done.release()
+
+    _thread.start_new_thread(run, ())
 
     def join() -> T:
-        thread.join()
-        return box[0].unwrap()
+        with done:
+            return box[0].unwrap()
 
     return join
 
