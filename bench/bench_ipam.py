@@ -94,13 +94,17 @@ def build(cls: type, size: int, fill: float, seed: int = 1) -> tuple[Any, int]:
     if not fill:
         return bm, size - 3
     holes = _holes(size, fill, seed)
-    set_bit = bm.set
+    _take_all_but(bm.set, size, holes)
+    return bm, len(holes)
+
+
+def _take_all_but(take: Callable[[int], Any], size: int, holes: list[int]) -> None:
+    """`take` every offset of [2, size - 1) that is not a hole."""
     lo = 2
     for hole in [*holes, size - 1]:
         for i in range(lo, hole):
-            set_bit(i)
+            take(i)
         lo = hole + 1
-    return bm, len(holes)
 
 
 def build_core(cls: type, size: int, fill: float, seed: int = 1) -> tuple[Any, int]:
@@ -111,11 +115,7 @@ def build_core(cls: type, size: int, fill: float, seed: int = 1) -> tuple[Any, i
         return core, core.free
     holes = _holes(size, fill, seed)
     claim = core.claim
-    lo = 2
-    for hole in [*holes, size - 1]:
-        for i in range(lo, hole):
-            claim(i)
-        lo = hole + 1
+    _take_all_but(claim, size, holes)
     assert core.free == len(holes) and claim(2 if holes[0] != 2 else holes[-1]) != CLAIMED
     return core, core.free
 
