@@ -285,32 +285,43 @@ class Service(PortsMixin):
             )
         for ep in eps:
             await self._disconnect(ep)
-        remaining = [n for n in self.topo.networks.values() if n.id != net.id]
+        await self._forget_networks([net])
+
+    async def _forget_networks(self, nets: list[Network]) -> None:
+        """Rules of `nets` (endpoint-free) gone in one transaction, then the store; their
+        bridges go to the reaper. Rules are put back if the store fails."""
+        gone = {net.id for net in nets}
+        remaining = [n for n in self.topo.networks.values() if n.id not in gone]
         with trio.CancelScope(shield=True):
             await self.firewall.sync(remaining)
             try:
                 with self.store.transaction() as w:
-                    w.delete_network(net.id)
+                    for net in nets:
+                        w.delete_network(net.id)
             except BaseException:
                 await self.firewall.sync(self.topo.networks.values())
                 raise
-        self.topo.remove_network(net.id)
-        # the bridge has no port and no rule left: the reaper retires and deletes it (a netlink
-        # message now would wait for a batch delete in progress)
-        self.reaper.retire_bridge(net.bridge, _gateway_cidr(net), gateway6_cidr(net))
-        self._dying_subnets[f"br:{net.bridge}"] = ipaddress.IPv4Network(net.subnet)
-        self.bus.publish("network", "removed", net.id, name=net.name)
-        log.info("network.remove.complete", network_id=net.id, name=net.name)
+        for net in nets:
+            self.topo.remove_network(net.id)
+            # the bridge has no port and no rule left: the reaper retires and deletes it (a
+            # netlink message now would wait for a batch delete in progress)
+            self.reaper.retire_bridge(net.bridge, _gateway_cidr(net), gateway6_cidr(net))
+            self._dying_subnets[f"br:{net.bridge}"] = ipaddress.IPv4Network(net.subnet)
+            self.bus.publish("network", "removed", net.id, name=net.name)
+            log.info("network.remove.complete", network_id=net.id, name=net.name)
 
     async def prune_networks(self, req: p.NetworkFilter) -> p.Removed:
+        """Every unused network matching the filter, removed in one firewall transaction (each
+        network's own `rm` would pay nf_tables' ~15 ms deletion wait twice)."""
         async with self.lock:
-            removed: list[str] = []
-            for net in self.list_networks(req):
-                if net.is_default or self.topo.endpoints_of(net.id):
-                    continue
-                await self._remove_network(net, force=False)
-                removed.append(net.name)
-            return p.Removed(removed=removed)
+            unused = [
+                net
+                for net in self.list_networks(req)
+                if not net.is_default and not self.topo.endpoints_of(net.id)
+            ]
+            if unused:
+                await self._forget_networks(unused)
+            return p.Removed(removed=[net.name for net in unused])
 
     # -- endpoints ------------------------------------------------------------------------
 

@@ -83,8 +83,10 @@ class FakeFirewall:
     def __init__(self) -> None:
         self.networks: list = []
         self.fail = False
+        self.syncs = 0
 
     async def sync(self, networks, endpoints=None) -> int:
+        self.syncs += 1
         if self.fail:
             raise FirewallApply("restore failed on purpose", line="-A X")
         self.networks = sorted(n.name for n in networks)
@@ -309,3 +311,18 @@ async def test_rm_store_failure_keeps_the_network_and_its_rules(svc, monkeypatch
     assert svc.topo.find_network("a") is net
     assert svc.firewall.networks == ["a"]  # the rules were put back
     assert net.bridge in svc.kernel.bridges and svc.reaper.backlog == 0
+
+
+async def test_prune_removes_every_unused_network_in_one_firewall_transaction(svc) -> None:
+    await svc.create_network(p.NetworkCreate(name="bridge"), is_default=True)
+    for name, subnet in (("a", "10.1.0.0/24"), ("b", "10.2.0.0/24"), ("c", "10.3.0.0/24")):
+        await svc.create_network(p.NetworkCreate(name=name, subnet=subnet))
+    await svc.connect(p.EndpointConnect(network="b", netns="ok1"))
+    before = svc.firewall.syncs
+    removed = await svc.prune_networks(p.NetworkFilter())
+    assert sorted(removed.removed) == ["a", "c"]  # the default and the used one stay
+    assert svc.firewall.syncs == before + 1
+    assert svc.firewall.networks == ["b", "bridge"]
+    assert sorted(n.name for n in svc.store.load().networks) == ["b", "bridge"]
+    await svc.reaper.wait_idle()
+    assert sorted(svc.kernel.bridges.values()) == ["10.2.0.1/24", "172.17.0.1/16"]
