@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+import trio
+
 from agent.core.errors import FirewallApply
 from agent.core.model import Endpoint, Network
 from agent.firewall.iptables import IptablesFirewall
@@ -94,6 +96,14 @@ class DualFirewall:
         if self.v6 is not None:
             problems += [f"ip6 {p}" for p in await self.v6.repair(nets, eps)]
         return problems
+
+    async def serve_spare(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
+        """A spare restore process for each family (`IptablesFirewall.serve_spare`)."""
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self.v4.serve_spare)
+            if self.v6 is not None:
+                await nursery.start(self.v6.serve_spare)
+            task_status.started()
 
     def bridge_recreated(self, bridge: str) -> None:
         self.v4.bridge_recreated(bridge)

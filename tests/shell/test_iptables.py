@@ -264,3 +264,47 @@ async def test_observe_reads_quoted_tokens_back() -> None:
     rule = ("-m", "comment", "--comment", comment, "-j", "ACCEPT")
     assert seen.chains[("filter", "NETAGENT-USER")] == [rule, ("-j", "RETURN")]
     assert seen.ruleset() == rules.render([])
+
+
+async def test_spare_process_applies_transactions_and_reports_failures(nursery) -> None:
+    fw = IptablesFirewall()
+    await nursery.start(fw.serve_spare)
+    good = net(1)
+    await fw.setup([good])
+    used = []
+    for extra in (net(7), net(8, internal=True)):
+        await trio.sleep(0.05)  # let the keeper start its spare
+        spare = fw._spare
+        assert spare is not None and spare.returncode is None and spare.pid in fw.own_pids
+        await fw.sync([good, extra])
+        assert spare.returncode == 0  # this transaction ran in the spare
+        used.append(spare.pid)
+        assert (await fw.observe()).ruleset() == fw.applied == rules.render([good, extra])
+    assert len(set(used)) == 2  # a new spare for each transaction
+    # a failure in a spare is reported exactly as in a process of its own
+    await trio.sleep(0.05)
+    assert fw._spare is not None
+    before, applied = save(), fw.applied
+    bad = replace(net(2), bridge="br-" + "x" * 20)
+    with pytest.raises(FirewallApply) as info:
+        await fw.sync([good, net(8, internal=True), bad])
+    assert bad.bridge in info.value.data["line"] and "IFNAMSIZ" in info.value.data["stderr"]
+    assert save() == before and fw.applied == applied
+
+
+async def test_a_dead_spare_is_replaced_and_the_spare_dies_with_its_keeper() -> None:
+    fw = IptablesFirewall()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fw.serve_spare)
+        await trio.sleep(0.05)
+        spare = fw._spare
+        assert spare is not None
+        spare.kill()
+        await spare.wait()
+        await fw.setup([net(1)])  # runs in a process of its own, not in the dead spare
+        assert (await fw.observe()).ruleset() == fw.applied == rules.render([net(1)])
+        await trio.sleep(0.05)
+        last = fw._spare
+        assert last is not None and last is not spare and last.returncode is None
+        nursery.cancel_scope.cancel()
+    assert last.returncode is not None and fw._spare is None  # no idle process left behind
