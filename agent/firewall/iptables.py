@@ -405,14 +405,28 @@ class IptablesFirewall:
 
     async def serve_spare(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
         """Keep one restore process started ahead (see the module docstring) until cancelled;
-        the idle spare is killed on the way out."""
+        the idle spare is killed on the way out.
+
+        Only for the nf_tables backend: a legacy iptables-restore may take the xtables lock
+        when it starts, and an idle spare would hold it against every other iptables user.
+        """
+        task_status.started()
+        try:
+            version = await self._run([self.restore, "--version"], b"", what="restore --version")
+        except FirewallApply as exc:
+            log.warning("firewall.spare.disabled", error=exc.message)
+            return
+        if b"(nf_tables)" not in version:
+            log.info("firewall.spare.disabled", reason="not the nf_tables backend")
+            return
         self._want_spare = trio.Event()
         self._want_spare.set()
-        task_status.started()
         try:
             while True:
                 await self._want_spare.wait()
                 self._want_spare = trio.Event()
+                if self._spare is not None:  # asked for while the last one was starting
+                    continue
                 try:
                     spare = await trio.lowlevel.open_process(
                         self._restore_argv(),

@@ -6,6 +6,7 @@ ends with empty filter and nat tables (the tests share one namespace).
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 
@@ -17,7 +18,7 @@ from agent.core import naming, rules
 from agent.core.errors import FirewallApply
 from agent.core.model import Network
 from agent.core.serialize import serialize as pure_serialize
-from agent.firewall.iptables import IptablesFirewall, parse_save
+from agent.firewall.iptables import IptablesFirewall, _discard, parse_save
 
 pytestmark = pytest.mark.kernel
 
@@ -308,3 +309,42 @@ async def test_a_dead_spare_is_replaced_and_the_spare_dies_with_its_keeper() -> 
         assert last is not None and last is not spare and last.returncode is None
         nursery.cancel_scope.cancel()
     assert last.returncode is not None and fw._spare is None  # no idle process left behind
+
+
+async def test_no_spare_for_a_legacy_backend(nursery) -> None:
+    # a legacy iptables-restore may hold the xtables lock from its start: never keep one idle
+    fw = IptablesFirewall(restore="iptables-legacy-restore")
+    await nursery.start(fw.serve_spare)
+    await trio.sleep(0.1)
+    assert fw._spare is None and fw._want_spare is None
+
+
+def restore_children() -> set[int]:
+    """Live iptables-restore processes started by this test process."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z":
+            with open(f"/proc/{pid}/comm") as f:
+                if f.read().startswith("iptables-restor"):
+                    found.add(int(pid))
+    return found
+
+
+async def test_spares_taken_while_one_starts_leave_exactly_one_behind(nursery) -> None:
+    fw = IptablesFirewall()
+    await nursery.start(fw.serve_spare)
+    taken = []
+    for _ in range(50):  # take as fast as the keeper makes them, often mid-start
+        if (spare := await fw._take_spare()) is not None:
+            taken.append(spare)
+        await trio.sleep(0)
+    for spare in taken:
+        await _discard(spare)
+    await trio.sleep(0.2)
+    assert fw._spare is not None
+    assert restore_children() == {fw._spare.pid}
