@@ -128,8 +128,8 @@ class Service(PortsMixin):
         dying = None if req.bridge is None else self.reaper.pending(f"br:{req.bridge}")
         if dying is not None:
             await dying.wait()  # a bridge of that name is being deleted: let it go first
-        await self._wait_for_dying_subnets(req.subnet)
         async with self.lock:
+            await self._wait_for_dying_subnets(req.subnet)  # under the lock: no rm slips in
             return await self._create_network(req, is_default=is_default)
 
     async def _wait_for_dying_subnets(self, subnet: str | None) -> None:
