@@ -326,3 +326,33 @@ async def test_prune_removes_every_unused_network_in_one_firewall_transaction(sv
     assert sorted(n.name for n in svc.store.load().networks) == ["b", "bridge"]
     await svc.reaper.wait_idle()
     assert sorted(svc.kernel.bridges.values()) == ["10.2.0.1/24", "172.17.0.1/16"]
+
+
+async def test_reconciler_leaves_a_veth_being_attached_alone_and_repairs_one_set_down(svc) -> None:
+    from agent.core import naming
+    from agent.core.nlevents import LinkEvent
+    from agent.reconcile import Reconciler
+
+    await svc.create_network(p.NetworkCreate(name="a", subnet="10.1.0.0/24"))
+    ep = await svc.connect(p.EndpointConnect(network="a", netns="ok1"))
+    states = {ep.host_ifname: (False, 0)}  # down, as a veth is until its attach brings it up
+    enslaved: list[str] = []
+
+    async def link_state(name):
+        return states.get(name)
+
+    async def enslave(host_ifname, bridge):
+        enslaved.append(host_ifname)
+
+    svc.kernel.link_state, svc.kernel.enslave = link_state, enslave
+    reconciler = Reconciler(svc, svc.firewall)
+
+    def down(alias):
+        return LinkEvent("new", 9, ep.host_ifname, "veth", alias, 0, False, naming.LINK_GROUP)
+
+    async with svc.lock.shared():  # an attach in flight holds the lock shared
+        with trio.fail_after(1):  # no exclusive lock is waited for: this returns at once
+            await reconciler.on_event(down(None))
+    assert enslaved == []
+    await reconciler.on_event(down(naming.veth_alias(ep.id)))  # set down by hand: repaired
+    assert enslaved == [ep.host_ifname]
