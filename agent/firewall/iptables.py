@@ -428,17 +428,9 @@ class IptablesFirewall:
                 if self._spare is not None:  # asked for while the last one was starting
                     continue
                 try:
-                    spare = await trio.lowlevel.open_process(
-                        self._restore_argv(),
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.PIPE,
-                        stderr=subprocess.PIPE,
-                    )
+                    self._spare = await self._open(self._restore_argv())
                 except OSError as exc:  # transactions start their own and report it
                     log.warning("firewall.spare.failed", error=str(exc))
-                    continue
-                self.own_pids.append(spare.pid)
-                self._spare = spare
         finally:
             self._want_spare = None
             if self._spare is not None:
@@ -458,51 +450,37 @@ class IptablesFirewall:
     async def _restore(self, script: rules.Script) -> None:
         text = self.serialize(script)
         start = time.perf_counter()
-        spare = await self._take_spare()
+        spare, stdin = await self._take_spare(), text.encode()
         if spare is None:
-            argv = self._restore_argv()
-            await self._run(argv, text.encode(), what="iptables-restore", script=text)
+            await self._run(self._restore_argv(), stdin, what="iptables-restore", script=text)
         else:
-            await self._finish(spare, text)
+            self._result(await self._complete(spare, stdin), "iptables-restore", text)
         log.debug(
             "firewall.apply.complete",
             ops=len(script),
             duration_ms=round((time.perf_counter() - start) * 1000, 2),
         )
 
-    async def _spawn(
-        self, argv: Sequence[str], stdin: bytes
+    async def _open(self, argv: Sequence[str]) -> trio.Process:
+        """Start a process with pipes, its pid recorded in `own_pids` (its nftables commits are
+        ours). Raises OSError if it cannot start."""
+        process = await trio.lowlevel.open_process(
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.own_pids.append(process.pid)
+        return process
+
+    async def _complete(
+        self, process: trio.Process, stdin: bytes
     ) -> subprocess.CompletedProcess[bytes] | None:
-        """Run the process, recording its pid in `own_pids` as soon as it exists."""
-        done: list[subprocess.CompletedProcess[bytes]] = []
-
-        async def run(task_status: trio.TaskStatus[trio.Process]) -> None:
-            done.append(await trio.run_process(
-                list(argv), stdin=stdin, capture_stdout=True, capture_stderr=True,
-                check=False, task_status=task_status,
-            ))  # fmt: skip
-
-        try:
-            async with trio.open_nursery() as nursery:
-                process = await nursery.start(run)
-                self.own_pids.append(process.pid)  # its nftables commits are ours
-        except BaseExceptionGroup as group:
-            failed = group.subgroup(OSError)
-            if failed is None:
-                raise
-            while isinstance(failed, BaseExceptionGroup):
-                failed = failed.exceptions[0]
-            raise failed from group
-        return done[0] if done else None
-
-    async def _finish(self, process: trio.Process, script: str) -> None:
-        """Feed a spare its script and wait for it, like `_run` (shielded, `timeout`)."""
+        """Feed `stdin`, collect the output, wait for the exit: shielded from cancellation,
+        bounded by `timeout` (then the process is killed and None returned)."""
         out: dict[str, bytes] = {}
 
         async def feed() -> None:
             assert process.stdin is not None
             async with process.stdin:
-                await process.stdin.send_all(script.encode())
+                await process.stdin.send_all(stdin)
 
         async def drain(name: str, stream: Any) -> None:
             chunks = []
@@ -511,7 +489,6 @@ class IptablesFirewall:
                     chunks.append(chunk)
             out[name] = b"".join(chunks)
 
-        finished = False
         with trio.CancelScope(shield=True) as scope:
             scope.deadline = trio.current_time() + self.timeout
             try:
@@ -519,31 +496,24 @@ class IptablesFirewall:
                     nursery.start_soon(feed)
                     nursery.start_soon(drain, "stdout", process.stdout)
                     nursery.start_soon(drain, "stderr", process.stderr)
-                await process.wait()
-                finished = True
             except BaseExceptionGroup as group:  # stdin closed early: it failed at start-up
                 _, rest = group.split((trio.BrokenResourceError, trio.ClosedResourceError))
                 if rest is not None:
                     raise
-                await process.wait()
-                finished = True
-        if not finished:
-            process.kill()
-            with trio.CancelScope(shield=True):
-                await process.wait()
-            self._converged = False
-            raise FirewallApply(f"iptables-restore timed out after {self.timeout} s", stderr="")
-        self._check(
-            subprocess.CompletedProcess(
+            await process.wait()
+            return subprocess.CompletedProcess(
                 process.args, process.returncode, out.get("stdout", b""), out.get("stderr", b"")
-            ),
-            what="iptables-restore",
-            script=script,
-        )
+            )
+        await _discard(process)  # timed out
+        return None
 
-    def _check(
-        self, result: subprocess.CompletedProcess[bytes], *, what: str, script: str
+    def _result(
+        self, result: subprocess.CompletedProcess[bytes] | None, what: str, script: str = ""
     ) -> bytes:
+        """The output of a completed process, or FirewallApply for a timeout or a failure."""
+        if result is None:
+            self._converged = False
+            raise FirewallApply(f"{what} timed out after {self.timeout} s", stderr="")
         if result.returncode != 0:
             stderr = result.stderr.decode(errors="replace").strip()
             number, line = offending_line(script, stderr) if script else (None, None)
@@ -559,14 +529,8 @@ class IptablesFirewall:
         self, argv: Sequence[str], stdin: bytes, *, what: str, script: str = ""
     ) -> bytes:
         """Run one process to completion, shielded from cancellation, bounded by `timeout`."""
-        result = None
         try:
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + self.timeout
-                result = await self._spawn(argv, stdin)
+            process = await self._open(argv)
         except OSError as exc:
             raise FirewallApply(f"{what} could not run: {exc}", stderr=str(exc)) from exc
-        if result is None:
-            self._converged = False
-            raise FirewallApply(f"{what} timed out after {self.timeout} s", stderr="")
-        return self._check(result, what=what, script=script)
+        return self._result(await self._complete(process, stdin), what, script)

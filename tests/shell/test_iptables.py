@@ -330,7 +330,7 @@ def restore_children() -> set[int]:
             continue
         if int(fields[1]) == os.getpid() and fields[0] != "Z":
             with open(f"/proc/{pid}/comm") as f:
-                if f.read().startswith("iptables-restor"):
+                if f.read().startswith(("iptables-restor", "sleep")):
                     found.add(int(pid))
     return found
 
@@ -348,3 +348,14 @@ async def test_spares_taken_while_one_starts_leave_exactly_one_behind(nursery) -
     await trio.sleep(0.2)
     assert fw._spare is not None
     assert restore_children() == {fw._spare.pid}
+
+
+async def test_a_hung_restore_is_killed_at_the_timeout(tmp_path) -> None:
+    hang = tmp_path / "hang"
+    hang.write_text("#!/bin/sh\nexec sleep 30\n")
+    hang.chmod(0o755)
+    fw = IptablesFirewall(restore=str(hang), timeout=0.3)
+    fw.applied, fw._converged = rules.render([]), True
+    with trio.fail_after(5), pytest.raises(FirewallApply, match=r"timed out after 0\.3 s"):
+        await fw.sync([net(1)])
+    assert restore_children() == set() and not fw._converged  # killed; next sync converges
