@@ -463,15 +463,15 @@ def _dispatch_delta(chain: str, head: int, old: tuple[Rule, ...], new: tuple[Rul
             [("-D", chain, rule) for rule in old_tail if rule in went],
             [("-A", chain, rule) for rule in new_tail if rule in came_in],
         )
-    gone = Counter(old[head:]) - Counter(new[head:])
-    came = Counter(new[head:]) - Counter(old[head:])
+    gone = Counter(old_tail) - Counter(new_tail)
+    came = Counter(new_tail) - Counter(old_tail)
     deletes: list[Op] = []
-    for rule in old[head:]:
+    for rule in old_tail:
         if gone[rule] > 0:
             gone[rule] -= 1
             deletes.append(("-D", chain, rule))
     adds: list[Op] = []
-    for rule in new[head:]:
+    for rule in new_tail:
         if came[rule] > 0:
             came[rule] -= 1
             adds.append(("-A", chain, rule))
