@@ -137,7 +137,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
             phases["adopt"] = time.monotonic() - started
             firewall = DualFirewall.default()
             await firewall.setup(list(topo.networks.values()), list(topo.endpoints.values()))
-            await nursery.start(firewall.serve_spare)
+            await nursery.start(firewall.serve)
             phases["firewall"] = time.monotonic() - started
             svc = Service(
                 topo=topo, kernel=kernel, firewall=firewall, namespaces=ns, store=store,

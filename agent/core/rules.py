@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 from collections import Counter
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -507,13 +508,52 @@ def diff(old: Ruleset, new: Ruleset) -> Script:
     New or changed owned chains are declared (created or flushed) and rewritten; dispatch
     chains get `-D` for rules that went away and `-A` for new ones, head untouched; removed
     chains are flushed and deleted after every jump to them is gone.
+
+    Sections come filter then nat, unless that order makes iptables-restore wait and the other
+    does not: after a commit that deleted anything, loading an extension (MASQUERADE, DNAT, a
+    match...) waits for an RCU grace period in nf_tables (15-30 ms; `network rm` is filter
+    deletions, then a nat deletion naming MASQUERADE).
     """
     sections = []
     for table in _ordered_tables([*old.tables, *new.tables]):
         section = _diff_table(old, new, table)
         if section.declares or section.ops:
             sections.append(section)
+    if len(sections) == 2:
+        first, second = sections
+        if _waits(first, second, old) and not _waits(second, first, old):
+            sections = [second, first]
     return Script(tuple(sections))
+
+
+_STANDARD_TARGETS = frozenset({"ACCEPT", "DROP", "RETURN"})
+
+
+def _waits(first: TableScript, second: TableScript, old: Ruleset) -> bool:
+    """Whether `second` loads an extension `first` did not, after `first` deleted something."""
+    return _deletes(first, old) and not _extensions(second) <= _extensions(first)
+
+
+def _deletes(section: TableScript, old: Ruleset) -> bool:
+    """Whether the section removes rules: `-D`/`-F`/`-X`, or re-declares (flushes) a chain."""
+    before = old.chains(section.table)
+    return any(op in ("-D", "-F", "-X") for op, _, _ in section.ops) or any(
+        chain in before for chain in section.declares
+    )
+
+
+def _extensions(section: TableScript) -> set[str]:
+    """The extensions iptables-restore loads for the section: `-m`, `-p` and target names."""
+    found = set()
+    for _, _, args in section.ops:
+        for flag, value in itertools.pairwise(args):
+            if flag in ("-m", "-p") or (
+                flag == "-j"
+                and value not in _STANDARD_TARGETS
+                and not value.startswith(naming.CHAIN_PREFIX)
+            ):
+                found.add(value)
+    return found
 
 
 def stale(existing: Iterable[ChainKey], new: Ruleset) -> set[ChainKey]:

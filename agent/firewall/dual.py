@@ -97,12 +97,12 @@ class DualFirewall:
             problems += [f"ip6 {p}" for p in await self.v6.repair(nets, eps)]
         return problems
 
-    async def serve_spare(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
-        """A spare restore process for each family (`IptablesFirewall.serve_spare`)."""
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
+        """Spare and exiting restore processes of each family (`IptablesFirewall.serve`)."""
         async with trio.open_nursery() as nursery:
-            await nursery.start(self.v4.serve_spare)
+            await nursery.start(self.v4.serve)
             if self.v6 is not None:
-                await nursery.start(self.v6.serve_spare)
+                await nursery.start(self.v6.serve)
             task_status.started()
 
     def bridge_recreated(self, bridge: str) -> None:

@@ -19,11 +19,20 @@ established flow does not keep reaching a port that is no longer published; and 
 with published ports gets `net.ipv4.conf.<bridge>.route_localnet=1` so that the DNAT of
 127.0.0.1 traffic out of it is not dropped as martian.
 
+Answer at commit, not at exit: iptables-restore commits inside its `sendmsg`, but when it closes
+its netlink socket after a commit that deleted anything, nf_tables waits for the deleted objects
+to be freed, one RCU grace period (measured: 15-30 ms here, the whole cost of a `network rm`).
+So the restore runs with `--verbose`, which echoes comment lines as it reads them, and the
+script ends with the `_COMMITTED` comment: once it is echoed, every COMMIT before it has
+succeeded (a failed COMMIT exits before reading on). The transaction is then complete and the
+process is left to `serve`, which reaps it as it exits.
+
 Spare process: starting iptables-restore (exec, dynamic linking, netlink set-up) is ~0.8 ms of
-a ~1.5 ms transaction. `serve_spare` keeps one restore process started ahead, waiting on its
-stdin; a transaction hands it its script and a new spare is started in the background. It reads
-the kernel's tables only once it has the script, so it is never stale. Without `serve_spare`
-running (tests, tools), or if the spare died, a transaction starts its own process.
+a ~1.5 ms transaction. `serve` keeps one restore process started ahead, waiting on its stdin;
+a transaction hands it its script and a new spare is started in the background. It reads the
+kernel's tables only once it has the script, so it is never stale. Without `serve` running
+(tests, tools), a transaction starts its own process and waits for its exit; so does it if the
+spare died.
 
 Error handling: every failure is a `FirewallApply` with `line` (the offending script line),
 `line_number`, `stderr`, `rolled_back`. Cancellation never lands inside a restore: each
@@ -33,6 +42,7 @@ process runs shielded, bounded by `timeout`.
 from __future__ import annotations
 
 import collections
+import math
 import re
 import subprocess
 import time
@@ -52,6 +62,9 @@ from agent.log import get_logger
 
 log = get_logger("agent.firewall")
 
+#: Appended to every restore script; `iptables-restore --verbose` echoes it once all before it
+#: has committed (see the module docstring).
+_COMMITTED = b"# netagent: committed\n"
 _LINE = re.compile(r"\bline:? (\d+)")
 _NO_CHAIN = re.compile(r"Chain '([^']+)' does not exist")
 
@@ -249,7 +262,9 @@ class IptablesFirewall:
         self._endpoints: tuple[Endpoint, ...] = ()
         self._published: set[tuple[str, str, PortMapping]] = set()  # (bridge, ip, mapping)
         self._spare: trio.Process | None = None  # an iptables-restore waiting for its script
-        self._want_spare: trio.Event | None = None  # set when `serve_spare` should start one
+        self._want_spare: trio.Event | None = None  # set when `serve` should start a spare
+        #: where a restore that has committed goes to exit; None: wait for the exit in place
+        self._exiting: trio.MemorySendChannel[trio.Process] | None = None
 
     def _desired(
         self, networks: Iterable[Network], endpoints: Iterable[Endpoint] | None
@@ -401,24 +416,55 @@ class IptablesFirewall:
         log.warning("firewall.rollback.complete", line=exc.data.get("line"))
 
     def _restore_argv(self) -> list[str]:
-        return [self.restore, *(["-w"] if self.wait else []), "--noflush"]
+        return [self.restore, *(["-w"] if self.wait else []), "--noflush", "--verbose"]
 
-    async def serve_spare(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
-        """Keep one restore process started ahead (see the module docstring) until cancelled;
-        the idle spare is killed on the way out.
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED):
+        """Until cancelled: reap the restore processes that have committed as they exit, and keep
+        a spare restore process (see the module docstring). On the way out, the idle spare is
+        killed and the exiting processes are waited for."""
+        send, receive = trio.open_memory_channel[trio.Process](math.inf)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reap_exiting, receive)
+            self._exiting = send
+            task_status.started()
+            await self._keep_spare()
 
-        Only for the nf_tables backend: a legacy iptables-restore may take the xtables lock
-        when it starts, and an idle spare would hold it against every other iptables user.
-        """
-        task_status.started()
+    async def _reap_exiting(self, receive: trio.MemoryReceiveChannel[trio.Process]) -> None:
+        try:
+            async for process in receive:
+                await self._reap(process)
+        finally:
+            self._exiting = None  # from now on, transactions wait for their own exits
+            while True:
+                try:
+                    process = receive.receive_nowait()
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+                await self._reap(process)
+
+    async def _reap(self, process: trio.Process) -> None:
+        """Wait (shielded, bounded by `timeout`) for a restore that has committed to exit."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.timeout):
+                await process.wait()
+            if process.returncode is None:
+                log.warning("firewall.restore.hung", pid=process.pid)
+                await _discard(process)
+        if process.returncode:
+            log.warning("firewall.restore.exit", pid=process.pid, code=process.returncode)
+
+    async def _keep_spare(self) -> None:
+        """Keep one restore process started ahead until cancelled; the nf_tables backend only:
+        a legacy iptables-restore may take the xtables lock when it starts, and an idle spare
+        would hold it against every other iptables user."""
         try:
             version = await self._run([self.restore, "--version"], b"", what="restore --version")
         except FirewallApply as exc:
             log.warning("firewall.spare.disabled", error=exc.message)
-            return
+            await trio.sleep_forever()
         if b"(nf_tables)" not in version:
             log.info("firewall.spare.disabled", reason="not the nf_tables backend")
-            return
+            await trio.sleep_forever()
         self._want_spare = trio.Event()
         self._want_spare.set()
         try:
@@ -450,11 +496,13 @@ class IptablesFirewall:
     async def _restore(self, script: rules.Script) -> None:
         text = self.serialize(script)
         start = time.perf_counter()
-        spare, stdin = await self._take_spare(), text.encode()
+        spare, stdin = await self._take_spare(), text.encode() + _COMMITTED
         if spare is None:
-            await self._run(self._restore_argv(), stdin, what="iptables-restore", script=text)
+            await self._run(
+                self._restore_argv(), stdin, what="iptables-restore", script=text, until=_COMMITTED
+            )
         else:
-            self._result(await self._complete(spare, stdin), "iptables-restore", text)
+            self._result(await self._complete(spare, stdin, _COMMITTED), "iptables-restore", text)
         log.debug(
             "firewall.apply.complete",
             ops=len(script),
@@ -471,11 +519,16 @@ class IptablesFirewall:
         return process
 
     async def _complete(
-        self, process: trio.Process, stdin: bytes
+        self, process: trio.Process, stdin: bytes, until: bytes = b""
     ) -> subprocess.CompletedProcess[bytes] | None:
         """Feed `stdin`, collect the output, wait for the exit: shielded from cancellation,
-        bounded by `timeout` (then the process is killed and None returned)."""
+        bounded by `timeout` (then the process is killed and None returned).
+
+        With `until`, the process has succeeded as soon as its stdout shows `until`: while
+        `serve` runs, it is handed over to exit there and this returns at once (exit code 0).
+        """
         out: dict[str, bytes] = {}
+        done = False
 
         async def feed() -> None:
             assert process.stdin is not None
@@ -483,10 +536,15 @@ class IptablesFirewall:
                 await process.stdin.send_all(stdin)
 
         async def drain(name: str, stream: Any) -> None:
+            nonlocal done
             chunks = []
             async with stream:
                 while chunk := await stream.receive_some(65536):
                     chunks.append(chunk)
+                    if until and name == "stdout" and until in b"".join(chunks):
+                        done = True
+                        if self._exiting is not None:
+                            nursery.cancel_scope.cancel()
             out[name] = b"".join(chunks)
 
         with trio.CancelScope(shield=True) as scope:
@@ -500,6 +558,9 @@ class IptablesFirewall:
                 _, rest = group.split((trio.BrokenResourceError, trio.ClosedResourceError))
                 if rest is not None:
                     raise
+            if done and self._exiting is not None:
+                self._exiting.send_nowait(process)
+                return subprocess.CompletedProcess(process.args, 0, out.get("stdout", b""), b"")
             await process.wait()
             return subprocess.CompletedProcess(
                 process.args, process.returncode, out.get("stdout", b""), out.get("stderr", b"")
@@ -526,11 +587,12 @@ class IptablesFirewall:
         return result.stdout
 
     async def _run(
-        self, argv: Sequence[str], stdin: bytes, *, what: str, script: str = ""
+        self, argv: Sequence[str], stdin: bytes, *, what: str, script: str = "", until: bytes = b""
     ) -> bytes:
-        """Run one process to completion, shielded from cancellation, bounded by `timeout`."""
+        """Run one process to completion (or to `until`, see `_complete`), shielded from
+        cancellation, bounded by `timeout`."""
         try:
             process = await self._open(argv)
         except OSError as exc:
             raise FirewallApply(f"{what} could not run: {exc}", stderr=str(exc)) from exc
-        return self._result(await self._complete(process, stdin), what, script)
+        return self._result(await self._complete(process, stdin, until), what, script)

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from msgspec.structs import replace
 
 from agent.core import naming, rules
-from agent.core.model import Network
+from agent.core.model import Endpoint, Network, PortMapping
 
 VERDICTS = {"ACCEPT", "DROP", "RETURN", "MASQUERADE"}
 BUILTINS = {
@@ -310,8 +310,30 @@ def test_removing_a_network_removes_exactly_its_rules() -> None:
             ("nat", "-D", "NETAGENT-POSTROUTING", rules.masquerade(gone.subnet, gone.bridge)),
         ]
     )
-    filter_ops = script.tables[0].ops
+    # nat first: so the restore loads MASQUERADE before any deleting commit (loading an
+    # extension after one waits for an RCU grace period)
+    assert [t.table for t in script.tables] == ["nat", "filter"]
+    filter_ops = script.tables[1].ops
     assert [op for op, _, _ in filter_ops[-2:]] == ["-F", "-X"]  # after the jumps are deleted
+
+
+def test_sections_stay_filter_then_nat_unless_that_order_waits() -> None:
+    # only additions: no commit deletes, so the order stays
+    script = rules.diff(rules.render([net(1)]), rules.render([net(1), net(2)]))
+    assert [t.table for t in script.tables] == ["filter", "nat"]
+    # publishing rewrites the filter chain (a flush) and makes nat load DNAT: nat goes first
+    eps = [
+        Endpoint(
+            id="e" * 64, network_id=net(1).id, netns="/run/netns/c", netns_key="1:1",
+            ifname="eth0", host_ifname="na0", ip="10.0.1.2", mac="02:42:00:00:00:02",
+            ports=(PortMapping(protocol="tcp", host_port=8080, container_port=80),),
+        )
+    ]  # fmt: skip
+    script = rules.diff(rules.render([net(1)]), rules.render([net(1)], eps))
+    assert [t.table for t in script.tables] == ["nat", "filter"]
+    # unpublishing: nat only deletes (no extension to load after filter's flush): order stays
+    script = rules.diff(rules.render([net(1)], eps), rules.render([net(1)]))
+    assert [t.table for t in script.tables] == ["filter", "nat"]
 
 
 def test_changed_network_rewrites_only_its_chain() -> None:
