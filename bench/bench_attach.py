@@ -10,8 +10,9 @@ the floor never share a bridge or a ruleset):
   one fork+exec each, like a runtime calls it;
 - `netavark`: /usr/lib/podman/netavark setup / teardown (iptables driver, static IP, no DNS);
 - `floor`: a minimal fork-free pyroute2 script doing only the kernel work (veth born with its
-  peer in the namespace, enslaved and up; then, through a socket opened inside by a thread that
-  setns()'d: peer up, address, lo up, default route; detach = delete the veth).
+  peer in the namespace, one queue per end, enslaved and up; then, through a socket opened
+  inside by a thread that setns()'d: peer up, address, lo up, default route; detach = delete
+  the veth).
 
 Every namespace is made beforehand (`ip netns add`, untimed), one fresh namespace per trial and
 contender. Each network keeps one "keeper" endpoint attached, so the measured trial never
@@ -191,7 +192,10 @@ class Floor:
                 kind="veth",
                 master=self.bridge,
                 state="up",
-                peer={"ifname": "eth0", "net_ns_fd": fd},
+                # one queue per end from birth, as netagent does (else two RCU waits, see rtnl)
+                num_tx_queues=1,
+                num_rx_queues=1,
+                peer={"ifname": "eth0", "net_ns_fd": fd, "num_tx_queues": 1, "num_rx_queues": 1},
             )
         finally:
             os.close(fd)

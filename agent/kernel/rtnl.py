@@ -42,6 +42,7 @@ RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 IFF_UP = 0x1
 IFLA_ADDRESS, IFLA_IFNAME, IFLA_MTU, IFLA_MASTER = 1, 3, 4, 10
 IFLA_LINKINFO, IFLA_IFALIAS, IFLA_GROUP, IFLA_NET_NS_FD = 18, 20, 27, 28
+IFLA_NUM_TX_QUEUES, IFLA_NUM_RX_QUEUES = 31, 32
 IFLA_INFO_KIND, IFLA_INFO_DATA = 1, 2
 VETH_INFO_PEER = 1
 IFA_ADDRESS, IFA_LOCAL, IFA_BROADCAST = 1, 2, 4
@@ -233,6 +234,9 @@ def new_bridge(name: str, mtu: int, group: int) -> Request:
     return RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
 
 
+_ONE_QUEUE = attr_u32(IFLA_NUM_TX_QUEUES, 1) + attr_u32(IFLA_NUM_RX_QUEUES, 1)
+
+
 def new_veth(
     *, name: str, master: int, group: int, mtu: int, peer: str, peer_mac: str, netns_fd: int
 ) -> Request:
@@ -243,13 +247,18 @@ def new_veth(
     this message either (ENOTCONN: `veth_open` runs before the pair is linked).
     IFLA_MASTER in a create enslaves after registering and unregisters the pair if that fails.
     IFLA_IFALIAS is ignored at creation (measured): it needs its own message.
+
+    Both ends are made with one TX and one RX queue, which is what the kernel leaves in use
+    anyway: without the attributes a veth gets one queue per possible CPU, and `veth_newlink`
+    then cuts the real number to one on the registered device, which waits for an RCU grace
+    period (synchronize_net), once per end (measured: attach 1.09 -> 0.89 ms).
     """
     peer_body = ifinfo() + attr_str(IFLA_IFNAME, peer)
     peer_body += attr(IFLA_ADDRESS, mac_bytes(peer_mac))
-    peer_body += attr_u32(IFLA_MTU, mtu) + attr_u32(IFLA_NET_NS_FD, netns_fd)
+    peer_body += attr_u32(IFLA_MTU, mtu) + attr_u32(IFLA_NET_NS_FD, netns_fd) + _ONE_QUEUE
     data = attr(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_body))
     linkinfo = attr(IFLA_LINKINFO, attr_str(IFLA_INFO_KIND, "veth") + data)
-    body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_MTU, mtu)
+    body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_MTU, mtu) + _ONE_QUEUE
     body += attr_u32(IFLA_MASTER, master) + attr_u32(IFLA_GROUP, group) + linkinfo
     return RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
 

@@ -192,6 +192,10 @@ def assert_attached(ns: str, spec: dict, bridge: str) -> None:
     assert host["ifalias"] == spec["alias"] and host["group"] == GROUP
     assert host["linkinfo"]["info_kind"] == "veth"
     assert "UP" in link(bridge)["flags"]
+    # one queue each way at both ends, born so (no cut to one on the live device, see rtnl)
+    peer = link(spec["ifname"], ns=ns)
+    for end in (host, peer):
+        assert (end["num_tx_queues"], end["num_rx_queues"]) == (1, 1)
 
 
 @pytest.mark.parametrize("kind", ["ip_netns", "named", "process"])
