@@ -97,7 +97,7 @@ class Reconciler:
                 if state is not None and not state[0] and self.svc.topo.endpoints_of(net.id):
                     await self._repair_network(net.id, why="bridge was set down")
         elif (ep := self._endpoint_of_veth(ev.name)) is not None:
-            if not ev.alias:  # being attached: a veth is born down and comes up with its alias
+            if not ev.alias:  # being attached: born down, its alias set (silently) just before up
                 return
             async with self.svc.lock:
                 state = await self.svc.kernel.link_state(ep.host_ifname)

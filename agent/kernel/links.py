@@ -7,11 +7,14 @@ Theory of operation (DESIGN sections 3-4):
   instead of looked up (pyroute2's `get`/`link_lookup` are slow and leak ~1.6 KB a call); dumps
   are decoded by the same decoder as the event stream (`agent.accel.nlevents`).
 - The veth is created in one message with its peer born inside the target namespace, named,
-  with its MAC and MTU, the host end up and enslaved (no udev MAC race). A disconnect only
-  retires a veth (`retire`); `reap`, in a second thread with its own socket, deletes every
-  retired link at once (see `agent.reaper`). The in-namespace
-  steps use a socket opened there by a throwaway thread (`netns.start_socket_in`), started
-  before the create so that the two overlap.
+  with its MAC, MTU and one queue per end, the host end enslaved and down (no udev MAC race).
+  The host end gets `disable_ipv6`, then its alias and hairpin mode while still down, then comes
+  up: every notification about the host end costs the kernel a linear scan of the host's
+  namespace ids (`__peernet2id`, one id per container namespace), and changes to a down link
+  send none, so an attach makes five. A disconnect only retires a veth (`retire`); `reap`, in
+  a second thread with its own socket, deletes every retired link at once (see
+  `agent.reaper`). The in-namespace steps use a socket opened there by a throwaway thread
+  (`netns.start_socket_in`), started before the create so that the two overlap.
 - Ownership is visible in the kernel: IFLA_IFALIAS (`naming.veth_alias/bridge_alias`; the kernel
   ignores it in a create, so it is a second message) and link group `naming.LINK_GROUP`.
 """
@@ -319,13 +322,18 @@ class Kernel:
                 ns = rtnl.RtSocket(ns_socket())
                 self._configure_inside(ep, ns)
                 assert self._rt is not None
-                alias, bridge_up = self._rt.transact(
+                # alias and hairpin while still down: a change to a down link sends no
+                # notification (netdev_state_change), one fewer per attach; then up
+                alias, up, bridge_up = self._rt.transact(
                     [
-                        rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True, up=True),
+                        rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True),
+                        rtnl.set_up(name=ep.host_ifname),
                         rtnl.set_up(master),
                     ]
                 )
-                _step(alias, f"set the alias of {ep.host_ifname}", {"ifname": ep.host_ifname})
+                where = {"ifname": ep.host_ifname}
+                _step(alias, f"set the alias of {ep.host_ifname}", where)
+                _step(up, f"set {ep.host_ifname} up", where)
                 _step(bridge_up, f"set bridge {ep.bridge} up", {"bridge": ep.bridge})
             except Exception as exc:
                 try:
