@@ -8,7 +8,7 @@ Theory of operation (DESIGN sections 3-4):
   are decoded by the same decoder as the event stream (`agent.accel.nlevents`).
 - The veth is created in one message with its peer born inside the target namespace, named,
   with its MAC, MTU and one queue per end, the host end enslaved and down (no udev MAC race).
-  The host end gets `disable_ipv6`, then its alias and hairpin mode while still down, then comes
+  The host end gets its alias and hairpin mode, then `disable_ipv6`, while still down, then comes
   up: every notification about the host end costs the kernel a linear scan of the host's
   namespace ids (`__peernet2id`, one id per container namespace), and changes to a down link
   send none, so an attach makes five. A disconnect only retires a veth (`retire`); `reap`, in
@@ -270,7 +270,6 @@ class Kernel:
             )
             try:
                 self._one(request)
-                _disable_ipv6(ep.host_ifname)
                 return master
             except NetlinkError as exc:
                 if cached and exc.errno in _STALE_MASTER:  # bridge recreated behind our back
@@ -319,20 +318,20 @@ class Kernel:
                     ns_socket().close()
                 raise
             try:
+                assert self._rt is not None
+                where = {"ifname": ep.host_ifname}
+                # Alias and hairpin while still down: a change to a down link sends no
+                # notification (netdev_state_change), one fewer per attach. This message also
+                # waits, asleep, if the reaper holds rtnl; the sysctl write right after it would
+                # spin instead (addrconf's rtnl_trylock + restart_syscall).
+                alias = self._rt.transact([rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True)])
+                _step(alias[0], f"set the alias of {ep.host_ifname}", where)
+                _disable_ipv6(ep.host_ifname)
                 ns = rtnl.RtSocket(ns_socket())
                 self._configure_inside(ep, ns)
-                assert self._rt is not None
-                # alias and hairpin while still down: a change to a down link sends no
-                # notification (netdev_state_change), one fewer per attach; then up
-                alias, up, bridge_up = self._rt.transact(
-                    [
-                        rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True),
-                        rtnl.set_up(name=ep.host_ifname),
-                        rtnl.set_up(master),
-                    ]
+                up, bridge_up = self._rt.transact(
+                    [rtnl.set_up(name=ep.host_ifname), rtnl.set_up(master)]
                 )
-                where = {"ifname": ep.host_ifname}
-                _step(alias, f"set the alias of {ep.host_ifname}", where)
                 _step(up, f"set {ep.host_ifname} up", where)
                 _step(bridge_up, f"set bridge {ep.bridge} up", {"bridge": ep.bridge})
             except Exception as exc:
