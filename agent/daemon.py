@@ -121,8 +121,13 @@ async def run_daemon(args: argparse.Namespace) -> None:
             nft_send, nft_events = trio.open_memory_channel[object](EVENT_QUEUE)
             live = args.repair == "live"
             if live:
-                # only our links (link group) are decoded; the rest cost one attribute walk
-                await nursery.start(partial(serve_link_events, link_send, group=naming.LINK_GROUP))
+                # only what may need a repair reaches us (a socket filter), and only our
+                # links (link group) are decoded; the rest cost one attribute walk
+                await nursery.start(
+                    partial(
+                        serve_link_events, link_send, group=naming.LINK_GROUP, repairs_only=True
+                    )
+                )
                 await nursery.start(serve_nft_changes, nft_send)
             await kernel.set_ip_forward()
             await kernel.reap()  # links a crash left retired (cut off, not yet deleted)

@@ -29,6 +29,7 @@ import trio
 
 from agent.accel import nlevents
 from agent.core.nlevents import Overflow
+from agent.kernel import repair_filter
 
 NETLINK_ROUTE = 0
 RTMGRP_LINK = 0x1
@@ -178,6 +179,7 @@ async def serve_link_events(
     *,
     group: int | None = None,
     indexes: Container[int] | None = None,
+    repairs_only: bool = False,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Send every link and address event of this namespace to `send`, until cancelled.
@@ -185,6 +187,8 @@ async def serve_link_events(
     Values sent: `LinkEvent`, `AddrEvent` and `Overflow(source="link")` (resync: events were
     lost). `group` and `indexes` filter in the decoder (see `agent.core.nlevents`); `indexes`
     is read at each datagram, so the caller may keep updating the set it passed.
+    `repairs_only` filters in the kernel, before any wake-up: no link going up, no new address,
+    nothing of the dying group (`agent.kernel.repair_filter`).
 
     Reports started once the socket is bound: no change after that point is missed (or its
     loss is reported by an `Overflow`). The channel is not closed on exit.
@@ -192,6 +196,8 @@ async def serve_link_events(
     groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
     decode = nlevents.decode
     with open_netlink(NETLINK_ROUTE, groups) as sock:
+        if repairs_only:
+            repair_filter.attach(sock)
         async with trio.open_nursery() as nursery:
             outbox = Outbox(send, nursery, "link")
             task_status.started()

@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import socket
+import struct
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -24,10 +25,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.accel import nlevents
-from agent.core.naming import LINK_GROUP
+from agent.core.naming import DYING_GROUP, LINK_GROUP
 from agent.core.nlevents import AddrEvent, LinkEvent, Overflow
+from agent.kernel import repair_filter
 from agent.kernel.events import (
     NETLINK_ROUTE,
+    RTMGRP_IPV4_IFADDR,
+    RTMGRP_IPV6_IFADDR,
     RTMGRP_LINK,
     Outbox,
     open_netlink,
@@ -139,6 +143,56 @@ async def test_namespace_deletion_reports_the_host_veth_dellink(stream: Stream) 
         LinkEvent("del", index, veth, "veth", None, 0, False, LINK_GROUP),
     ]
     _report(stream)
+
+
+def _notifications(sock: socket.socket) -> list[tuple[int, int, int, int | None, bytes]]:
+    """Every notification queued on `sock`: (type, family, flags, IFLA_GROUP or None, bytes)."""
+    found = []
+    while True:
+        try:
+            data = sock.recv(1 << 16)
+        except BlockingIOError:
+            return found
+        length, msgtype = struct.unpack_from("IH", data)
+        family, flags, group = data[16], struct.unpack_from("I", data, 24)[0], None
+        if msgtype in (16, 17):  # a link: walk its attributes for IFLA_GROUP
+            at = 32
+            while at + 4 <= length:
+                size, kind = struct.unpack_from("HH", data, at)
+                if kind == 27:
+                    group = struct.unpack_from("I", data, at + 4)[0]
+                at += max(4, (size + 3) & ~3)
+        found.append((msgtype, family, flags, group, data[:length]))
+
+
+@kernel
+async def test_repair_filter_passes_exactly_what_keeps_says() -> None:
+    # the same notifications, read through the filter and without it
+    groups = RTMGRP_LINK | RTMGRP_IPV4_IFADDR | RTMGRP_IPV6_IFADDR
+    with open_netlink(NETLINK_ROUTE, groups) as plain, open_netlink(NETLINK_ROUTE, groups) as kept:
+        repair_filter.attach(kept)
+        br, veth, ns = name("evbr"), name("evv"), name("evns")
+        await sh(
+            f"ip link add {br} group {LINK_GROUP} type bridge && ip link set {br} up"
+            f" && ip addr add 10.6.0.1/24 dev {br} && ip netns add {ns}"
+            f" && ip link add {veth} group {LINK_GROUP} master {br} type veth peer name eth0"
+            f" netns {ns} && ip link set {veth} alias {ALIAS} && ip link set {veth} up"
+            f" && ip -n {ns} link set eth0 up && ip link set {veth} down"
+            f" && ip link set {veth} up && ip addr del 10.6.0.1/24 dev {br}"
+            f" && ip link set {veth} down nomaster group {DYING_GROUP}"
+            f" && ip link del {veth} && ip link set {br} down && ip link del {br}"
+            f" && ip netns del {ns}"
+        )
+        await trio.sleep(0.3)  # linkwatch runs late
+        seen, passed = _notifications(plain), _notifications(kept)
+    expected = [n for n in seen if repair_filter.keeps(*n[:4])]
+    assert [n[4] for n in passed] == [n[4] for n in expected]
+    kinds = {(t, f, bool(fl & 1), g) for t, f, fl, g, _ in seen}
+    # the sequence made every kind the filter decides on, and it dropped some of each
+    assert {(16, 7), (20, 2), (21, 2)} <= {(t, f) for t, f, *_ in kinds}
+    assert any(t == 16 and up for t, _, up, _ in kinds) and any(g == DYING_GROUP for *_, g in kinds)
+    assert len(passed) < len(seen)
+    assert any(t == 16 and f == 0 and not up and g == LINK_GROUP for t, f, up, g in kinds)
 
 
 async def _drain(stream: Stream) -> None:
