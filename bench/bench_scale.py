@@ -16,6 +16,9 @@ one Client connection:
    takes at most 1,024 ports, and every port added costs the kernel work proportional to the
    bridge's size), as many namespaces made with one `ip -b` batch and connected by 4 client
    threads; and agentd's RSS.
+In stages 2 and 3 each trial is followed by one of the kernel floor (`bench_attach.Floor`, the
+bare kernel work on a bridge of its own) in agentd's namespace: how much the kernel itself
+slows down as namespaces and links pile up.
 Setup times are reported: at 10,000 endpoints most of the run is building the state.
 """
 
@@ -29,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import _common as c
+from _common import NsWorker
+from bench_attach import Floor
 
 from agent.api import protocol as p
 
@@ -57,28 +62,41 @@ def fill_networks(client: Any, first: int, upto: int) -> list[float]:
 
 
 class AttachProbe:
-    """Attach/detach trials to network s0, each in a fresh namespace made beforehand."""
+    """Attach/detach trials to network s0, each in a fresh namespace made beforehand; each
+    trial is followed by one of the kernel floor (`bench_attach.Floor`: the bare kernel work,
+    on its own bridge) in agentd's namespace, so the floor sees the same networks, endpoints
+    and namespace ids."""
 
     WARMUP = 3  # unrecorded trials at the start of each stage
 
-    def __init__(self, client: Any, per_stage: int, stages: int) -> None:
-        self.client, self.per_stage = client, per_stage
-        self.names = [f"pr{i}" for i in range((per_stage + self.WARMUP) * stages)]
+    def __init__(self, client: Any, per_stage: int, stages: int, host: NsWorker) -> None:
+        self.client, self.per_stage, self.host = client, per_stage, host
+        self.names = [f"pr{i}" for i in range((per_stage + self.WARMUP) * stages * 2)]
         c.add_netns(self.names)
+        self.floor = host.call(Floor)
         self.next = 0
 
+    def _path(self) -> str:
+        self.next += 1
+        return f"/run/netns/{self.names[self.next - 1]}"
+
     def stage(self) -> dict[str, Any]:
-        attach, detach = [], []
+        attach, detach, floor = [], [], []
         for _ in range(self.per_stage + self.WARMUP):
-            path = f"/run/netns/{self.names[self.next]}"
-            self.next += 1
+            path = self._path()
             attach.append(timed(self.client, "endpoint.connect", c.connect_params("s0", path)))
             detach.append(
                 timed(self.client, "endpoint.disconnect", c.disconnect_params("s0", path))
             )
+            path, cid = self._path(), f"{self.next:010d}"
+            t0 = time.perf_counter()
+            self.host.call(self.floor.attach, cid, path)
+            floor.append(time.perf_counter() - t0)
+            self.host.call(self.floor.detach, cid, path)
         return {
             "attach": c.summarize(attach[self.WARMUP :]),
             "detach": c.summarize(detach[self.WARMUP :]),
+            "floor_attach": c.summarize(floor[self.WARMUP :]),
         }
 
 
@@ -133,13 +151,15 @@ def fill_endpoints(
 
 def run(args: Any, workdir: Path) -> dict[str, Any]:
     agentd = c.Agentd("h-scale", "--pool", "10.0.0.0/8:24", workdir=workdir)
+    host: NsWorker | None = None
     try:
         agentd.start()
         client = agentd.client()
         out: dict[str, Any] = {"rss_mb": {"start": round(agentd.rss_mb(), 1)}}
         out["create_remove"] = create_remove(client, args.create_trials)
         levels = sorted({1, min(100, args.networks), args.networks})
-        probe = AttachProbe(client, args.attach_trials, len(levels) + 1)
+        host = NsWorker(agentd.netns_path)
+        probe = AttachProbe(client, args.attach_trials, len(levels) + 1, host)
         stages: dict[str, Any] = {}
         have = 0
         for level in levels:
@@ -166,6 +186,8 @@ def run(args: Any, workdir: Path) -> dict[str, Any]:
         out["stop_s"] = round(time.perf_counter() - t0, 2)
         return out
     finally:
+        if host is not None:
+            host.close()
         agentd.close()
 
 
@@ -183,6 +205,7 @@ def report(args: Any, out: dict[str, Any]) -> None:
     print()
     stages = out["stages"]
     base = stages["1 network(s)"]["attach"]["p50"]
+    floor_base = stages["1 network(s)"]["floor_attach"]["p50"]
     rows = []
     for name, st in stages.items():
         last = st.get("create_last_10pct", {})
@@ -194,6 +217,8 @@ def report(args: Any, out: dict[str, Any]) -> None:
                 st["detach"]["p50"],
                 st["detach"]["p99"],
                 c.ratio(st["attach"]["p50"], base),
+                st["floor_attach"]["p50"],
+                c.ratio(st["floor_attach"]["p50"], floor_base),
                 last.get("p50"),
                 st.get("setup_s"),
             ]
@@ -207,6 +232,8 @@ def report(args: Any, out: dict[str, Any]) -> None:
                 "det p50",
                 "det p99",
                 "att x 1-net",
+                "floor att p50",
+                "floor x 1-net",
                 "create p50 (last 10%)",
                 "setup s",
             ],
