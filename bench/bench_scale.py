@@ -6,7 +6,7 @@ Usage: .venv/bin/python bench/bench_scale.py [--networks 1000] [--endpoints 1000
 One agentd (pool 10.0.0.0/8 cut in /24s, so there are subnets for every network), driven over
 one Client connection:
 1. `network.create` then `network.remove` latency, `--create-trials` each, with only the default
-   network present;
+   network present, back to back; then up to 20 removals 0.1 s apart (`remove_spaced`);
 2. attach/detach latency (`--attach-trials`, fresh namespace each) to network `s0` with 1 network,
    then 100, then `--networks` networks present (the networks are made between stages; their
    create latency is recorded too, so the cost of the N-th create shows);
@@ -45,13 +45,27 @@ def timed(client: Any, method: str, params: Any) -> float:
 
 
 def create_remove(client: Any, trials: int) -> dict[str, Any]:
+    """Back to back, then removals 0.1 s apart (`remove_spaced`): a removal's firewall commit
+    waits for the previous one's grace period when they follow closely (see
+    agent/firewall/iptables.py)."""
     create = [
         timed(client, "network.create", p.NetworkCreate(name=f"cr{i}")) for i in range(trials)
     ]
     remove = [
         timed(client, "network.remove", p.NetworkRemove(network=f"cr{i}")) for i in range(trials)
     ]
-    return {"create": c.summarize(create), "remove": c.summarize(remove)}
+    spaced = min(trials, 20)
+    for i in range(spaced):
+        client.call("network.create", p.NetworkCreate(name=f"cs{i}"))
+    remove_spaced = []
+    for i in range(spaced):
+        time.sleep(0.1)
+        remove_spaced.append(timed(client, "network.remove", p.NetworkRemove(network=f"cs{i}")))
+    return {
+        "create": c.summarize(create),
+        "remove": c.summarize(remove),
+        "remove_spaced": c.summarize(remove_spaced),
+    }
 
 
 def fill_networks(client: Any, first: int, upto: int) -> list[float]:
