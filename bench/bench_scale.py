@@ -1,7 +1,7 @@
 """Scale: network create/remove latency, and attach latency as networks and endpoints pile up.
 
 Usage: .venv/bin/python bench/bench_scale.py [--networks 1000] [--endpoints 10000]
-       [--create-trials 100] [--attach-trials 50] [--quick] [--json PATH]
+       [--create-trials 100] [--attach-trials 150] [--quick] [--json PATH]
 
 One agentd (pool 10.0.0.0/8 cut in /24s, so there are subnets for every network), driven over
 one Client connection:
@@ -286,7 +286,7 @@ def main() -> None:
         help="target 10,000 (about 5 min here: connects slow down as they grow)",
     )
     ap.add_argument("--create-trials", type=int, default=100)
-    ap.add_argument("--attach-trials", type=int, default=50)
+    ap.add_argument("--attach-trials", type=int, default=150)
     args = ap.parse_args()
     if args.quick:
         args.networks = min(args.networks, 100)
