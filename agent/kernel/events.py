@@ -188,7 +188,8 @@ async def serve_link_events(
     lost). `group` and `indexes` filter in the decoder (see `agent.core.nlevents`); `indexes`
     is read at each datagram, so the caller may keep updating the set it passed.
     `repairs_only` filters in the kernel, before any wake-up: no link going up, no new address,
-    nothing of the dying group (`agent.kernel.repair_filter`).
+    nothing of the dying group (`agent.kernel.repair_filter`; if the kernel refuses the filter,
+    a warning, and everything comes through as without it).
 
     Reports started once the socket is bound: no change after that point is missed (or its
     loss is reported by an `Overflow`). The channel is not closed on exit.

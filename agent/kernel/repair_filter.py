@@ -20,6 +20,9 @@ import struct
 import sys
 
 from agent.core import naming
+from agent.log import get_logger
+
+log = get_logger("agent.events")
 
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR = 16, 17, 20
 AF_BRIDGE = 7
@@ -74,9 +77,15 @@ def keeps(msgtype: int, family: int, flags: int, group: int | None) -> bool:
     return family != AF_BRIDGE and group != naming.DYING_GROUP
 
 
-def attach(sock: socket.socket) -> None:
-    """Install `PROGRAM` on `sock` (a NETLINK_ROUTE socket). Raises OSError if refused."""
+def attach(sock: socket.socket) -> bool:
+    """Install `PROGRAM` on `sock` (a NETLINK_ROUTE socket); False, with a warning, if the
+    kernel refuses it (the events it would drop are ignored downstream anyway: only slower)."""
     code = b"".join(struct.pack("HBBI", *insn) for insn in PROGRAM)
     buf = ctypes.create_string_buffer(code, len(code))
     fprog = struct.pack("@HP", len(PROGRAM), ctypes.addressof(buf))  # the kernel copies it
-    sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
+    except OSError as exc:
+        log.warning("events.filter.refused", error=str(exc))
+        return False
+    return True

@@ -195,6 +195,12 @@ async def test_repair_filter_passes_exactly_what_keeps_says() -> None:
     assert any(t == 16 and f == 0 and not up and g == LINK_GROUP for t, f, up, g in kinds)
 
 
+def test_a_refused_repair_filter_is_reported_not_raised() -> None:
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
+    sock.close()  # EBADF: the kernel refuses
+    assert repair_filter.attach(sock) is False
+
+
 async def _drain(stream: Stream) -> None:
     """Swallow what earlier set-up steps caused (until QUIET seconds pass with nothing)."""
     while True:
