@@ -255,8 +255,9 @@ class Kernel:
         self._bridges[name] = link.index
         return link.index, False
 
-    def _create_veth(self, ep: _Endpoint, fd: int) -> int:
-        """Create the pair; returns the bridge's ifindex. Raises mapped errors."""
+    def _create_veth(self, ep: _Endpoint, fd: int) -> tuple[int, int]:
+        """Create the pair; returns the bridge's ifindex and the peer's (0 if the kernel did
+        not echo the creation). Raises mapped errors."""
         master, cached = self._bridge_index(ep.bridge)
         while True:
             request = rtnl.new_veth(
@@ -269,8 +270,8 @@ class Kernel:
                 netns_fd=fd,
             )
             try:
-                self._one(request)
-                return master
+                echoed = [rtnl.Link(payload) for payload in self._one(request)]
+                return master, next((e.link for e in echoed if e.name == ep.host_ifname), 0)
             except NetlinkError as exc:
                 if cached and exc.errno in _STALE_MASTER:  # bridge recreated behind our back
                     self._bridges.pop(ep.bridge, None)
@@ -288,15 +289,19 @@ class Kernel:
                     netns=ep.netns_path,
                 ) from exc
 
-    def _configure_inside(self, ep: _Endpoint, ns: rtnl.RtSocket) -> None:
-        """Peer up, lo up, address and default route inside the namespace: two round trips."""
+    def _configure_inside(self, ep: _Endpoint, ns: rtnl.RtSocket, index: int) -> None:
+        """Peer up, lo up, address and default route inside the namespace: one round trip
+        when the peer's ifindex is known (the creation's echo), else a lookup first. The
+        messages go in order in one datagram, so the address exists before the route."""
         where = {"ifname": ep.ifname, "netns": ep.netns_path}
-        lo_up = rtnl.set_up(rtnl.LOOPBACK_IFINDEX)
-        found, *ups = ns.transact([rtnl.get_link(ep.ifname), rtnl.set_up(name=ep.ifname), lo_up])
-        index = rtnl.Link(_step(found, f"find {ep.ifname}", where)[0]).index
-        _step(ups[0], f"set {ep.ifname} up", where)
-        _step(ups[1], "set lo up", where)
-        steps = [(rtnl.new_addr(index, ep.address), f"add {ep.address} to {ep.ifname}")]
+        steps = [(rtnl.set_up(rtnl.LOOPBACK_IFINDEX), "set lo up")]
+        if index:
+            steps.append((rtnl.set_up(index), f"set {ep.ifname} up"))
+        else:
+            found, up = ns.transact([rtnl.get_link(ep.ifname), rtnl.set_up(name=ep.ifname)])
+            index = rtnl.Link(_step(found, f"find {ep.ifname}", where)[0]).index
+            _step(up, f"set {ep.ifname} up", where)
+        steps.append((rtnl.new_addr(index, ep.address), f"add {ep.address} to {ep.ifname}"))
         if ep.gateway is not None:
             steps.append((rtnl.new_default_route(ep.gateway), f"route via {ep.gateway}"))
         if ep.address6 is not None:
@@ -312,7 +317,7 @@ class Kernel:
         try:
             ns_socket = netns.start_socket_in(fd)  # overlaps the veth creation (~0.25 ms)
             try:
-                master = self._create_veth(ep, fd)
+                master, peer = self._create_veth(ep, fd)
             except BaseException:
                 with contextlib.suppress(OSError):
                     ns_socket().close()
@@ -328,7 +333,7 @@ class Kernel:
                 _step(alias[0], f"set the alias of {ep.host_ifname}", where)
                 _disable_ipv6(ep.host_ifname)
                 ns = rtnl.RtSocket(ns_socket())
-                self._configure_inside(ep, ns)
+                self._configure_inside(ep, ns, peer)
                 up, bridge_up = self._rt.transact(
                     [rtnl.set_up(name=ep.host_ifname), rtnl.set_up(master)]
                 )

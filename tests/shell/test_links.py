@@ -16,7 +16,7 @@ import trio
 
 from agent.core import naming
 from agent.core.errors import Conflict, KernelError, NotFound
-from agent.kernel import netns
+from agent.kernel import netns, rtnl
 from agent.kernel.links import Kernel, open_kernel
 
 pytestmark = pytest.mark.kernel
@@ -207,6 +207,39 @@ async def test_attach_configures_both_ends(kernel, scratch, kind):
     await kernel.attach(**spec)
     assert_attached(path, spec, bridge)
     assert await kernel.ifnames_in(path) == {"lo", "eth0"}
+
+
+def test_the_creation_echo_names_the_peer_inside(scratch):
+    # the namespace side of an attach needs no lookup: the echo carries the peer's ifindex
+    ns, host = scratch.ip_netns(), scratch.name("tve")
+    rt = rtnl.RtSocket()
+    fd = os.open(ns, os.O_RDONLY)
+    try:
+        request = rtnl.new_veth(
+            name=host, master=0, group=naming.LINK_GROUP, mtu=1500, peer="eth0",
+            peer_mac="02:42:ac:12:00:09", netns_fd=fd,
+        )  # fmt: skip
+        [echo] = [rtnl.Link(payload) for payload in rtnl.check(rt.transact([request])[0])]
+    finally:
+        os.close(fd)
+        rt.close()
+    assert echo.name == host and echo.link == link("eth0", ns=ns)["ifindex"]
+
+
+async def test_without_the_echo_the_peer_is_looked_up(kernel, scratch, monkeypatch):
+    # an older kernel that does not echo a created link: the attach still completes
+    made = rtnl.new_veth
+
+    def no_echo(**kw):
+        kind, flags, body = made(**kw)
+        return kind, flags & ~rtnl.NLM_F_ECHO, body
+
+    monkeypatch.setattr(rtnl, "new_veth", no_echo)
+    bridge = await make_bridge(kernel, scratch)
+    path = scratch.ip_netns()
+    spec = endpoint(bridge, scratch.name("tve"), 2, path)
+    await kernel.attach(**spec)
+    assert_attached(path, spec, bridge)
 
 
 async def test_two_namespaces_on_one_bridge_ping(kernel, scratch):
