@@ -14,7 +14,8 @@ Theory of operation (DESIGN sections 3-4):
   send none, so an attach makes five. A disconnect only retires a veth (`retire`); `reap`, in
   a second thread with its own socket, deletes every retired link at once (see
   `agent.reaper`). The in-namespace steps use a socket opened there by a throwaway thread
-  (`netns.start_socket_in`), started before the create so that the two overlap.
+  (`netns.start_socket_in`), started before the create so that the two overlap; the create's
+  echo names the peer's ifindex, so they are one datagram.
 - Ownership is visible in the kernel: IFLA_IFALIAS (`naming.veth_alias/bridge_alias`; the kernel
   ignores it in a create, so it is a second message) and link group `naming.LINK_GROUP`.
 """
