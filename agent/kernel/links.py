@@ -600,7 +600,7 @@ def _disable_ipv6(ifname: str) -> None:
     needs no address of its own, nor does an IPv4-only network's bridge. Otherwise each gets a
     link-local address and routes, sends DAD/MLD/RS packets when it comes up, and every link
     going up or down walks the whole IPv6 routing table: with 10,000 endpoints on 1,000
-    networks, an attach took ~35x longer than with one (measured; 1.4x without them).
+    networks, an attach took ~35x longer than with one (measured; 1.1-1.4x without them).
     Nothing to do when IPv6 is off in the kernel or the MTU is below IPv6's minimum (no entry).
     Best effort: a failure (read-only /proc/sys) costs only speed, so it is logged, once.
     """
