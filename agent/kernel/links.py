@@ -16,6 +16,12 @@ Theory of operation (DESIGN sections 3-4):
   `agent.reaper`). The in-namespace steps use a socket opened there by a throwaway thread
   (`netns.start_socket_in`), started before the create so that the two overlap; the create's
   echo names the peer's ifindex, so they are one datagram.
+- Namespace ids count down: the kernel finds the id of a veth peer's namespace (for every
+  notification about the host end) by scanning the host's ids in ascending order, one per
+  container namespace, and gives a new namespace the lowest free one, so an attach among
+  10,000 endpoints scanned them all, five times. `_nsid_claim` gives each namespace, with its
+  first veth, an id below every earlier one (RTM_NEWNSID): an attach finds its own first.
+  A detach scans past the namespaces attached after it and still there.
 - Ownership is visible in the kernel: IFLA_IFALIAS (`naming.veth_alias/bridge_alias`; the kernel
   ignores it in a create, so it is a second message) and link group `naming.LINK_GROUP`.
 """
@@ -46,6 +52,9 @@ from agent.log import get_logger
 log = get_logger("agent.kernel")
 
 _STALE_MASTER = (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP)
+#: Namespace ids the agent gives out, counting down (see the module docstring); the kernel's
+#: own ids count up from 0 and never get near.
+NSID_TOP, NSID_FLOOR = 1 << 30, 1 << 29
 
 
 class LinkInfo(msgspec.Struct, frozen=True):
@@ -107,11 +116,32 @@ class Kernel:
         self._rt: rtnl.RtSocket | None = None
         self._reap_rt: rtnl.RtSocket | None = None
         self._bridges: dict[str, int] = {}
+        self._next_nsid = NSID_TOP
+        self._claimed: set[tuple[int, int]] = set()  # (dev, inode) of namespaces with our id
 
     # --- owner-thread side -------------------------------------------------------------------
 
     def _open(self) -> None:
         self._rt = rtnl.RtSocket()
+        ids = [rtnl.nsid_of(payload) for payload in self._dump(rtnl.dump_nsids())]
+        ours = [i for i in ids if i is not None and i >= NSID_FLOOR]  # a restart: go on below
+        self._next_nsid = min(ours) - 1 if ours else NSID_TOP
+
+    def _nsid_claim(self, fd: int) -> rtnl.Request | None:
+        """The request giving this namespace an id below every earlier one (see the module
+        docstring), or None if it was given one (or found to have one) already. Best effort:
+        an EEXIST reply (it has an id, say from someone else, or the id is taken) is ignored."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key in self._claimed:  # the id lives as long as the namespace: once is enough
+            return None
+        if len(self._claimed) >= 1 << 16:
+            self._claimed.clear()  # an inode reused since costs one EEXIST, nothing more
+        self._claimed.add(key)
+        if self._next_nsid < NSID_FLOOR:
+            self._next_nsid = NSID_TOP  # 2^29 attaches later: the old ids are long gone
+        self._next_nsid -= 1
+        return rtnl.new_nsid(fd, self._next_nsid + 1)
 
     def _close(self) -> None:
         if self._rt is not None:
@@ -260,6 +290,7 @@ class Kernel:
         """Create the pair; returns the bridge's ifindex and the peer's (0 if the kernel did
         not echo the creation). Raises mapped errors."""
         master, cached = self._bridge_index(ep.bridge)
+        claim = self._nsid_claim(fd)  # in the same datagram, ahead of the create
         while True:
             request = rtnl.new_veth(
                 name=ep.host_ifname,
@@ -270,8 +301,11 @@ class Kernel:
                 peer_mac=ep.mac,
                 netns_fd=fd,
             )
+            assert self._rt is not None
+            results = self._rt.transact([request] if claim is None else [claim, request])
+            claim = None
             try:
-                echoed = [rtnl.Link(payload) for payload in self._one(request)]
+                echoed = [rtnl.Link(payload) for payload in check(results[-1])]
                 return master, next((e.link for e in echoed if e.name == ep.host_ifname), 0)
             except NetlinkError as exc:
                 if cached and exc.errno in _STALE_MASTER:  # bridge recreated behind our back

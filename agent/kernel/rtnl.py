@@ -38,6 +38,8 @@ NLMSGERR_ATTR_MSG = 1
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWADDR, RTM_DELADDR, RTM_GETADDR = 20, 21, 22
 RTM_NEWROUTE, RTM_GETROUTE = 24, 26
+RTM_NEWNSID, RTM_GETNSID = 88, 90
+NETNSA_NSID, NETNSA_FD = 1, 3
 RTA_DST, RTA_OIF, RTA_TABLE = 1, 4, 15
 
 IFF_UP = 0x1
@@ -186,6 +188,28 @@ def set_group(name: str, group: int) -> Request:
 def del_group(group: int) -> Request:
     """Delete every link of link group `group` (ENODEV when there is none)."""
     return RTM_DELLINK, NLM_F_ACK, ifinfo() + attr_u32(IFLA_GROUP, group)
+
+
+_RTGEN = struct.Struct("Bxxx")  # rtgenmsg, padded to 4
+
+
+def new_nsid(netns_fd: int, nsid: int) -> Request:
+    """Give namespace `netns_fd` the id `nsid` in this namespace (EEXIST: it has one, or the id
+    is taken)."""
+    body = _RTGEN.pack(socket.AF_UNSPEC) + attr_u32(NETNSA_FD, netns_fd)
+    return RTM_NEWNSID, NLM_F_ACK, body + attr(NETNSA_NSID, struct.pack("i", nsid))
+
+
+def dump_nsids() -> Request:
+    return RTM_GETNSID, NLM_F_DUMP, _RTGEN.pack(socket.AF_UNSPEC)
+
+
+def nsid_of(payload: bytes) -> int | None:
+    """The NETNSA_NSID of one RTM_NEWNSID message."""
+    for kind, value in iter_attrs(payload, _RTGEN.size, len(payload)):
+        if kind == NETNSA_NSID:
+            return struct.unpack_from("i", value)[0]
+    return None
 
 
 def dump_addrs() -> Request:

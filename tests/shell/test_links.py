@@ -17,7 +17,7 @@ import trio
 from agent.core import naming
 from agent.core.errors import Conflict, KernelError, NotFound
 from agent.kernel import netns, rtnl
-from agent.kernel.links import Kernel, open_kernel
+from agent.kernel.links import NSID_FLOOR, NSID_TOP, Kernel, open_kernel
 
 pytestmark = pytest.mark.kernel
 
@@ -240,6 +240,32 @@ async def test_without_the_echo_the_peer_is_looked_up(kernel, scratch, monkeypat
     spec = endpoint(bridge, scratch.name("tve"), 2, path)
     await kernel.attach(**spec)
     assert_attached(path, spec, bridge)
+
+
+def nsids() -> dict[str, int]:
+    """Namespace name -> its id in this namespace."""
+    return {x["name"]: x["nsid"] for x in ip_json("netns", "list-id") if "name" in x}
+
+
+async def test_namespace_ids_count_down_across_restarts(kernel, scratch):
+    # the kernel finds a namespace's id by an ascending scan: the newest goes first
+    bridge = await make_bridge(kernel, scratch)
+    first, second = scratch.ip_netns(), scratch.ip_netns()
+    await kernel.attach(**endpoint(bridge, scratch.name("tve"), 2, first))
+    await kernel.attach(**endpoint(bridge, scratch.name("tve"), 3, second))
+    ids = nsids()
+    a, b = (ids[path.rsplit("/", 1)[1]] for path in (first, second))
+    assert NSID_FLOOR <= b < a <= NSID_TOP
+    # a namespace with an id already keeps it (a second network, or someone else's id)
+    other = await make_bridge(kernel, scratch, "172.19.0.1/16")
+    await kernel.attach(
+        **endpoint(other, scratch.name("tve"), 4, first, ifname="eth1", gateway=None)
+    )
+    assert nsids()[first.rsplit("/", 1)[1]] == a
+    async with open_kernel() as again:  # a restart goes on below the lowest
+        third = scratch.ip_netns()
+        await again.attach(**endpoint(bridge, scratch.name("tve"), 5, third))
+    assert NSID_FLOOR <= nsids()[third.rsplit("/", 1)[1]] < b
 
 
 async def test_two_namespaces_on_one_bridge_ping(kernel, scratch):
