@@ -1,4 +1,6 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, binding=False
+# binding=False: methods are plain C method descriptors, not Cython function objects, so a
+# call skips the bound-method layer (a release went from 23 to 15 ns; see bench_ipam).
 """Cython twin of `agent.core.bitmap`: a bitmap with O(log64 size) next-clear-bit search, and
 the per-network range allocator built on it.
 
