@@ -13,9 +13,9 @@ Theory of operation (DESIGN sections 3-4):
   namespace ids (`__peernet2id`, one id per container namespace), and changes to a down link
   send none, so an attach makes five. A disconnect only retires a veth (`retire`); `reap`, in
   a second thread with its own socket, deletes every retired link at once (see
-  `agent.reaper`). The in-namespace steps use a socket opened there by a throwaway thread
-  (`netns.start_socket_in`), started before the create so that the two overlap; the create's
-  echo names the peer's ifindex, so they are one datagram.
+  `agent.reaper`). The in-namespace steps use a socket the owner thread opens there, stepping
+  into the namespace for the `socket()` call only (`netns.socket_visiting`); the create's echo
+  names the peer's ifindex, so they are one datagram.
 - Namespace ids count down: the kernel finds the id of a veth peer's namespace (for every
   notification about the host end) by scanning the host's ids in ascending order, one per
   container namespace, and gives a new namespace the lowest free one, so an attach among
@@ -114,6 +114,7 @@ class Kernel:
         self._owner = owner
         self._reaper = reaper  # its own thread and socket: a batch delete never delays an attach
         self._rt: rtnl.RtSocket | None = None
+        self._home = -1  # the owner thread's own namespace, to come back to (socket_visiting)
         self._reap_rt: rtnl.RtSocket | None = None
         self._bridges: dict[str, int] = {}
         self._next_nsid = NSID_TOP
@@ -122,6 +123,7 @@ class Kernel:
     # --- owner-thread side -------------------------------------------------------------------
 
     def _open(self) -> None:
+        self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         self._rt = rtnl.RtSocket()
         ids = [rtnl.nsid_of(payload) for payload in self._dump(rtnl.dump_nsids())]
         ours = [i for i in ids if i is not None and i >= NSID_FLOOR]  # a restart: go on below
@@ -146,6 +148,9 @@ class Kernel:
     def _close(self) -> None:
         if self._rt is not None:
             self._rt.close()
+        if self._home >= 0:
+            os.close(self._home)
+            self._home = -1
 
     def _open_reaper(self) -> None:
         self._reap_rt = rtnl.RtSocket()
@@ -348,46 +353,43 @@ class Kernel:
 
     def _attach(self, ep: _Endpoint) -> None:
         fd = netns.open_netns(ep.netns_path)
-        ns: rtnl.RtSocket | None = None
         try:
-            ns_socket = netns.start_socket_in(fd)  # overlaps the veth creation (~0.25 ms)
+            ns = rtnl.RtSocket(netns.socket_visiting(fd, self._home))
             try:
-                master, peer = self._create_veth(ep, fd)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    ns_socket().close()
-                raise
-            try:
-                assert self._rt is not None
-                where = {"ifname": ep.host_ifname}
-                # Alias and hairpin while still down: a change to a down link sends no
-                # notification (netdev_state_change), one fewer per attach. This message also
-                # waits, asleep, if the reaper holds rtnl; the sysctl write right after it would
-                # spin instead (addrconf's rtnl_trylock + restart_syscall).
-                alias = self._rt.transact([rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True)])
-                _step(alias[0], f"set the alias of {ep.host_ifname}", where)
-                _disable_ipv6(ep.host_ifname)
-                ns = rtnl.RtSocket(ns_socket())
-                self._configure_inside(ep, ns, peer)
-                up, bridge_up = self._rt.transact(
-                    [rtnl.set_up(name=ep.host_ifname), rtnl.set_up(master)]
-                )
-                _step(up, f"set {ep.host_ifname} up", where)
-                _step(bridge_up, f"set bridge {ep.bridge} up", {"bridge": ep.bridge})
-            except Exception as exc:
-                try:
-                    self._delete(ep.host_ifname)  # removes the peer too
-                except AgentError as problem:
-                    exc.add_note(f"rollback failed, {ep.host_ifname} may be left: {problem}")
-                if isinstance(exc, AgentError):
-                    raise
-                raise KernelError(
-                    f"cannot configure endpoint {ep.host_ifname}: {exc}", netns=ep.netns_path
-                ) from exc
-        finally:
-            if ns is not None:
+                self._create_and_configure(ep, fd, ns)
+            finally:
                 ns.close()
+        finally:
             os.close(fd)
+
+    def _create_and_configure(self, ep: _Endpoint, fd: int, ns: rtnl.RtSocket) -> None:
+        master, peer = self._create_veth(ep, fd)
+        try:
+            assert self._rt is not None
+            where = {"ifname": ep.host_ifname}
+            # Alias and hairpin while still down: a change to a down link sends no
+            # notification (netdev_state_change), one fewer per attach. This message also
+            # waits, asleep, if the reaper holds rtnl; the sysctl write right after it would
+            # spin instead (addrconf's rtnl_trylock + restart_syscall).
+            alias = self._rt.transact([rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True)])
+            _step(alias[0], f"set the alias of {ep.host_ifname}", where)
+            _disable_ipv6(ep.host_ifname)
+            self._configure_inside(ep, ns, peer)
+            up, bridge_up = self._rt.transact(
+                [rtnl.set_up(name=ep.host_ifname), rtnl.set_up(master)]
+            )
+            _step(up, f"set {ep.host_ifname} up", where)
+            _step(bridge_up, f"set bridge {ep.bridge} up", {"bridge": ep.bridge})
+        except Exception as exc:
+            try:
+                self._delete(ep.host_ifname)  # removes the peer too
+            except AgentError as problem:
+                exc.add_note(f"rollback failed, {ep.host_ifname} may be left: {problem}")
+            if isinstance(exc, AgentError):
+                raise
+            raise KernelError(
+                f"cannot configure endpoint {ep.host_ifname}: {exc}", netns=ep.netns_path
+            ) from exc
 
     def _enslave(self, host_ifname: str, bridge: str) -> None:
         master, _ = self._bridge_index(bridge)
@@ -451,7 +453,7 @@ class Kernel:
     def _ifnames_in(self, path: str) -> set[str]:
         fd = netns.open_netns(path)
         try:
-            ns = rtnl.RtSocket(netns.socket_in(fd))
+            ns = rtnl.RtSocket(netns.socket_visiting(fd, self._home))
         finally:
             os.close(fd)
         try:

@@ -3,8 +3,10 @@
 Theory of operation: a network namespace is a file on nsfs (`/run/netns/NAME`, a bind mount,
 or `/proc/PID/ns/net`). Its identity is the (st_dev, st_ino) of that file. `setns` and
 `unshare(CLONE_NEWNET)` switch only the calling thread, and a netlink socket stays bound to the
-namespace it was created in; so a throwaway thread switches, opens the socket, and exits
-(forking for this costs 5-6 ms, DESIGN section 4). Python 3.11 has no `os.setns`: libc via
+namespace it was created in. So the kernel owner thread opens a socket inside a namespace by
+entering it for that one `socket()` call and coming straight back (`socket_visiting`); a named
+namespace is made by a throwaway thread that unshares and exits. Forking for either costs
+5-6 ms (DESIGN section 4). Python 3.11 has no `os.setns`: libc via
 ctypes. Named namespaces follow iproute2's `netns_add`, so `ip netns list/exec` see ours.
 """
 
@@ -16,15 +18,10 @@ import fcntl
 import os
 import socket
 import threading
-from collections.abc import Callable
 
 from agent.core import naming
 from agent.core.errors import Conflict, InvalidArgument, KernelError, NotFound
-from agent.kernel.owner import (
-    run_in_fresh_thread,
-    run_sync_in_fresh_thread,
-    start_in_fresh_thread,
-)
+from agent.kernel.owner import run_in_fresh_thread, run_sync_in_fresh_thread
 
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
@@ -91,25 +88,24 @@ def netns_key(path: str) -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
-def _socket_in(fd: int, proto: int) -> socket.socket:
+def socket_visiting(fd: int, home: int, proto: int = 0) -> socket.socket:
+    """A netlink socket (NETLINK_ROUTE by default) living in the namespace behind `fd`, opened
+    by the calling thread: it enters that namespace for the `socket()` call only, then goes back
+    to `home` (an fd on its own namespace): ~0.2 ms less per attach than a throwaway thread.
+
+    Error handling:
+        OSError if the namespace cannot be entered or the socket not made (the thread is home).
+        If the way back fails, the process exits (status 70): nothing meant for the host may
+        ever reach a container's namespace.
+    """
     _check(_libc.setns(fd, CLONE_NEWNET), "setns")
-    return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
-
-
-def socket_in(fd: int, proto: int = 0) -> socket.socket:
-    """A netlink socket (NETLINK_ROUTE by default) living in the namespace behind `fd`.
-
-    Blocking: a throwaway thread enters the namespace, opens the socket, and exits.
-    """
-    return run_sync_in_fresh_thread(_socket_in, fd, proto)
-
-
-def start_socket_in(fd: int, proto: int = 0) -> Callable[[], socket.socket]:
-    """`socket_in` started in the background: call the result to get the socket.
-
-    Keep `fd` open until then. Lets the thread's start-up overlap other kernel work.
-    """
-    return start_in_fresh_thread(_socket_in, fd, proto)
+    try:
+        return socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, proto)
+    finally:
+        if _libc.setns(home, CLONE_NEWNET) != 0:
+            why = os.strerror(ctypes.get_errno())
+            os.write(2, f"agentd: cannot return to its own network namespace: {why}\n".encode())
+            os._exit(70)
 
 
 def _ensure_run_dir() -> None:

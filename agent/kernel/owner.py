@@ -3,8 +3,10 @@
 Theory of operation: the raw netlink sockets are blocking and not thread-safe, so
 one dedicated `Owner` thread per kernel shell runs every job in order (DESIGN section 4:
 `trio.to_thread`'s cached workers with a shared IPRoute are slower and leak fds). Switching
-network namespace (`setns`/`unshare`) changes the calling thread for good, so it happens only in
-`run_in_fresh_thread`'s throwaway threads, never in Trio's threads or the owner thread.
+network namespace (`setns`/`unshare`) changes the calling thread: it happens in
+`run_in_fresh_thread`'s throwaway threads, which never go back, and in the owner thread only
+for one `socket()` call, which comes straight back (`netns.socket_visiting`); never in Trio's
+threads.
 
 A job is atomic with respect to cancellation: once submitted it runs to completion and the
 waiting task receives its result; a cancellation is delivered at the caller's next checkpoint.
@@ -48,15 +50,7 @@ def run_sync_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
     """Run `fn(*args)` in a new thread that exits afterwards; block until it is done.
 
     For code that changes the thread's namespace: nothing else ever runs in that thread.
-    """
-    return start_in_fresh_thread(fn, *args)()
-
-
-def start_in_fresh_thread(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
-    """Start `fn(*args)` in a new throwaway thread; the returned function joins and returns.
-
-    A bare `_thread` thread: `threading.Thread.start` waits until the thread runs (~0.1 ms of
-    an attach's ~1.1 ms in the owner thread); here the caller goes on at once.
+    A bare `_thread` thread (`threading.Thread.start` waits until the thread runs).
     """
     box: list[outcome.Outcome[T]] = []
     done = _thread.allocate_lock()
@@ -69,12 +63,8 @@ def start_in_fresh_thread(fn: Callable[..., T], *args: Any) -> Callable[[], T]:
             done.release()
 
     _thread.start_new_thread(run, ())
-
-    def join() -> T:
-        with done:
-            return box[0].unwrap()
-
-    return join
+    with done:
+        return box[0].unwrap()
 
 
 async def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:

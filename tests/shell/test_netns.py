@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
+import sys
 
 import pytest
 import trio
@@ -107,20 +109,67 @@ async def test_create_named_survives_cancellation():
         await netns.delete_named("tn-cancel")
 
 
+def _here() -> str:
+    return os.readlink("/proc/thread-self/ns/net")
+
+
 @pytest.mark.kernel
-async def test_socket_in_is_bound_to_the_namespace():
+async def test_socket_visiting_is_bound_to_the_namespace_and_the_thread_comes_home():
     path = await netns.create_named("tn-sock")
+    subprocess.run(["ip", "link", "add", "tn-home", "type", "bridge"], check=True)
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    before = _here()
     try:
         fd = netns.open_netns(path)
         try:
-            sock = netns.socket_in(fd)
+            sock = netns.socket_visiting(fd, home)
         finally:
             os.close(fd)
+        assert _here() == before
         with sock:
             rt = rtnl.RtSocket(sock)
             names = {rtnl.Link(p).name for p in rtnl.check(rt.transact([rtnl.dump_links()])[0])}
         assert names == {"lo"}
-        # the calling thread did not move
-        assert os.readlink("/proc/thread-self/ns/net") == os.readlink("/proc/self/ns/net")
+        # a fresh socket of this thread is the host's again
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as mine:
+            rt = rtnl.RtSocket(mine)
+            names = {rtnl.Link(p).name for p in rtnl.check(rt.transact([rtnl.dump_links()])[0])}
+        assert "tn-home" in names
     finally:
+        os.close(home)
+        subprocess.run(["ip", "link", "del", "tn-home"], check=True)
         await netns.delete_named("tn-sock")
+
+
+@pytest.mark.kernel
+def test_socket_visiting_a_file_that_is_no_namespace_fails_at_home(tmp_path):
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    before = _here()
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        with pytest.raises(OSError, match="setns"):
+            netns.socket_visiting(fd, home)
+        assert _here() == before
+    finally:
+        os.close(fd)
+        os.close(home)
+
+
+@pytest.mark.kernel
+async def test_socket_visiting_exits_the_process_if_it_cannot_come_back():
+    """Home is a mount namespace fd: setns(CLONE_NEWNET) refuses it, so the way back fails."""
+    path = await netns.create_named("tn-noway")
+    script = (
+        "import os, sys; from agent.kernel import netns; "
+        f"fd = netns.open_netns({path!r}); home = os.open('/proc/self/ns/mnt', os.O_RDONLY); "
+        "netns.socket_visiting(fd, home); print('went on')"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, timeout=30
+        )
+    finally:
+        await netns.delete_named("tn-noway")
+    assert done.returncode == 70
+    assert "went on" not in done.stdout
+    assert "cannot return to its own network namespace" in done.stderr
