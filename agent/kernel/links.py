@@ -641,9 +641,12 @@ def _disable_ipv6(ifname: str) -> None:
     Best effort: a failure (read-only /proc/sys) costs only speed, so it is logged, once.
     """
     global _ipv6_warned
-    try:
-        with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", "w") as f:
-            f.write("1")
+    try:  # os-level: a text-mode open() costs ~10 us more in Python, in the kernel thread
+        fd = os.open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6", os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"1")
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         pass
     except OSError as exc:

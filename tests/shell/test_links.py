@@ -8,6 +8,7 @@ import os
 import secrets
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 
@@ -281,6 +282,30 @@ async def test_two_namespaces_on_one_bridge_ping(kernel, scratch):
 def ipv6_disabled(ifname: str) -> bool:
     with open(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6") as f:
         return f.read().strip() == "1"
+
+
+def test_a_read_only_proc_sys_costs_only_a_warning(scratch):
+    """disable_ipv6 is best effort: with /proc/sys read-only (a bind mount, in a child's own
+    mount namespace) the write fails, one warning is logged for two tries, and nothing raises."""
+    bridge = scratch.name("tbr")
+    run("ip", "link", "add", bridge, "type", "bridge").check_returncode()
+    try:
+        script = (
+            "from agent.kernel import links; "
+            f"links._disable_ipv6({bridge!r}); links._disable_ipv6({bridge!r}); print('went on')"
+        )
+        done = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             "mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys"
+             f' && exec {sys.executable} -c "{script}"'],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert "went on" in done.stdout
+        assert (done.stdout + done.stderr).count("veth.disable_ipv6.failed") == 1
+        assert not ipv6_disabled(bridge)
+    finally:
+        run("ip", "link", "del", bridge)
 
 
 async def test_ports_and_ipv4_only_bridges_carry_no_ipv6(kernel, scratch):
