@@ -326,20 +326,23 @@ class Service(PortsMixin):
     # -- endpoints ------------------------------------------------------------------------
 
     async def connect(self, req: p.EndpointConnect, *, sandbox: str | None = None) -> Endpoint:
-        key = self.ns.netns_key(self.ns.resolve(req.netns))
+        path = self.ns.resolve(req.netns)
+        key = self.ns.netns_key(path)
         async with self._netns_locks.hold(key):
             # the namespace's previous interface may still be dying (its eth0 name taken)
             if (dying := self.reaper.pending(f"ns:{key}")) is not None:
                 await dying.wait()
             # a port mapping is checked against every other one: that takes the whole lock
             async with self.lock if req.ports else self.lock.shared():
-                return await self._connect(req, sandbox=sandbox)
+                return await self._connect(req, path, key, sandbox=sandbox)
 
-    async def _connect(self, req: p.EndpointConnect, *, sandbox: str | None) -> Endpoint:
-        """Decide and reserve (synchronously), then apply; the reservation is undone on failure."""
+    async def _connect(
+        self, req: p.EndpointConnect, path: str, key: str, *, sandbox: str | None
+    ) -> Endpoint:
+        """Decide and reserve (synchronously), then apply; the reservation is undone on failure.
+        `path` is `req.netns` resolved, `key` its namespace's identity."""
         net = self.topo.find_network(req.network)
-        path = self.ns.resolve(req.netns)
-        ep = self._reserve_endpoint(req, net, path, self.ns.netns_key(path), sandbox)
+        ep = self._reserve_endpoint(req, net, path, key, sandbox)
         try:
             await self._apply_endpoint(ep, net)
         except BaseException:
@@ -505,7 +508,8 @@ class Service(PortsMixin):
             net = self.topo.find_network(req.network)  # before anything is created
             path = await self.ns.create_named(req.name)
             try:
-                sb = Sandbox(name=req.name, path=path, netns_key=self.ns.netns_key(path))
+                key = self.ns.netns_key(path)
+                sb = Sandbox(name=req.name, path=path, netns_key=key)
                 with self.store.transaction() as w:
                     w.put_sandbox(sb)
                 try:
@@ -518,6 +522,8 @@ class Service(PortsMixin):
                             ports=req.ports,
                             ip6=req.ip6,
                         ),
+                        path,
+                        key,
                         sandbox=req.name,
                     )
                 except BaseException:
