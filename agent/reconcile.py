@@ -157,9 +157,11 @@ class Reconciler:
                 bridge = links.get(net.bridge)
                 eps = topo.endpoints_of(net.id)
                 gateway = f"{net.gateway}/{ipaddress.IPv4Network(net.subnet).prefixlen}"
+                gateway6 = gateway6_cidr(net)
                 if (
                     bridge is None
                     or gateway not in bridge.addresses
+                    or (gateway6 is not None and gateway6 not in bridge.addresses)
                     or (eps and not bridge.up)
                     or any(not _is_port(links.get(e.host_ifname), bridge) for e in eps)
                 ):

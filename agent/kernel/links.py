@@ -66,7 +66,7 @@ class LinkInfo(msgspec.Struct, frozen=True):
     alias: str
     master: int
     up: bool
-    addresses: tuple[str, ...]
+    addresses: tuple[str, ...]  # "address/prefix", IPv4 and IPv6
     group: int = 0
 
 
@@ -413,7 +413,7 @@ class Kernel:
         alias by a second one, so a crash in between still leaves a link we recognise."""
         addresses: dict[int, list[str]] = {}
         for ev in accel.nlevents.decode(_as_messages(self._dump(rtnl.dump_addrs()), 20)):
-            if ev.family == socket.AF_INET:
+            if ev.family in (socket.AF_INET, socket.AF_INET6):
                 addresses.setdefault(ev.index, []).append(f"{ev.address}/{ev.prefixlen}")
         links = accel.nlevents.decode(
             _as_messages(self._dump(rtnl.dump_links()), 16), group=naming.LINK_GROUP

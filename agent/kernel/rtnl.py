@@ -213,7 +213,8 @@ def nsid_of(payload: bytes) -> int | None:
 
 
 def dump_addrs() -> Request:
-    return RTM_GETADDR, NLM_F_DUMP, _IFADDR.pack(socket.AF_INET, 0, 0, 0, 0)
+    """Every address of the namespace, IPv4 and IPv6."""
+    return RTM_GETADDR, NLM_F_DUMP, _IFADDR.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
 
 
 def addr_of(payload: bytes) -> tuple[int, str] | None:

@@ -231,3 +231,28 @@ def test_restart_keeps_ipv6_and_gateway6_is_restored() -> None:
         assert [a["local"] for a in ipv6_of(host.name, net["bridge"])] == [net["gateway6"]]
         for name in (c1, c2):
             host.ctl("rm", name)
+
+
+def test_reconcile_restores_a_removed_ipv6_gateway() -> None:
+    """The resync (`agentctl reconcile`, and after lost events) checks IPv6 gateways too."""
+    with running_host("--repair", "manual") as host:
+        host.ctl("network", "create", "--ipv6", "six")
+        net = json.loads(host.ctl("network", "inspect", "six").stdout)[0]["network"]
+        assert host.ctl("reconcile").stdout.strip() == "nothing to repair"
+        prefix = ipaddress.IPv6Network(net["subnet6"]).prefixlen
+        sh(
+            "ip",
+            "-n",
+            host.name,
+            "addr",
+            "del",
+            f"{net['gateway6']}/{prefix}",
+            "dev",
+            net["bridge"],
+        )
+        time.sleep(0.3)
+        assert ipv6_of(host.name, net["bridge"]) == []  # manual: nothing repaired by itself
+        out = host.ctl("reconcile").stdout
+        assert net["bridge"] in out
+        assert [a["local"] for a in ipv6_of(host.name, net["bridge"])] == [net["gateway6"]]
+        assert host.ctl("reconcile").stdout.strip() == "nothing to repair"
