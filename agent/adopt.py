@@ -171,8 +171,10 @@ def _forget_endpoint(store: Store, ep: Endpoint) -> None:
 
 async def _reattach(kernel: KernelOps, topo: Topology, ep: Endpoint) -> bool:
     try:
-        await kernel.attach(**attach_args(topo.networks[ep.network_id], ep))
+        ipv6 = await kernel.attach(**attach_args(topo.networks[ep.network_id], ep))
     except AgentError as exc:
         log.warning("adopt.reattach.failed", endpoint_id=ep.id, error=str(exc))
         return False
+    if not ipv6:  # its namespace disabled IPv6 since: it keeps the address on record
+        log.warning("adopt.reattach.ipv6_disabled", endpoint_id=ep.id, ip6=ep.ip6)
     return True

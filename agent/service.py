@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
+import msgspec
 import trio
 
 from agent.api import protocol as p
@@ -69,7 +70,7 @@ class KernelOps(Protocol):
         gateway: str | None,
         address6: str | None = None,
         gateway6: str | None = None,
-    ) -> None: ...
+    ) -> bool: ...
     async def detach(self, host_ifname: str) -> bool: ...
     async def retire(self, host_ifname: str) -> bool: ...
     async def reap(self, bridges: Sequence[tuple[str, str | None, str | None]] = ()) -> bool: ...
@@ -342,13 +343,15 @@ class Service(PortsMixin):
         """Decide and reserve (synchronously), then apply; the reservation is undone on failure.
         `path` is `req.netns` resolved, `key` its namespace's identity."""
         net = self.topo.find_network(req.network)
-        ep = self._reserve_endpoint(req, net, path, key, sandbox)
+        reserved = self._reserve_endpoint(req, net, path, key, sandbox)
         try:
-            await self._apply_endpoint(ep, net)
+            ep = await self._apply_endpoint(reserved, net, ip6_requested=req.ip6 is not None)
         except BaseException:
-            self.topo.remove_endpoint(ep.id)
-            self._release_address(ep.network_id, ep.ip, ep.ip6)
+            self.topo.remove_endpoint(reserved.id)
+            self._release_address(reserved.network_id, reserved.ip, reserved.ip6)
             raise
+        if ep.ip6 != reserved.ip6:  # IPv6 disabled in the namespace: its address is not used
+            self._release_address(ep.network_id, None, reserved.ip6)
         log.info("endpoint.connect.complete", endpoint_id=ep.id, network=net.name, ip=ep.ip)
         self.bus.publish("endpoint", "connected", ep.id, network=net.name, netns=ep.netns, ip=ep.ip)
         return ep
@@ -405,12 +408,26 @@ class Service(PortsMixin):
         topo.add_endpoint(ep)
         return ep
 
-    async def _apply_endpoint(self, ep: Endpoint, net: Network) -> None:
-        """Kernel, then port rules, then store; each undone if a later one fails."""
+    async def _apply_endpoint(
+        self, ep: Endpoint, net: Network, *, ip6_requested: bool = False
+    ) -> Endpoint:
+        """Kernel, then port rules, then store; each undone if a later one fails. Returns the
+        endpoint as applied: without its IPv6 address if the namespace has IPv6 disabled (as
+        Docker does it), unless that address was asked for (InvalidArgument, nothing changed).
+        """
         topo = self.topo
         with trio.CancelScope(shield=True):
-            await self.kernel.attach(**attach_args(net, ep))
+            ipv6 = await self.kernel.attach(**attach_args(net, ep))
             try:
+                if not ipv6 and ep.ip6 is not None:
+                    if ip6_requested:
+                        raise InvalidArgument(
+                            f"namespace {ep.netns!r} has IPv6 disabled: it cannot have {ep.ip6}",
+                            netns=ep.netns,
+                            ip6=ep.ip6,
+                        )
+                    ep = msgspec.structs.replace(ep, ip6=None)
+                    topo.add_endpoint(ep)  # replaces it: no IPv6 port rules, none stored
                 if ep.ports:
                     await self._sync_ports(topo.with_ports())
                 try:
@@ -426,6 +443,7 @@ class Service(PortsMixin):
             except BaseException:
                 await self.kernel.detach(ep.host_ifname)
                 raise
+        return ep
 
     async def disconnect(self, req: p.EndpointDisconnect) -> Endpoint:
         path = self.ns.resolve(req.netns)
@@ -537,10 +555,10 @@ class Service(PortsMixin):
             self.topo.sandboxes[req.name] = sb
             return ep
 
-    def _release_address(self, network_id: str, ip: str, ip6: str | None = None) -> None:
+    def _release_address(self, network_id: str, ip: str | None, ip6: str | None = None) -> None:
         """Back to the pool, if its network still exists (a forced rm may have gone first)."""
         alloc = self.topo.allocators.get(network_id)
-        if alloc is not None and alloc.is_allocated(ipaddress.IPv4Address(ip)):
+        if ip and alloc is not None and alloc.is_allocated(ipaddress.IPv4Address(ip)):
             alloc.release(ipaddress.IPv4Address(ip))
         alloc6 = self.topo.allocators6.get(network_id)
         if ip6 and alloc6 is not None and alloc6.is_allocated(ipaddress.IPv6Address(ip6)):

@@ -329,10 +329,15 @@ class Kernel:
                     netns=ep.netns_path,
                 ) from exc
 
-    def _configure_inside(self, ep: _Endpoint, ns: rtnl.RtSocket, index: int) -> None:
+    def _configure_inside(self, ep: _Endpoint, ns: rtnl.RtSocket, index: int) -> bool:
         """Peer up, lo up, address and default route inside the namespace: one round trip
         when the peer's ifindex is known (the creation's echo), else a lookup first. The
-        messages go in order in one datagram, so the address exists before the route."""
+        messages go in order in one datagram, so the address exists before the route.
+
+        False if the namespace has IPv6 disabled (`disable_ipv6=1`, which its new `eth0`
+        inherits: adding the IPv6 address fails with EACCES): the endpoint is then IPv4-only,
+        as Docker does it, and the IPv6 route (which fails for want of the address) is skipped.
+        """
         where = {"ifname": ep.ifname, "netns": ep.netns_path}
         steps = [(rtnl.set_up(rtnl.LOOPBACK_IFINDEX), "set lo up")]
         if index:
@@ -344,25 +349,33 @@ class Kernel:
         steps.append((rtnl.new_addr(index, ep.address), f"add {ep.address} to {ep.ifname}"))
         if ep.gateway is not None:
             steps.append((rtnl.new_default_route(ep.gateway), f"route via {ep.gateway}"))
+        first6 = len(steps)
         if ep.address6 is not None:
             steps.append((rtnl.new_addr6(index, ep.address6), f"add {ep.address6} to {ep.ifname}"))
         if ep.gateway6 is not None:
             steps.append((rtnl.new_default_route6(ep.gateway6), f"route via {ep.gateway6}"))
-        for (_, what), result in zip(steps, ns.transact([r for r, _ in steps]), strict=True):
-            _step(result, what, where)
+        results = ns.transact([r for r, _ in steps])
+        ipv6 = True
+        if ep.address6 is not None:
+            added6 = results[first6]
+            ipv6 = not (isinstance(added6, NetlinkError) and added6.errno == errno.EACCES)
+        for k, ((_, what), result) in enumerate(zip(steps, results, strict=True)):
+            if ipv6 or k < first6:
+                _step(result, what, where)
+        return ipv6
 
-    def _attach(self, ep: _Endpoint) -> None:
+    def _attach(self, ep: _Endpoint) -> bool:
         fd = netns.open_netns(ep.netns_path)
         try:
             ns = rtnl.RtSocket(netns.socket_visiting(fd, self._home))
             try:
-                self._create_and_configure(ep, fd, ns)
+                return self._create_and_configure(ep, fd, ns)
             finally:
                 ns.close()
         finally:
             os.close(fd)
 
-    def _create_and_configure(self, ep: _Endpoint, fd: int, ns: rtnl.RtSocket) -> None:
+    def _create_and_configure(self, ep: _Endpoint, fd: int, ns: rtnl.RtSocket) -> bool:
         master, peer = self._create_veth(ep, fd)
         try:
             assert self._rt is not None
@@ -374,12 +387,13 @@ class Kernel:
             alias = self._rt.transact([rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True)])
             _step(alias[0], f"set the alias of {ep.host_ifname}", where)
             _disable_ipv6(ep.host_ifname)
-            self._configure_inside(ep, ns, peer)
+            ipv6 = self._configure_inside(ep, ns, peer)
             up, bridge_up = self._rt.transact(
                 [rtnl.set_up(name=ep.host_ifname), rtnl.set_up(master)]
             )
             _step(up, f"set {ep.host_ifname} up", where)
             _step(bridge_up, f"set bridge {ep.bridge} up", {"bridge": ep.bridge})
+            return ipv6
         except Exception as exc:
             try:
                 self._delete(ep.host_ifname)  # removes the peer too
@@ -531,11 +545,12 @@ class Kernel:
         gateway: str | None,
         address6: str | None = None,
         gateway6: str | None = None,
-    ) -> None:
+    ) -> bool:
         """Connect the namespace at `netns_path` to `bridge` by a veth pair; all or nothing.
 
         `address6` (IPv6 CIDR, added without DAD) and `gateway6` (its default route) are
-        optional, for dual-stack networks.
+        optional, for dual-stack networks. Returns False when `address6` was given but the
+        namespace has IPv6 disabled: the endpoint is connected with IPv4 only.
 
         Error handling:
             NotFound (namespace or bridge missing), Conflict (`host_ifname` exists, or `ifname`
@@ -555,7 +570,7 @@ class Kernel:
             address6=None if address6 is None else str(_interface6(address6)),
             gateway6=None if gateway6 is None else str(_interface6(gateway6).ip),
         )
-        await self._call(self._attach, ep)
+        return await self._call(self._attach, ep)
 
     async def detach(self, host_ifname: str) -> bool:
         """Delete the veth (its peer goes with it); False if it was already gone."""

@@ -51,10 +51,11 @@ class FakeKernel:
     async def delete_bridge(self, name, address=None, address6=None, *, retire=False) -> bool:
         return self.bridges.pop(name, None) is not None
 
-    async def attach(self, **kw) -> None:
+    async def attach(self, **kw) -> bool:
         if self.fail_attach:
             raise KernelError("attach failed on purpose")
         self.veths[kw["host_ifname"]] = kw
+        return True
 
     async def detach(self, host_ifname) -> bool:
         return self.veths.pop(host_ifname, None) is not None

@@ -256,3 +256,42 @@ def test_reconcile_restores_a_removed_ipv6_gateway() -> None:
         assert net["bridge"] in out
         assert [a["local"] for a in ipv6_of(host.name, net["bridge"])] == [net["gateway6"]]
         assert host.ctl("reconcile").stdout.strip() == "nothing to repair"
+
+
+def test_a_namespace_with_ipv6_disabled_gets_ipv4_only() -> None:
+    """As Docker: no IPv6 address or route for a container whose namespace disables IPv6, and
+    its address stays in the pool; asking for a given IPv6 address is refused, changing nothing.
+    """
+    with running_host() as host:
+        off, on = unique("v6off-"), unique("v6on-")
+        sh("ip", "netns", "add", off)
+        sh("ip", "netns", "add", on)
+        try:
+            ns_exec(off, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1")
+            host.ctl("network", "create", "--ipv6", "dual")
+            net = json.loads(host.ctl("network", "inspect", "dual").stdout)[0]["network"]
+            first6 = str(ipaddress.IPv6Network(net["subnet6"]).network_address + 2)
+            before = (host.link_names(), ip6tables_save(host))
+            refused = host.ctl("network", "connect", "--ip6", first6, "dual", off, check=False)
+            assert refused.returncode != 0 and "IPv6 disabled" in refused.stderr
+            assert (host.link_names(), ip6tables_save(host)) == before
+            host.ctl("network", "connect", "dual", off)
+            (ep,) = json.loads(host.ctl("ps", "--json").stdout)
+            assert ep["ip6"] is None and ep["ip"]
+            assert ipv6_of(off, "eth0") == []
+            assert json.loads(sh("ip", "-6", "-n", off, "-j", "route", "show").stdout) == []
+            assert (
+                sh("ip", "netns", "exec", off, "ping", "-c1", "-W1", net["gateway"]).returncode == 0
+            )
+            # the IPv6 address it was not given is free: another namespace can have it
+            host.ctl("network", "connect", "--ip6", first6, "dual", on)
+            mine = [
+                e for e in json.loads(host.ctl("ps", "--json").stdout) if e["netns"].endswith(on)
+            ]
+            assert [e["ip6"] for e in mine] == [first6]
+            assert ping6(on, net["gateway6"])
+            host.ctl("network", "disconnect", "dual", off)
+            host.ctl("network", "disconnect", "dual", on)
+        finally:
+            sh("ip", "netns", "del", off, check=False)
+            sh("ip", "netns", "del", on, check=False)
