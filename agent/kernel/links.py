@@ -376,6 +376,8 @@ class Kernel:
             os.close(fd)
 
     def _create_and_configure(self, ep: _Endpoint, fd: int, ns: rtnl.RtSocket) -> bool:
+        """Create the veth and configure both ends; a failure after the create deletes it.
+        False if the namespace has IPv6 disabled (see `_configure_inside`)."""
         master, peer = self._create_veth(ep, fd)
         try:
             assert self._rt is not None
