@@ -13,9 +13,10 @@ Theory of operation (DESIGN sections 3-4):
   namespace ids (`__peernet2id`, one id per container namespace), and changes to a down link
   send none, so an attach makes five. A disconnect only retires a veth (`retire`); `reap`, in
   a second thread with its own socket, deletes every retired link at once (see
-  `agent.reaper`). The in-namespace steps use a socket the owner thread opens there, stepping
-  into the namespace for the `socket()` call only (`netns.socket_visiting`); the create's echo
-  names the peer's ifindex, so they are one datagram.
+  `agent.reaper`). The in-namespace steps use a socket the owner thread opens there once the
+  peer exists, stepping into the namespace for the `socket()` call only (and, for an
+  IPv4-only endpoint, to disable IPv6 on its interface, as Docker does: `netns.socket_visiting`);
+  the create's echo names the peer's ifindex, so they are one datagram.
 - Namespace ids count down: the kernel finds the id of a veth peer's namespace (for every
   notification about the host end) by scanning the host's ids in ascending order, one per
   container namespace, and gives a new namespace the lowest free one, so an attach among
@@ -36,6 +37,7 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -367,17 +369,17 @@ class Kernel:
     def _attach(self, ep: _Endpoint) -> bool:
         fd = netns.open_netns(ep.netns_path)
         try:
-            ns = rtnl.RtSocket(netns.socket_visiting(fd, self._home))
-            try:
-                return self._create_and_configure(ep, fd, ns)
-            finally:
-                ns.close()
+            return self._create_and_configure(ep, fd)
         finally:
             os.close(fd)
 
-    def _create_and_configure(self, ep: _Endpoint, fd: int, ns: rtnl.RtSocket) -> bool:
+    def _create_and_configure(self, ep: _Endpoint, fd: int) -> bool:
         """Create the veth and configure both ends; a failure after the create deletes it.
-        False if the namespace has IPv6 disabled (see `_configure_inside`)."""
+        False if the namespace has IPv6 disabled (see `_configure_inside`).
+
+        The socket for the namespace is opened once the peer exists there: the same visit
+        disables IPv6 on an IPv4-only endpoint's interface, as Docker does, before it is up.
+        """
         master, peer = self._create_veth(ep, fd)
         try:
             assert self._rt is not None
@@ -389,7 +391,12 @@ class Kernel:
             alias = self._rt.transact([rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True)])
             _step(alias[0], f"set the alias of {ep.host_ifname}", where)
             _disable_ipv6(ep.host_ifname)
-            ipv6 = self._configure_inside(ep, ns, peer)
+            inside = None if ep.address6 is not None else partial(_disable_ipv6, ep.ifname)
+            ns = rtnl.RtSocket(netns.socket_visiting(fd, self._home, inside=inside))
+            try:
+                ipv6 = self._configure_inside(ep, ns, peer)
+            finally:
+                ns.close()
             up, bridge_up = self._rt.transact(
                 [rtnl.set_up(name=ep.host_ifname), rtnl.set_up(master)]
             )
@@ -654,6 +661,8 @@ def _disable_ipv6(ifname: str) -> None:
     link-local address and routes, sends DAD/MLD/RS packets when it comes up, and every link
     going up or down walks the whole IPv6 routing table: with 10,000 endpoints on 1,000
     networks, an attach took ~35x longer than with one (measured; 1.1-1.4x without them).
+    Also called inside a container's namespace (`socket_visiting`) for the interface of an
+    IPv4-only endpoint, as Docker does: no IPv6 there, nor the kernel's DAD/MLD work for it.
     Nothing to do when IPv6 is off in the kernel or the MTU is below IPv6's minimum (no entry).
     Best effort: a failure (read-only /proc/sys) costs only speed, so it is logged, once.
     """

@@ -295,3 +295,28 @@ def test_a_namespace_with_ipv6_disabled_gets_ipv4_only() -> None:
         finally:
             sh("ip", "netns", "del", off, check=False)
             sh("ip", "netns", "del", on, check=False)
+
+
+def test_an_ipv4_only_endpoint_has_no_ipv6_and_a_dual_stack_one_keeps_it() -> None:
+    """As Docker (26+): IPv6 is disabled on a container's interface to an IPv4-only network (no
+    link-local address, no DAD/MLD traffic); its interface to a dual-stack network keeps it."""
+
+    def sysctl(ns: str, key: str) -> str:
+        return sh("ip", "netns", "exec", ns, "sysctl", "-n", key).stdout.strip()
+
+    with running_host() as host:
+        c = unique("v4only-")
+        try:
+            host.ctl("network", "create", "--ipv6", "dual")
+            host.ctl("run", "--network", "bridge", c)
+            host.ctl("network", "connect", "dual", c)
+            assert sysctl(c, "net.ipv6.conf.eth0.disable_ipv6") == "1"
+            assert sysctl(c, "net.ipv6.conf.eth1.disable_ipv6") == "0"
+            v6 = {link["ifname"]: link["addr_info"] for link in json.loads(
+                sh("ip", "-6", "-n", c, "-j", "addr", "show").stdout)}  # fmt: skip
+            assert not v6.get("eth0")
+            assert {a["scope"] for a in v6["eth1"]} == {"global", "link"}
+            net = json.loads(host.ctl("network", "inspect", "dual").stdout)[0]["network"]
+            assert ping6(c, net["gateway6"])
+        finally:
+            host.ctl("rm", c, check=False)

@@ -284,6 +284,11 @@ def ipv6_disabled(ifname: str) -> bool:
         return f.read().strip() == "1"
 
 
+def ns_sysctl(ns: str, key: str) -> str:
+    name = ns.rsplit("/", 1)[1]
+    return run("ip", "netns", "exec", name, "sysctl", "-n", key).stdout.strip()
+
+
 def test_a_read_only_proc_sys_costs_only_a_warning(scratch):
     """disable_ipv6 is best effort: with /proc/sys read-only (a bind mount, in a child's own
     mount namespace) the write fails, one warning is logged for two tries, and nothing raises."""
@@ -320,9 +325,19 @@ async def test_ports_and_ipv4_only_bridges_carry_no_ipv6(kernel, scratch):
     assert ipv6_disabled(host) and ipv6_disabled(bridge) and not ipv6_disabled(dual)
     for name in (host, bridge):  # no link-local address, so no per-port IPv6 routes
         assert not any(link["addr_info"] for link in ip_json("-6", "addr", "show", "dev", name))
-    # the container's own interface keeps IPv6 (its link-local address)
-    [eth0] = ip_json("-6", "addr", "show", "dev", "eth0", ns=ns)
+    # nor does the container's interface of an IPv4-only endpoint, as with Docker
+    eth0_v6 = ip_json("-6", "addr", "show", "dev", "eth0", ns=ns)
+    assert not any(link.get("addr_info") for link in eth0_v6)
+    assert ns_sysctl(ns, "net.ipv6.conf.eth0.disable_ipv6") == "1"
+    # a dual-stack endpoint's interface keeps it: its address and its link-local one
+    ns6 = scratch.ip_netns()
+    six = endpoint(dual, scratch.name("tve"), 4, ns6, address="172.19.0.4/16",
+                   gateway="172.19.0.1", address6="fd00:1::4/64", gateway6="fd00:1::1")  # fmt: skip
+    await kernel.attach(**six)
+    [eth0] = ip_json("-6", "addr", "show", "dev", "eth0", ns=ns6)
+    assert {a["local"] for a in eth0["addr_info"]} >= {"fd00:1::4"}
     assert any(a["local"].startswith("fe80:") for a in eth0["addr_info"])
+    assert ns_sysctl(ns6, "net.ipv6.conf.eth0.disable_ipv6") == "0"
     # and the port still forwards: a second endpoint is reachable through the bridge
     other = scratch.ip_netns()
     await kernel.attach(**endpoint(bridge, scratch.name("tve"), 3, other))
