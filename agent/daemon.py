@@ -115,7 +115,10 @@ async def run_daemon(args: argparse.Namespace) -> None:
         trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
     ):
         state = store.load()
-        async with open_kernel() as kernel, trio.open_nursery() as nursery:
+        async with (
+            open_kernel(args.log_level, args.log_format) as kernel,
+            trio.open_nursery() as nursery,
+        ):
             # subscribe first, so that nothing that happens during adoption is missed
             link_send, link_events = trio.open_memory_channel[object](EVENT_QUEUE)
             nft_send, nft_events = trio.open_memory_channel[object](EVENT_QUEUE)

@@ -236,7 +236,9 @@ class Agentd:
         return self.proc.pid
 
     def rss_mb(self) -> float:
-        return rss_mb(self.pid)
+        """agentd's RSS plus its kernel worker's (its children, as the Trio thread spawned)."""
+        children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text().split()
+        return rss_mb(self.pid) + sum(rss_mb(int(child)) for child in children)
 
     def client(self, timeout: float = 120.0) -> Client:
         return Client(self.socket, timeout=timeout)

@@ -15,7 +15,7 @@ one Client connection:
    `--crowded` puts them on extra /22 networks of 1,000 endpoints each instead: a Linux bridge
    takes at most 1,024 ports, and every port added costs the kernel work proportional to the
    bridge's size), as many namespaces made with one `ip -b` batch and connected by 4 client
-   threads; and agentd's RSS.
+   threads; and the RSS of agentd and its kernel worker together.
 In stages 2 and 3 each trial is followed by one of the kernel floor (`bench_attach.Floor`, the
 bare kernel work on a bridge of its own) in agentd's namespace: how much the kernel itself
 slows down as namespaces and links pile up.
@@ -262,7 +262,7 @@ def report(args: Any, out: dict[str, Any]) -> None:
             f"{es['networks']} networks), "
             f"errors {es['errors']}"
         )
-    print("agentd RSS (MiB): " + ", ".join(f"{k} {v}" for k, v in out["rss_mb"].items()))
+    print("agentd + worker RSS (MiB): " + ", ".join(f"{k} {v}" for k, v in out["rss_mb"].items()))
     if args.endpoints < 10000 or args.networks < 1000:
         print(
             f"note: ran with {args.networks} networks and {args.endpoints} endpoints "

@@ -1,8 +1,11 @@
 """Bridges and veth endpoints through netlink, driven from Trio by one owner thread.
 
 Theory of operation (DESIGN sections 3-4):
-- Every kernel step is a job of the `Owner` thread, so it is atomic with respect to
-  cancellation: a whole `attach` (create, configure, or roll back) is ONE job.
+- Every kernel step is a job of the owner thread, so it is atomic with respect to
+  cancellation: a whole `attach` (create, configure, or roll back) is ONE job. The owner and
+  reaper threads live in a child process (`agent.kernel.worker`), away from the Trio thread's
+  GIL: agentd's `Kernel` validates a request and sends the job; the worker's `Kernel` runs
+  the owner-side method of that name.
 - Every message is built by `agent.kernel.rtnl` (lean, `struct`-based) and ifindexes are kept
   instead of looked up (pyroute2's `get`/`link_lookup` are slow and leak ~1.6 KB a call); dumps
   are decoded by the same decoder as the event stream (`agent.accel.nlevents`).
@@ -46,8 +49,7 @@ import trio
 from agent import accel
 from agent.core import naming
 from agent.core.errors import AgentError, Conflict, InvalidArgument, KernelError, NotFound
-from agent.kernel import netns, rtnl
-from agent.kernel.owner import Owner
+from agent.kernel import netns, rtnl, worker
 from agent.kernel.rtnl import NetlinkError, check
 from agent.log import get_logger
 
@@ -108,11 +110,15 @@ class _Endpoint(msgspec.Struct, frozen=True):
 class Kernel:
     """The kernel shell: every method runs as one job of the owner thread.
 
+    One class, two processes: in agentd, the public (Trio-side) methods send jobs through
+    `owner`/`reaper`; in the worker, the owner-side methods (`_attach`, ...) run them, with
+    the sockets and caches.
+
     Resource handling:
-        Made by `open_kernel`, which owns the thread and the sockets.
+        Made by `open_kernel`, which owns the worker process, its threads and sockets.
     """
 
-    def __init__(self, owner: Owner, reaper: Owner) -> None:
+    def __init__(self, owner: worker.JobRunner, reaper: worker.JobRunner) -> None:
         self._owner = owner
         self._reaper = reaper  # its own thread and socket: a batch delete never delays an attach
         self._rt: rtnl.RtSocket | None = None
@@ -717,21 +723,26 @@ def _mac(value: str) -> str:
 
 
 @asynccontextmanager
-async def open_kernel() -> AsyncIterator[Kernel]:
-    """Start the owner thread and its netlink sockets; close them all on exit."""
-    owner, reaper = Owner(), Owner("netagent-reaper")
-    owner.start()
-    reaper.start()
-    kernel = Kernel(owner, reaper)
+async def open_kernel(log_level: str = "info", log_format: str = "json") -> AsyncIterator[Kernel]:
+    """Start the kernel worker (`agent.kernel.worker`: the owner and reaper threads, in a child
+    process) and open its netlink sockets; close them and stop it on exit.
+
+    Error handling:
+        If the worker dies meanwhile, KernelError ends the block (and every call in flight).
+    """
+    conn = await worker.start(log_level, log_format)
+    kernel = Kernel(conn.lane("owner"), conn.lane("reaper"))
     try:
-        await owner.call(kernel._open)
-        await reaper.call(kernel._open_reaper)
-        yield kernel
-    finally:
-        with trio.CancelScope(shield=True):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.serve)
             try:
-                await reaper.call(kernel._close_reaper)
-                await owner.call(kernel._close)
+                await kernel._call(kernel._open)
+                await kernel._reaper.call(kernel._open_reaper)
+                yield kernel
             finally:
-                await reaper.stop()
-                await owner.stop()
+                with trio.CancelScope(shield=True), contextlib.suppress(KernelError):
+                    await kernel._reaper.call(kernel._close_reaper)
+                    await kernel._call(kernel._close)
+                await conn.stop()
+    finally:
+        await conn.stop()

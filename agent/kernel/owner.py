@@ -1,14 +1,14 @@
-"""Threads the kernel shell runs blocking work in, awaited from Trio.
+"""Throwaway threads for work that changes the calling thread's namespace, awaited from Trio.
 
-Theory of operation: the raw netlink sockets are blocking and not thread-safe, so
-one dedicated `Owner` thread per kernel shell runs every job in order (DESIGN section 4:
-`trio.to_thread`'s cached workers with a shared IPRoute are slower and leak fds). Switching
-network namespace (`setns`/`unshare`) changes the calling thread: it happens in
-`run_in_fresh_thread`'s throwaway threads, which never go back, and in the owner thread only
-for one `socket()` call, which comes straight back (`netns.socket_visiting`); never in Trio's
-threads.
+Theory of operation: the raw netlink sockets are blocking and not thread-safe, so one
+dedicated owner thread runs every kernel job in order, in the kernel worker process
+(`agent.kernel.worker`; DESIGN section 4: `trio.to_thread`'s cached workers with a shared
+IPRoute are slower and leak fds). Switching network namespace (`setns`/`unshare`) changes the
+calling thread: it happens in the throwaway threads made here, which never go back, and in
+the owner thread only for one `socket()` call, which comes straight back
+(`netns.socket_visiting`); never in Trio's threads.
 
-A job is atomic with respect to cancellation: once submitted it runs to completion and the
+A job is atomic with respect to cancellation: once started it runs to completion and the
 waiting task receives its result; a cancellation is delivered at the caller's next checkpoint.
 """
 
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import _thread
 import contextlib
-import queue
 import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -25,8 +24,6 @@ import outcome
 import trio
 
 T = TypeVar("T")
-
-_STOP = object()
 
 
 async def _wait_for(start: Callable[[Callable[[outcome.Outcome[Any]], None]], None]) -> Any:
@@ -76,46 +73,3 @@ async def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
         ).start()
 
     return await _wait_for(start)
-
-
-class Owner:
-    """One thread that runs submitted jobs in order.
-
-    Resource handling:
-        `start()` launches the thread; `await stop()` runs the queued jobs, then ends it.
-    """
-
-    def __init__(self, name: str = "netagent-kernel") -> None:
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is _STOP:
-                return
-            fn, args, report = job
-            report(outcome.capture(fn, *args))
-
-    async def call(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run `fn(*args)` in the owner thread and return its result (or raise its error).
-
-        Cancellation is deferred until the job is done: its effect is never lost.
-        """
-        if not self._thread.is_alive():
-            raise RuntimeError("kernel owner thread is not running")
-        return await _wait_for(lambda report: self._jobs.put((fn, args, report)))
-
-    async def stop(self) -> None:
-        """Finish the queued jobs and end the thread."""
-        if not self._thread.is_alive():
-            return
-        self._jobs.put(_STOP)
-        await _wait_for(
-            lambda report: threading.Thread(
-                target=lambda: report(outcome.capture(self._thread.join)), daemon=True
-            ).start()
-        )

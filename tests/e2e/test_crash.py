@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import ipaddress
 import json
+import os
 import random
 import signal
 import threading
@@ -195,3 +196,58 @@ def test_sigterm_during_churn_answers_or_refuses_cleanly() -> None:
         finally:
             for ns in namespaces:
                 sh("ip", "netns", "del", ns, check=False)
+
+
+def _worker_of(host: Host) -> int:
+    """The pid of agentd's kernel worker (its only child)."""
+    assert host.proc is not None
+    pid = host.proc.pid
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        (child,) = (int(x) for x in f.read().split())
+    with open(f"/proc/{child}/cmdline", "rb") as f:
+        assert b"agent.kernel.worker" in f.read()
+    return child
+
+
+def _gone(pid: int, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(") ", 1)[1].startswith("Z"):
+                    return True  # a zombie: dead, its parent not reaped yet
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_the_kernel_worker_dies_with_agentd() -> None:
+    """kill -9 of agentd takes its kernel worker along: no job of the old agentd can run
+    against the next one's adoption."""
+    with running_host() as host:
+        worker = _worker_of(host)
+        host.stop(signal.SIGKILL)
+        assert _gone(worker)
+        host.start()  # and the next agentd has its own
+        assert _worker_of(host) != worker
+
+
+def test_agentd_stops_when_its_kernel_worker_dies_and_a_restart_converges() -> None:
+    with running_host() as host:
+        c = unique("wk-")
+        try:
+            host.ctl("run", c)
+            (ep,) = json.loads(host.ctl("ps", "--json").stdout)
+            os.kill(_worker_of(host), signal.SIGKILL)
+            assert host.proc is not None
+            assert host.proc.wait(10) != 0  # no kernel, no service: agentd stops
+            host.proc = None
+            assert "kernel.worker.exited" in host.log()
+            host.start()
+            (again,) = json.loads(host.ctl("ps", "--json").stdout)
+            assert again["ip"] == ep["ip"] and again["netns"] == ep["netns"]
+            assert ping(c, ep["ip"].rsplit(".", 1)[0] + ".1")
+            check_invariants(host)
+        finally:
+            host.ctl("rm", c, check=False)
