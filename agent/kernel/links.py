@@ -16,10 +16,9 @@ Theory of operation (DESIGN sections 3-4):
   namespace ids (`__peernet2id`, one id per container namespace), and changes to a down link
   send none, so an attach makes five. A disconnect only retires a veth (`retire`); `reap`, in
   a second thread with its own socket, deletes every retired link at once (see
-  `agent.reaper`). The in-namespace steps use a socket the owner thread opens there once the
-  peer exists, stepping into the namespace for the `socket()` call only (and, for an
-  IPv4-only endpoint, to disable IPv6 on its interface, as Docker does: `netns.socket_visiting`);
-  the create's echo names the peer's ifindex, so they are one datagram.
+  `agent.reaper`). The in-namespace steps use a socket the owner thread opens there, stepping
+  into the namespace for the `socket()` call only (`netns.socket_visiting`); the create's echo
+  names the peer's ifindex, so they are one datagram.
 - Namespace ids count down: the kernel finds the id of a veth peer's namespace (for every
   notification about the host end) by scanning the host's ids in ascending order, one per
   container namespace, and gives a new namespace the lowest free one, so an attach among
@@ -40,7 +39,6 @@ import socket
 import struct
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import msgspec
@@ -342,18 +340,24 @@ class Kernel:
         when the peer's ifindex is known (the creation's echo), else a lookup first. The
         messages go in order in one datagram, so the address exists before the route.
 
+        An IPv4-only endpoint's interface generates no IPv6 address (no `fe80::`, so no
+        DAD/RS/MLD traffic), as with Docker, which writes `disable_ipv6=1` instead: a netlink
+        message here, where a write to the namespace's /proc/sys/net made every later /proc/sys
+        lookup walk one cached dentry per namespace visited (17 ms an attach among 10,000).
+
         False if the namespace has IPv6 disabled (`disable_ipv6=1`, which its new `eth0`
         inherits: adding the IPv6 address fails with EACCES): the endpoint is then IPv4-only,
         as Docker does it, and the IPv6 route (which fails for want of the address) is skipped.
         """
         where = {"ifname": ep.ifname, "netns": ep.netns_path}
-        steps = [(rtnl.set_up(rtnl.LOOPBACK_IFINDEX), "set lo up")]
-        if index:
-            steps.append((rtnl.set_up(index), f"set {ep.ifname} up"))
-        else:
-            found, up = ns.transact([rtnl.get_link(ep.ifname), rtnl.set_up(name=ep.ifname)])
+        if not index:
+            found = ns.transact([rtnl.get_link(ep.ifname)])[0]
             index = rtnl.Link(_step(found, f"find {ep.ifname}", where)[0]).index
-            _step(up, f"set {ep.ifname} up", where)
+        steps = [(rtnl.set_up(rtnl.LOOPBACK_IFINDEX), "set lo up")]
+        quiet = len(steps) if ep.address6 is None else -1  # its EAFNOSUPPORT: no IPv6 at all
+        if ep.address6 is None:
+            steps.append((rtnl.set_no_ipv6_addresses(index), f"keep {ep.ifname} IPv4-only"))
+        steps.append((rtnl.set_up(index), f"set {ep.ifname} up"))
         steps.append((rtnl.new_addr(index, ep.address), f"add {ep.address} to {ep.ifname}"))
         if ep.gateway is not None:
             steps.append((rtnl.new_default_route(ep.gateway), f"route via {ep.gateway}"))
@@ -368,24 +372,25 @@ class Kernel:
             added6 = results[first6]
             ipv6 = not (isinstance(added6, NetlinkError) and added6.errno == errno.EACCES)
         for k, ((_, what), result) in enumerate(zip(steps, results, strict=True)):
-            if ipv6 or k < first6:
+            no_ipv6 = isinstance(result, NetlinkError) and result.errno == errno.EAFNOSUPPORT
+            if (ipv6 or k < first6) and not (k == quiet and no_ipv6):
                 _step(result, what, where)
         return ipv6
 
     def _attach(self, ep: _Endpoint) -> bool:
         fd = netns.open_netns(ep.netns_path)
         try:
-            return self._create_and_configure(ep, fd)
+            ns = rtnl.RtSocket(netns.socket_visiting(fd, self._home))
+            try:
+                return self._create_and_configure(ep, fd, ns)
+            finally:
+                ns.close()
         finally:
             os.close(fd)
 
-    def _create_and_configure(self, ep: _Endpoint, fd: int) -> bool:
+    def _create_and_configure(self, ep: _Endpoint, fd: int, ns: rtnl.RtSocket) -> bool:
         """Create the veth and configure both ends; a failure after the create deletes it.
-        False if the namespace has IPv6 disabled (see `_configure_inside`).
-
-        The socket for the namespace is opened once the peer exists there: the same visit
-        disables IPv6 on an IPv4-only endpoint's interface, as Docker does, before it is up.
-        """
+        False if the namespace has IPv6 disabled (see `_configure_inside`)."""
         master, peer = self._create_veth(ep, fd)
         try:
             assert self._rt is not None
@@ -397,12 +402,7 @@ class Kernel:
             alias = self._rt.transact([rtnl.set_alias(ep.host_ifname, ep.alias, hairpin=True)])
             _step(alias[0], f"set the alias of {ep.host_ifname}", where)
             _disable_ipv6(ep.host_ifname)
-            inside = None if ep.address6 is not None else partial(_disable_ipv6, ep.ifname)
-            ns = rtnl.RtSocket(netns.socket_visiting(fd, self._home, inside=inside))
-            try:
-                ipv6 = self._configure_inside(ep, ns, peer)
-            finally:
-                ns.close()
+            ipv6 = self._configure_inside(ep, ns, peer)
             up, bridge_up = self._rt.transact(
                 [rtnl.set_up(name=ep.host_ifname), rtnl.set_up(master)]
             )
@@ -667,8 +667,6 @@ def _disable_ipv6(ifname: str) -> None:
     link-local address and routes, sends DAD/MLD/RS packets when it comes up, and every link
     going up or down walks the whole IPv6 routing table: with 10,000 endpoints on 1,000
     networks, an attach took ~35x longer than with one (measured; 1.1-1.4x without them).
-    Also called inside a container's namespace (`socket_visiting`) for the interface of an
-    IPv4-only endpoint, as Docker does: no IPv6 there, nor the kernel's DAD/MLD work for it.
     Nothing to do when IPv6 is off in the kernel or the MTU is below IPv6's minimum (no entry).
     Best effort: a failure (read-only /proc/sys) costs only speed, so it is logged, once.
     """

@@ -135,6 +135,18 @@ def set_up(index: int = 0, name: str | None = None) -> Request:
     return RTM_NEWLINK, NLM_F_ACK, body
 
 
+IFLA_AF_SPEC, IFLA_INET6_ADDR_GEN_MODE, IN6_ADDR_GEN_MODE_NONE = 26, 8, 1
+
+
+def set_no_ipv6_addresses(index: int) -> Request:
+    """No IPv6 address generation on link `index` (IN6_ADDR_GEN_MODE_NONE), sent while it is
+    down: without a link-local address it sends no DAD, router or MLD solicitation.
+    EAFNOSUPPORT when the link has no IPv6 (none in the kernel, or an MTU below 1280)."""
+    mode = attr(IFLA_INET6_ADDR_GEN_MODE, bytes([IN6_ADDR_GEN_MODE_NONE]))
+    body = ifinfo(index) + attr(IFLA_AF_SPEC, attr(socket.AF_INET6, mode))
+    return RTM_NEWLINK, NLM_F_ACK, body
+
+
 def set_master_up(name: str, master: int) -> Request:
     """Enslave link `name` to the bridge with ifindex `master` and set it up."""
     body = ifinfo(up=True) + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_MASTER, master)

@@ -298,8 +298,9 @@ def test_a_namespace_with_ipv6_disabled_gets_ipv4_only() -> None:
 
 
 def test_an_ipv4_only_endpoint_has_no_ipv6_and_a_dual_stack_one_keeps_it() -> None:
-    """As Docker (26+): IPv6 is disabled on a container's interface to an IPv4-only network (no
-    link-local address, no DAD/MLD traffic); its interface to a dual-stack network keeps it."""
+    """As with Docker (26+), a container's interface to an IPv4-only network has no IPv6 (no
+    link-local address, no DAD/MLD traffic: no address generation, where Docker disables IPv6);
+    its interface to a dual-stack network keeps it."""
 
     def sysctl(ns: str, key: str) -> str:
         return sh("ip", "netns", "exec", ns, "sysctl", "-n", key).stdout.strip()
@@ -310,8 +311,8 @@ def test_an_ipv4_only_endpoint_has_no_ipv6_and_a_dual_stack_one_keeps_it() -> No
             host.ctl("network", "create", "--ipv6", "dual")
             host.ctl("run", "--network", "bridge", c)
             host.ctl("network", "connect", "dual", c)
-            assert sysctl(c, "net.ipv6.conf.eth0.disable_ipv6") == "1"
-            assert sysctl(c, "net.ipv6.conf.eth1.disable_ipv6") == "0"
+            assert sysctl(c, "net.ipv6.conf.eth0.addr_gen_mode") == "1"  # none
+            assert sysctl(c, "net.ipv6.conf.eth1.addr_gen_mode") == "0"
             v6 = {link["ifname"]: link["addr_info"] for link in json.loads(
                 sh("ip", "-6", "-n", c, "-j", "addr", "show").stdout)}  # fmt: skip
             assert not v6.get("eth0")

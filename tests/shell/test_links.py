@@ -325,10 +325,10 @@ async def test_ports_and_ipv4_only_bridges_carry_no_ipv6(kernel, scratch):
     assert ipv6_disabled(host) and ipv6_disabled(bridge) and not ipv6_disabled(dual)
     for name in (host, bridge):  # no link-local address, so no per-port IPv6 routes
         assert not any(link["addr_info"] for link in ip_json("-6", "addr", "show", "dev", name))
-    # nor does the container's interface of an IPv4-only endpoint, as with Docker
+    # nor does the container's interface of an IPv4-only endpoint (no address generated)
     eth0_v6 = ip_json("-6", "addr", "show", "dev", "eth0", ns=ns)
     assert not any(link.get("addr_info") for link in eth0_v6)
-    assert ns_sysctl(ns, "net.ipv6.conf.eth0.disable_ipv6") == "1"
+    assert ns_sysctl(ns, "net.ipv6.conf.eth0.addr_gen_mode") == "1"  # none
     # a dual-stack endpoint's interface keeps it: its address and its link-local one
     ns6 = scratch.ip_netns()
     six = endpoint(dual, scratch.name("tve"), 4, ns6, address="172.19.0.4/16",
@@ -337,7 +337,7 @@ async def test_ports_and_ipv4_only_bridges_carry_no_ipv6(kernel, scratch):
     [eth0] = ip_json("-6", "addr", "show", "dev", "eth0", ns=ns6)
     assert {a["local"] for a in eth0["addr_info"]} >= {"fd00:1::4"}
     assert any(a["local"].startswith("fe80:") for a in eth0["addr_info"])
-    assert ns_sysctl(ns6, "net.ipv6.conf.eth0.disable_ipv6") == "0"
+    assert ns_sysctl(ns6, "net.ipv6.conf.eth0.addr_gen_mode") == "0"  # eui64
     # and the port still forwards: a second endpoint is reachable through the bridge
     other = scratch.ip_netns()
     await kernel.attach(**endpoint(bridge, scratch.name("tve"), 3, other))
@@ -501,3 +501,14 @@ async def test_measure_attach_existing_namespace(kernel, scratch):
         f"\nattach existing netns x100: p50 {statistics.median(samples) * 1e3:.2f} ms, "
         f"p90 {samples[89] * 1e3:.2f} ms, min {samples[0] * 1e3:.2f} ms"
     )
+
+
+async def test_an_mtu_below_ipv6s_minimum_attaches_ipv4_only(kernel, scratch):
+    """Below 1280 bytes a link has no IPv6 at all: asking it for no IPv6 addresses fails
+    (EAFNOSUPPORT), which is no reason to refuse the endpoint."""
+    bridge = await make_bridge(kernel, scratch)
+    ns = scratch.ip_netns()
+    spec = endpoint(bridge, scratch.name("tve"), 2, ns, mtu=1200)
+    await kernel.attach(**spec)
+    assert link("eth0", ns)["mtu"] == 1200
+    assert_attached(ns, spec, bridge)

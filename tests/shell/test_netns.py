@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import subprocess
@@ -174,29 +173,3 @@ async def test_socket_visiting_exits_the_process_if_it_cannot_come_back():
     assert done.returncode == 70
     assert "went on" not in done.stdout
     assert "cannot return to its own network namespace" in done.stderr
-
-
-@pytest.mark.kernel
-async def test_socket_visiting_runs_inside_there_and_an_error_inside_comes_home():
-    """`inside` runs in the namespace (a /proc/sys/net path is that namespace's); if it raises,
-    the error reaches the caller with the thread back home."""
-    path = await netns.create_named("tn-inside")
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    before, seen = _here(), []
-    fd = netns.open_netns(path)
-    try:
-        sock = netns.socket_visiting(fd, home, inside=lambda: seen.append(_here()))
-        sock.close()
-        assert seen == [f"net:[{os.stat(path).st_ino}]"] and seen != [before]
-        assert _here() == before
-
-        def fails() -> None:
-            raise OSError(errno.EROFS, "read-only")
-
-        with pytest.raises(OSError, match="read-only"):
-            netns.socket_visiting(fd, home, inside=fails)
-        assert _here() == before
-    finally:
-        os.close(fd)
-        os.close(home)
-        await netns.delete_named("tn-inside")
