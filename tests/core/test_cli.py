@@ -616,6 +616,7 @@ def test_import_graph_is_stdlib_and_pure_modules(sockdir: str) -> None:
         assert {m for m in modules if m.split(".")[0] == "agent"} <= allowed_agent
         # msgspec and the protocol's Structs cost ~14 ms: params travel as dicts (see below)
         assert "msgspec" not in modules
+        assert "typing" not in modules  # ~4 ms: errors.py imports it for type checkers only
     assert "agent.api.client" not in after_import  # loaded lazily: --help skips it
     assert "agent.api.client" in after_run
 
