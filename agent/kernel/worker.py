@@ -76,7 +76,8 @@ def serve(sock: socket.socket, target: Any) -> None:
         try:
             data = pickle.dumps((ident, ok, value))
         except Exception as exc:  # an unpicklable result or error: say what it was
-            data = pickle.dumps((ident, False, KernelError(f"{type(value).__name__}: {exc}")))
+            what = f"{type(value).__name__}: {value} (not picklable: {exc})"
+            data = pickle.dumps((ident, False, KernelError(what)))
         with write_lock:
             sock.sendall(_LEN.pack(len(data)) + data)
 
@@ -270,13 +271,14 @@ async def start(log_level: str = "info", log_format: str = "json") -> WorkerConn
 
     Spawned by the calling (Trio) thread itself, not by `trio.lowlevel.open_process`, which
     forks from a cached worker thread: PR_SET_PDEATHSIG fires when the *thread* that forked
-    exits, and trio's idle threads exit after 10 s.
+    exits, and trio's idle threads exit after 10 s. `-P`: the current directory stays off the
+    module path.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         process = subprocess.Popen(
-            [sys.executable, "-m", "agent.kernel.worker", str(theirs.fileno()), str(os.getpid()),
-             "--log-level", log_level, "--log-format", log_format],
+            [sys.executable, "-P", "-m", "agent.kernel.worker", str(theirs.fileno()),
+             str(os.getpid()), "--log-level", log_level, "--log-format", log_format],
             pass_fds=(theirs.fileno(),),
         )  # fmt: skip
     except BaseException:

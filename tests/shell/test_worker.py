@@ -59,3 +59,12 @@ async def test_a_dead_worker_fails_the_calls_and_ends_the_block():
     assert any(isinstance(e, KernelError) and "exited (status -9)" in e.message for e in errors), (
         errors
     )
+
+
+async def test_the_worker_does_not_import_from_the_current_directory(tmp_path, monkeypatch):
+    """An `agent` package in agentd's working directory is not what the worker runs (-P)."""
+    (tmp_path / "agent").mkdir()
+    (tmp_path / "agent" / "__init__.py").write_text("raise SystemExit('imported from cwd')\n")
+    monkeypatch.chdir(tmp_path)
+    async with open_kernel() as kernel:
+        assert isinstance(await kernel.host_routes(), list)
