@@ -354,8 +354,9 @@ class Kernel:
             found = ns.transact([rtnl.get_link(ep.ifname)])[0]
             index = rtnl.Link(_step(found, f"find {ep.ifname}", where)[0]).index
         steps = [(rtnl.set_up(rtnl.LOOPBACK_IFINDEX), "set lo up")]
-        quiet = len(steps) if ep.address6 is None else -1  # its EAFNOSUPPORT: no IPv6 at all
+        quiet = -1  # the step whose EAFNOSUPPORT only means the link has no IPv6 at all
         if ep.address6 is None:
+            quiet = len(steps)
             steps.append((rtnl.set_no_ipv6_addresses(index), f"keep {ep.ifname} IPv4-only"))
         steps.append((rtnl.set_up(index), f"set {ep.ifname} up"))
         steps.append((rtnl.new_addr(index, ep.address), f"add {ep.address} to {ep.ifname}"))
@@ -730,17 +731,14 @@ async def open_kernel(log_level: str = "info", log_format: str = "json") -> Asyn
     """
     conn = await worker.start(log_level, log_format)
     kernel = Kernel(conn.lane("owner"), conn.lane("reaper"))
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(conn.serve)
-            try:
-                await kernel._call(kernel._open)
-                await kernel._reaper.call(kernel._open_reaper)
-                yield kernel
-            finally:
-                with trio.CancelScope(shield=True), contextlib.suppress(KernelError):
-                    await kernel._reaper.call(kernel._close_reaper)
-                    await kernel._call(kernel._close)
-                await conn.stop()
-    finally:
-        await conn.stop()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.serve)
+        try:
+            await kernel._call(kernel._open)
+            await kernel._reaper.call(kernel._open_reaper)
+            yield kernel
+        finally:
+            with trio.CancelScope(shield=True), contextlib.suppress(KernelError):
+                await kernel._reaper.call(kernel._close_reaper)
+                await kernel._call(kernel._close)
+            await conn.stop()  # ends `serve`, and with it the nursery
