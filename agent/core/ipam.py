@@ -447,7 +447,7 @@ def validate_mac(text: str) -> str:
         InvalidArgument: malformed, multicast (lowest bit of the first octet) or all zeros.
     """
     text = text.strip()
-    if not _MAC_RE.match(text):
+    if not _MAC_RE.fullmatch(text):
         raise InvalidArgument(
             f"invalid MAC address {text!r}: expected six hex octets like 02:42:ac:11:00:02",
             mac=text,

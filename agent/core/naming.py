@@ -80,13 +80,14 @@ def parse_alias(alias: str | None) -> tuple[str, str] | None:
     if not alias or not alias.startswith(ALIAS_PREFIX):
         return None
     kind, _, ident = alias[len(ALIAS_PREFIX) :].partition(":")
-    if kind not in ("net", "ep") or not _HEX_ID.match(ident):
+    if kind not in ("net", "ep") or not _HEX_ID.fullmatch(ident):
         return None
     return kind, ident
 
 
 def validate_network_name(name: str) -> str:
-    if not _NETWORK_NAME.match(name):
+    """`name` if it is a valid network name (Docker's rule; fullmatch: no trailing newline)."""
+    if not _NETWORK_NAME.fullmatch(name):
         raise InvalidArgument(
             f"invalid network name {name!r}: use 1-64 of [A-Za-z0-9_.-], starting alphanumeric",
             field="name",
@@ -94,18 +95,19 @@ def validate_network_name(name: str) -> str:
     return name
 
 
-def validate_ifname(name: str) -> str:
-    if not _IFNAME.match(name) or name in (".", ".."):
+def validate_ifname(name: str, field: str = "ifname") -> str:
+    """`name` if the kernel accepts it as an interface name; `field` names it in the error."""
+    if not _IFNAME.fullmatch(name) or name in (".", ".."):
         raise InvalidArgument(
             f"invalid interface name {name!r}: at most {IFNAMSIZ} characters of [A-Za-z0-9_.:-]",
-            field="bridge",
+            field=field,
         )
     return name
 
 
 def validate_netns_name(name: str) -> str:
     """A name for /run/netns/NAME (a file name, no slashes)."""
-    if not _NETNS_NAME.match(name):
+    if not _NETNS_NAME.fullmatch(name):
         raise InvalidArgument(
             f"invalid namespace name {name!r}: use [A-Za-z0-9_.-], starting alphanumeric",
             field="name",

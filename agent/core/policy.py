@@ -1,0 +1,140 @@
+"""Firewall policy: what the rules must achieve, as values, whatever the backend (pure).
+
+Theory of operation. The service decides *what* the firewall enforces; a backend
+(`agent.firewall`, chosen by `agentd --firewall`) decides *how* (iptables chains, nftables
+verdict maps). `build` turns the topology's networks and the endpoints that publish ports into
+one `Policy` per address family:
+
+- isolation: traffic between two agent bridges is dropped; a network's own traffic is allowed
+  (ICC) or dropped (`icc=False`); an internal network sends nothing off its bridge;
+- masquerade: traffic from a network's subnet leaving by another interface is masqueraded
+  (unless the network is internal or has `masquerade=False`);
+- forwards (published ports): traffic to HOST_IP:HOST_PORT/PROTOCOL on the host is DNATed to
+  an endpoint's ADDRESS:PORT, from outside, from the host itself and from the same network
+  (hairpin); only DNATed flows are accepted into the bridge.
+
+The IPv6 policy holds the dual-stack networks only, with their IPv6 subnet and the endpoints'
+IPv6 addresses. A mapping bound to an IPv4 host address exists for IPv4 only, one bound to an
+IPv6 host address for IPv6 only, one without a host address for both. Ports of internal
+networks (refused by the service) and of networks not given are left out.
+
+Deterministic: networks sorted by id, each network's forwards by endpoint address then
+mapping, so that equal topologies give equal policies and rendering is stable.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Iterable, Mapping
+
+import msgspec
+
+from agent.core.model import Endpoint, Network, PortMapping
+
+FAMILIES = (4, 6)
+
+
+class NetworkPolicy(msgspec.Struct, frozen=True, gc=False):
+    """What the firewall enforces for one network in one family."""
+
+    id: str
+    bridge: str
+    subnet: str  # canonical CIDR of this family
+    internal: bool
+    icc: bool
+    masquerade: bool
+
+
+class Forward(msgspec.Struct, frozen=True, gc=False):
+    """A published port: HOST_IP:HOST_PORT/PROTOCOL is DNATed to ADDRESS:PORT.
+
+    `host_ip` is "" for every local address of the family.
+    """
+
+    protocol: str
+    host_port: int
+    port: int
+    address: str
+    host_ip: str = ""
+
+
+class FamilyPolicy(msgspec.Struct, frozen=True):
+    """The policy of one address family (4: iptables/ip, 6: ip6tables/ip6)."""
+
+    family: int
+    networks: tuple[NetworkPolicy, ...] = ()
+    #: network id -> its forwards, in rendering order (endpoint address, then mapping)
+    forwards: Mapping[str, tuple[Forward, ...]] = msgspec.field(default_factory=dict)
+
+
+class Policy(msgspec.Struct, frozen=True):
+    """Both families' policies."""
+
+    v4: FamilyPolicy = msgspec.field(default_factory=lambda: FamilyPolicy(4))
+    v6: FamilyPolicy = msgspec.field(default_factory=lambda: FamilyPolicy(6))
+
+    def family(self, family: int) -> FamilyPolicy:
+        return self.v4 if family == 4 else self.v6
+
+    @property
+    def needs_ipv6(self) -> bool:
+        """Whether any network is dual stack (an IPv4-only backend must refuse it)."""
+        return bool(self.v6.networks)
+
+
+EMPTY = Policy()
+
+
+@functools.lru_cache(maxsize=8192)
+def network_policy(
+    ident: str, bridge: str, subnet: str, internal: bool, icc: bool, masquerade: bool
+) -> NetworkPolicy:
+    """One network's policy, memoised: a sync rebuilds every network's, most unchanged."""
+    return NetworkPolicy(ident, bridge, subnet, internal, icc, masquerade)
+
+
+def mapped_for(m: PortMapping, family: int) -> bool:
+    """Whether mapping `m` exists in `family` (its host address decides, if it has one)."""
+    return not m.host_ip or (":" in m.host_ip) == (family == 6)
+
+
+def _forwards(endpoints: Iterable[Endpoint], family: int) -> dict[str, tuple[Forward, ...]]:
+    found: dict[str, list[tuple[int, tuple[PortMapping, ...], str]]] = {}
+    for ep in endpoints:
+        ip = ep.ip if family == 4 else ep.ip6
+        mappings = tuple(sorted(m for m in ep.ports if mapped_for(m, family)))
+        if ip and mappings:
+            found.setdefault(ep.network_id, []).append(
+                (int(ipaddress.ip_address(ip)), mappings, ip)
+            )
+    return {
+        net: tuple(
+            Forward(m.protocol, m.host_port, m.container_port, ip, m.host_ip)
+            for _, mappings, ip in sorted(eps, key=lambda e: e[0])
+            for m in mappings
+        )
+        for net, eps in found.items()
+    }
+
+
+def _family(networks: list[Network], endpoints: list[Endpoint], family: int) -> FamilyPolicy:
+    nets = []
+    for n in networks:
+        subnet = n.subnet if family == 4 else n.subnet6
+        if family == 6 and not (n.ipv6 and subnet):
+            continue
+        assert subnet is not None
+        nets.append(network_policy(n.id, n.bridge, subnet, n.internal, n.icc, n.masquerade))
+    usable = {n.id for n in nets if not n.internal}
+    forwards = {
+        k: v for k, v in _forwards(endpoints, family).items() if k in usable
+    }  # fmt: skip
+    return FamilyPolicy(family, tuple(nets), forwards)
+
+
+def build(networks: Iterable[Network], endpoints: Iterable[Endpoint] = ()) -> Policy:
+    """The policy of `networks` and of the ports `endpoints` publish (see the module header)."""
+    nets = sorted(networks, key=lambda n: n.id)
+    eps = [e for e in endpoints if e.ports]
+    return Policy(_family(nets, eps, 4), _family(nets, eps, 6))
