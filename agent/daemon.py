@@ -1,5 +1,6 @@
 """agentd: process wiring. Owns the root nursery and starts, in order: store, kernel,
-adoption, firewall, default network, API server; each reports started only when consistent.
+adoption, firewall (the backend `--firewall` names), default network, reconciler, API server;
+each reports started only when consistent.
 
 SIGTERM/SIGINT stop it cleanly: the server stops accepting, the request being applied finishes
 (kernel and firewall steps are shielded), the store closes last. Networks, endpoints and rules
@@ -17,20 +18,20 @@ from functools import partial
 
 import trio
 
-from agent import __version__, accel
-from agent.adopt import adopt
-from agent.api import protocol as p
-from agent.api.server import Handler, InFlight, Stream, serve_api
-from agent.core import ipam, naming
+from agent import __version__, accel, firewall
+from agent.core import naming, plan, pools
 from agent.core.topology import Topology
-from agent.firewall.dual import DualFirewall
 from agent.firewall.monitor import serve_nft_changes
+from agent.frontends.jsonrpc import handlers
+from agent.frontends.jsonrpc import protocol as p
+from agent.frontends.jsonrpc.server import InFlight, serve_api
 from agent.kernel import netns
+from agent.kernel.client import open_kernel
 from agent.kernel.events import serve_link_events
-from agent.kernel.links import open_kernel
 from agent.log import configure, get_logger
-from agent.reconcile import Reconciler
 from agent.service import Service
+from agent.service.adopt import adopt
+from agent.service.reconcile import Reconciler
 from agent.store.sqlite import open_store
 
 log = get_logger("agent.daemon")
@@ -44,7 +45,7 @@ EVENT_QUEUE = 65536
 
 
 class Namespaces:
-    """`NamespaceOps` over `agent.kernel.netns`."""
+    """`agent.kernel.base.Namespaces` over `agent.kernel.netns`."""
 
     resolve = staticmethod(netns.resolve)
     netns_key = staticmethod(netns.netns_key)
@@ -52,64 +53,10 @@ class Namespaces:
     delete_named = staticmethod(netns.delete_named)
 
 
-def build_handlers(
-    svc: Service, reconciler: Reconciler, args: argparse.Namespace, started: float
-) -> dict[str, Handler]:
-    """Method name -> coroutine taking the typed params (see `protocol.METHODS`)."""
-
-    async def info(_: p.Params) -> p.Info:
-        return p.Info(
-            version=__version__,
-            pid=os.getpid(),
-            socket=args.socket,
-            state_dir=args.state_dir,
-            networks=len(svc.topo.networks),
-            endpoints=len(svc.topo.endpoints),
-            accelerated=accel.ACCELERATED,
-            firewall="iptables",
-            uptime_s=round(time.monotonic() - started, 3),
-            pending_deletions=svc.reaper.backlog,
-        )
-
-    async def ruleset(_: p.Params) -> p.Ruleset:
-        return p.Ruleset(text=svc.firewall.text(), rules=svc.firewall.rule_count())
-
-    async def reconcile(_: p.Params) -> p.ReconcileReport:
-        return p.ReconcileReport(repaired=await reconciler.reconcile())
-
-    async def events(params: p.EventFilter) -> Stream:
-        return Stream(p.Subscribed(), "event", svc.bus.subscribe(params.types))
-
-    def sync(fn):  # read-only handlers answer from memory
-        async def handler(params: p.Params):
-            return fn(params)
-
-        return handler
-
-    return {
-        "system.info": info,
-        "system.ruleset": ruleset,
-        "system.reconcile": reconcile,
-        "events.subscribe": events,
-        "network.create": svc.create_network,
-        "network.list": sync(svc.list_networks),
-        "network.inspect": sync(svc.inspect_network),
-        "network.remove": svc.remove_network,
-        "network.prune": svc.prune_networks,
-        "endpoint.connect": svc.connect,
-        "endpoint.disconnect": svc.disconnect,
-        "endpoint.list": sync(svc.list_endpoints),
-        "sandbox.run": svc.run,
-        "sandbox.remove": svc.remove_sandbox,
-        "port.publish": svc.publish,
-        "port.unpublish": svc.unpublish,
-    }
-
-
 async def run_daemon(args: argparse.Namespace) -> None:
     """Start everything in order, serve until SIGTERM/SIGINT, then stop in reverse order."""
     started = time.monotonic()
-    pools = tuple(ipam.parse_pool(x) for x in args.pool) if args.pool else ipam.DEFAULT_POOLS
+    chosen = tuple(pools.parse_pool(x) for x in args.pool) if args.pool else pools.DEFAULT_POOLS
     with (
         open_store(args.state_dir) as store,
         trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
@@ -143,28 +90,27 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 state=state, topo=topo, kernel=kernel, owned_links=owned, ns=ns, store=store
             )
             phases["adopt"] = time.monotonic() - started
-            firewall = DualFirewall.default()
-            await firewall.setup(list(topo.networks.values()), list(topo.endpoints.values()))
-            await nursery.start(firewall.serve)
-            phases["firewall"] = time.monotonic() - started
+            fw = firewall.create(args.firewall)
             svc = Service(
-                topo=topo, kernel=kernel, firewall=firewall, namespaces=ns, store=store,
-                pools=pools,
+                topo=topo, kernel=kernel, firewall=fw, namespaces=ns, store=store, pools=chosen
             )  # fmt: skip
+            await fw.setup(svc.shared.policy())
+            await nursery.start(fw.serve)
+            phases["firewall"] = time.monotonic() - started
             await nursery.start(svc.reaper.serve)
             if not any(n.is_default for n in topo.networks.values()):
-                await svc.create_network(
-                    p.NetworkCreate(name=naming.DEFAULT_NETWORK), is_default=True
+                await svc.networks.create(
+                    plan.NetworkSpec(name=naming.DEFAULT_NETWORK, is_default=True)
                 )
-            reconciler = Reconciler(svc, firewall)
+            reconciler = Reconciler(svc)
             if live:  # else (manual) only `agentctl reconcile` repairs
                 await nursery.start(reconciler.serve_link_events, link_events)
                 await nursery.start(reconciler.serve_firewall_events, nft_events)
                 await nursery.start(reconciler.serve_firewall_repair)
-            handlers = build_handlers(svc, reconciler, args, started)
+            table = handlers.build(svc, reconciler, partial(_info, svc, args, started))
             inflight = InFlight()
             serve = partial(
-                serve_api, handlers, args.socket, group=args.socket_group, inflight=inflight
+                serve_api, table, args.socket, group=args.socket_group, inflight=inflight
             )
             await nursery.start(serve)
             log.info(
@@ -188,6 +134,21 @@ async def run_daemon(args: argparse.Namespace) -> None:
     log.info("agentd.stopped")
 
 
+def _info(svc: Service, args: argparse.Namespace, started: float) -> p.Info:
+    return p.Info(
+        version=__version__,
+        pid=os.getpid(),
+        socket=args.socket,
+        state_dir=args.state_dir,
+        networks=len(svc.topo.networks),
+        endpoints=len(svc.topo.endpoints),
+        accelerated=accel.ACCELERATED,
+        firewall=svc.shared.firewall.name,
+        uptime_s=round(time.monotonic() - started, 3),
+        pending_deletions=svc.reaper.backlog,
+    )
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="agentd", description="netagent daemon")
     ap.add_argument("--socket", default=os.environ.get("NETAGENT_SOCKET", DEFAULT_SOCKET))
@@ -200,6 +161,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="CIDR[:SIZE]",
         help="address pool, e.g. 10.200.0.0/16:24 (repeatable; default: Docker's)",
     )
+    ap.add_argument(
+        "--firewall", choices=firewall.BACKENDS, default=firewall.BACKENDS[0],
+        help="firewall backend (default: %(default)s)",
+    )  # fmt: skip
     ap.add_argument(
         "--repair", choices=("live", "manual"), default="live",
         help="live: repair links and rules as soon as the kernel reports a change (default); "

@@ -33,7 +33,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from agent.api.client import Client  # noqa: E402
+from agent.frontends.jsonrpc.client import Client  # noqa: E402
 
 ISOLATED_ENV = "NETAGENT_BENCH_ISOLATED"
 VENV_BIN = ROOT / ".venv" / "bin"
@@ -262,13 +262,13 @@ def rss_mb(pid: int) -> float:
 
 
 def connect_params(network: str, netns: str) -> Any:
-    from agent.api import protocol as p
+    from agent.frontends.jsonrpc import protocol as p
 
     return p.EndpointConnect(network=network, netns=netns)
 
 
 def disconnect_params(network: str, netns: str) -> Any:
-    from agent.api import protocol as p
+    from agent.frontends.jsonrpc import protocol as p
 
     return p.EndpointDisconnect(network=network, netns=netns)
 

@@ -253,7 +253,7 @@ def build(names: list[str], workdir: Path, keep: list[Any]) -> tuple[list[Conten
         try:
             if name == "netagent":
                 agentd.start()
-                from agent.api import protocol as p
+                from agent.frontends.jsonrpc import protocol as p
 
                 agentd.client().call("network.create", p.NetworkCreate(name="bench"))
                 out.append(Contender(name, NetagentApi(agentd), None))

@@ -108,7 +108,7 @@ def run_contender(name: str, args: Any, workdir: Path, keep: list[Any]) -> dict[
         agentd = c.Agentd(host, "--pool", "10.200.0.0/16:24", workdir=workdir)
         keep.append(agentd)
         agentd.start()
-        from agent.api import protocol as p
+        from agent.frontends.jsonrpc import protocol as p
 
         agentd.client().call("network.create", p.NetworkCreate(name="bench"))
         NetagentApi(agentd).attach(*keeper)

@@ -27,7 +27,7 @@ from typing import Any
 
 import _common as c
 
-from agent.api import protocol as p
+from agent.frontends.jsonrpc import protocol as p
 
 BYTECODE_ENV = ("PYTHONDONTWRITEBYTECODE", "PYTHONPYCACHEPREFIX", "PYTHONPATH")
 

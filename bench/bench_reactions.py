@@ -45,7 +45,7 @@ from typing import Any
 
 import _common as c
 
-from agent.api import protocol as p
+from agent.frontends.jsonrpc import protocol as p
 from agent.core import nlevents
 from agent.firewall.monitor import NETLINK_NETFILTER, NFNLGRP_NFTABLES, NftDecoder
 from agent.kernel.events import open_netlink

@@ -35,7 +35,7 @@ import _common as c
 from _common import NsWorker
 from bench_attach import Floor
 
-from agent.api import protocol as p
+from agent.frontends.jsonrpc import protocol as p
 
 
 def timed(client: Any, method: str, params: Any) -> float:

@@ -1,7 +1,8 @@
 """Errors by meaning, each with a stable `code` and `kind` for the wire and for exit codes.
 
-`agent.api.server` is the only place that turns these into JSON-RPC errors; `agentctl` maps
-`kind` to its exit code. Shells raise them `from` the low-level exception they translate.
+`agent.frontends.jsonrpc.server` is the only place that turns these into JSON-RPC errors;
+`agentctl` maps `kind` to its exit code. Shells raise them `from` the low-level exception they
+translate.
 """
 
 from __future__ import annotations

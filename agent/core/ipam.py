@@ -1,15 +1,9 @@
-"""Address management: subnet pools, subnet choice, per-network address allocators, MACs.
+"""Addresses of a network: the user's subnet checked, the address allocator, MACs (pure).
 
 Theory of operation, following Docker 20.10's default IPAM (observed live, see
-reference/golden/docker_ipam_observations.txt):
+reference/golden/docker_ipam_observations.txt); pools and subnet choice are in
+`agent.core.pools`, IPv6 specifics in `agent.core.ipam6`:
 
-- **Pools** are base networks split into equal subnets. The defaults are Docker's: 172.17.0.0/16
-  to 172.31.0.0/16 whole, then 192.168.0.0/16 as sixteen /20s.
-- **Subnet choice** walks the candidates in pool order, starting just after the last subnet
-  allocated (round robin, wrapping), and takes the first one that overlaps neither an existing
-  network nor a host route. Existing networks and routes are merged into sorted integer
-  intervals; a candidate that overlaps one jumps straight past it, so a /8 split into /24s with
-  thousands of networks costs a few bisections, not 65,536 comparisons.
 - **Addresses** of a network are indexed by their offset in the subnet, in a range allocator
   over a bitmap (`agent.core.bitmap.RangeAllocator` or its Cython twin in `_fast.bitmap`) that
   also keeps the cursor and the counters, so a dynamic allocation is a single call. Network,
@@ -18,192 +12,62 @@ reference/golden/docker_ipam_observations.txt):
   after the last dynamic allocation, so a just-released address is not reused at once (as
   Docker's serial allocation does). Static requests may take any free host address of the
   subnet and do not move the cursor.
+- Both families' allocators offer the `Allocator` protocol, so the service handles an
+  endpoint's IPv4 and IPv6 addresses alike.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import re
-from bisect import bisect_right
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from ipaddress import IPv4Address, IPv4Network
+from typing import Protocol
 
 from agent.core.bitmap import CLAIMED, FIXED, RangeAllocator
 from agent.core.errors import Conflict, InvalidArgument, NotFound, PoolExhausted
-
-IPNetwork = IPv4Network | IPv6Network
-IPAddress = IPv4Address | IPv6Address
-
-#: Longest prefix a bridge network may have: a /30 still holds gateway plus one endpoint.
-MAX_PREFIX_V4 = 30
-
-
-@dataclass(frozen=True)
-class Pool:
-    """A base network split into subnets of prefix length `size` (the candidates, in order)."""
-
-    base: IPv4Network
-    size: int
-
-    def __post_init__(self) -> None:
-        if not self.base.prefixlen <= self.size <= self.base.max_prefixlen:
-            raise InvalidArgument(
-                f"pool {self.base} cannot be split into /{self.size} subnets",
-                pool=str(self.base),
-                size=self.size,
-            )
-
-    @property
-    def step(self) -> int:
-        """Number of addresses in one candidate subnet."""
-        return 1 << (self.base.max_prefixlen - self.size)
-
-    @property
-    def count(self) -> int:
-        """Number of candidate subnets."""
-        return 1 << (self.size - self.base.prefixlen)
-
-    def candidate(self, k: int) -> IPv4Network:
-        """The `k`-th candidate subnet of the pool."""
-        start = int(self.base.network_address) + k * self.step
-        return type(self.base)((start, self.size))
-
-    def __str__(self) -> str:
-        return f"{self.base}:{self.size}"
-
-
-def _parse_network(text: str, what: str) -> IPNetwork:
-    """Parse a CIDR strictly; host bits set or garbage -> InvalidArgument with a hint."""
-    text = text.strip()
-    try:
-        return ipaddress.ip_network(text, strict=True)
-    except ValueError as exc:
-        try:
-            loose = ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise InvalidArgument(
-                f"invalid {what} {text!r}: expected a CIDR such as 10.1.0.0/24", value=text
-            ) from exc
-        raise InvalidArgument(
-            f"invalid {what} {text}: host bits are set; did you mean {loose}?",
-            value=text,
-            hint=str(loose),
-        ) from exc
-
-
-def parse_pool(text: str) -> Pool:
-    """Parse `"10.200.0.0/16:24"` (base split into /24s) or `"10.200.0.0/16"` (one subnet)."""
-    base_text, sep, size_text = text.strip().partition(":")
-    base = _parse_network(base_text, "pool")
-    if not isinstance(base, IPv4Network):
-        raise InvalidArgument(f"pool {text}: only IPv4 pools are supported", value=text)
-    if sep and not size_text.isdigit():
-        raise InvalidArgument(
-            f"invalid pool {text!r}: the subnet size after ':' must be a prefix length",
-            value=text,
-        )
-    size = int(size_text) if sep else base.prefixlen
-    if size > MAX_PREFIX_V4:
-        raise InvalidArgument(
-            f"invalid pool {text}: /{size} subnets are too small (at most /{MAX_PREFIX_V4})",
-            value=text,
-        )
-    return Pool(base, size)
-
-
-DEFAULT_POOLS: tuple[Pool, ...] = (
-    *(Pool(IPv4Network(f"172.{n}.0.0/16"), 16) for n in range(17, 32)),
-    Pool(IPv4Network("192.168.0.0/16"), 20),
+from agent.core.pools import (  # re-exported: the IPv4 pools are part of this module's API
+    DEFAULT_POOLS,
+    MAX_PREFIX_V4,
+    IPAddress,
+    IPNetwork,
+    Pool,
+    choose_subnet,
+    parse_network,
+    parse_pool,
 )
 
-
-class _Intervals:
-    """Sorted, merged, inclusive integer intervals of one IP version, for overlap tests."""
-
-    def __init__(self, networks: Iterable[IPNetwork], version: int) -> None:
-        spans = sorted(
-            (int(n.network_address), int(n.broadcast_address))
-            for n in networks
-            if n.version == version
-        )
-        self.starts: list[int] = []
-        self.ends: list[int] = []
-        for lo, hi in spans:
-            if self.ends and lo <= self.ends[-1] + 1:
-                self.ends[-1] = max(self.ends[-1], hi)
-            else:
-                self.starts.append(lo)
-                self.ends.append(hi)
-
-    def overlap_end(self, lo: int, hi: int) -> int | None:
-        """End of an interval overlapping [lo, hi], or None when nothing overlaps."""
-        i = bisect_right(self.starts, hi) - 1
-        if i >= 0 and self.ends[i] >= lo:
-            return self.ends[i]
-        return None
+__all__ = [
+    "DEFAULT_POOLS",
+    "AddressAllocator",
+    "Allocator",
+    "Pool",
+    "choose_subnet",
+    "mac_for",
+    "parse_pool",
+    "plan_subnet",
+    "validate_mac",
+]
 
 
-def _first_free(pool: Pool, k: int, stop: int, taken: _Intervals) -> int | None:
-    """First candidate index in [k, stop) of `pool` overlapping nothing in `taken`."""
-    base = int(pool.base.network_address)
-    step = pool.step
-    while k < stop:
-        lo = base + k * step
-        end = taken.overlap_end(lo, lo + step - 1)
-        if end is None:
-            return k
-        k = (end - base) // step + 1  # jump past the whole overlapping interval
-    return None
+class Allocator(Protocol):
+    """The addresses of one network, one family (`AddressAllocator`, `AddressAllocator6`)."""
 
+    @property
+    def subnet(self) -> IPNetwork: ...
 
-def _start_after(pools: Sequence[Pool], after: IPNetwork | None) -> tuple[int, int]:
-    """(pool index, candidate index) just after `after`; (0, 0) if no pool holds it."""
-    if after is None:
-        return 0, 0
-    for p, pool in enumerate(pools):
-        if after.version == pool.base.version and pool.base.overlaps(after):
-            last = int(after.broadcast_address) - int(pool.base.network_address)
-            return p, min(pool.count, max(0, last // pool.step + 1))
-    return 0, 0
+    @property
+    def cursor(self) -> int: ...
 
+    def set_cursor(self, value: int) -> None: ...
 
-def choose_subnet(
-    pools: Sequence[Pool],
-    used: Sequence[IPNetwork],
-    avoid: Sequence[IPNetwork],
-    after: IPNetwork | None = None,
-) -> IPv4Network:
-    """Pick the next free subnet, Docker style.
+    def allocate(self, requested: IPAddress | None = None) -> IPAddress: ...
 
-    Args:
-        pools: candidate pools, in order.
-        used: subnets of existing networks.
-        avoid: host routes (the caller leaves default routes out).
-        after: the last subnet allocated; the search starts just after it and wraps.
+    def reserve(self, addr: IPAddress) -> None: ...
 
-    Raises:
-        PoolExhausted: every candidate overlaps a network or a route.
-    """
-    if not pools:
-        raise PoolExhausted("no address pools are configured")
-    by_version: dict[int, _Intervals] = {}
-    p0, k0 = _start_after(pools, after)
-    order = [(p, k0 if p == p0 else 0, None) for p in range(p0, len(pools))]
-    order += [(p, 0, k0 if p == p0 else None) for p in range(p0 + 1)]
-    for p, start, stop in order:
-        pool = pools[p]
-        version = pool.base.version
-        if version not in by_version:
-            by_version[version] = _Intervals([*used, *avoid], version)
-        found = _first_free(pool, start, pool.count if stop is None else stop, by_version[version])
-        if found is not None:
-            return pool.candidate(found)
-    raise PoolExhausted(
-        f"could not find an available, non-overlapping subnet in the {len(pools)} address "
-        "pool(s): every candidate overlaps an existing network or a host route",
-        pools=[str(p) for p in pools],
-    )
+    def release(self, addr: IPAddress) -> None: ...
+
+    def is_allocated(self, addr: IPAddress) -> bool: ...
 
 
 def _parse_address(text: str, what: str) -> IPAddress:
@@ -260,7 +124,7 @@ def plan_subnet(
             )
         net = choose_subnet(pools, used, avoid, after)
         return net, net.network_address + 1, None
-    net = _check_subnet(_parse_network(subnet, "subnet"), used)
+    net = _check_subnet(parse_network(subnet, "subnet"), used)
     if gateway is None:
         gw = net.network_address + 1
     else:
@@ -277,7 +141,7 @@ def plan_subnet(
         gw = IPv4Address(int(gw_any))
     rng: IPv4Network | None = None
     if ip_range is not None:
-        rng_any = _parse_network(ip_range, "ip range")
+        rng_any = parse_network(ip_range, "ip range")
         if rng_any.version != net.version or not rng_any.subnet_of(net):  # type: ignore[arg-type]
             raise InvalidArgument(
                 f"ip range {rng_any} is not inside the subnet {net}", ip_range=str(rng_any)

@@ -23,6 +23,7 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv6Address, IPv6Network
 
 from agent.core.errors import Conflict, InvalidArgument, NotFound, PoolExhausted
+from agent.core.pools import Pool, choose_subnet
 
 #: Longest IPv6 prefix a network may have; /120 = 256 addresses.
 MAX_PREFIX_V6 = 120
@@ -68,26 +69,15 @@ def parse_subnet6(text: str) -> IPv6Network:
 
 
 def choose_subnet6(base: IPv6Network, used: Iterable[IPv6Network]) -> IPv6Network:
-    """The first /64 of `base` overlapping nothing in `used`.
+    """The first /64 of `base` overlapping nothing in `used` (`pools.choose_subnet` over a
+    one-pool list).
 
     Raises:
         PoolExhausted: every /64 of `base` overlaps a network.
     """
-    step = 1 << (128 - ULA_SUBNET_PREFIX)
-    start = int(base.network_address)
-    end = int(base.broadcast_address)
-    spans = sorted(
-        (int(n.network_address), int(n.broadcast_address)) for n in used if n.overlaps(base)
-    )
-    lo = start
-    for s, e in spans:
-        if lo + step - 1 < s:
-            break
-        if e >= lo:
-            lo = (e - start) // step * step + start + step
-    if lo + step - 1 > end:
-        raise PoolExhausted(f"no free /{ULA_SUBNET_PREFIX} left in {base}", pool=str(base))
-    return IPv6Network((lo, ULA_SUBNET_PREFIX))
+    found = choose_subnet([Pool(base, ULA_SUBNET_PREFIX)], list(used), [])
+    assert isinstance(found, IPv6Network)
+    return found
 
 
 def plan_subnet6(

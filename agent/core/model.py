@@ -44,13 +44,15 @@ class PortMapping(msgspec.Struct, frozen=True, kw_only=True, order=True):
 
 
 class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
-    """A namespace attached to a network through a veth pair."""
+    """A namespace attached to a network through a veth pair, or an endpoint reserved for
+    one (Docker's CreateEndpoint before Join): addresses and MAC taken, `netns` still "".
+    """
 
     id: str  # 64 hex characters
     network_id: str
-    netns: str  # the path the client named (/run/netns/NAME or /proc/PID/ns/net ...)
-    netns_key: str  # "dev:inode" of the namespace: identifies it whatever the path
-    ifname: str  # name inside the namespace (eth0, eth1, ...)
+    netns: str  # the path the client named (/run/netns/NAME or /proc/PID/ns/net ...); "" reserved
+    netns_key: str  # "dev:inode" of the namespace: identifies it whatever the path; "" reserved
+    ifname: str  # name inside the namespace (eth0, eth1, ...); "" reserved without a name
     host_ifname: str  # host end of the veth pair, enslaved to the bridge
     ip: str
     mac: str
@@ -58,6 +60,12 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
     default_route: bool = False  # this endpoint holds the namespace's default route
     ports: tuple[PortMapping, ...] = ()  # published ports, sorted
     ip6: str | None = None  # IPv6 address (dual-stack networks only)
+    attachment: str = ""  # an engine's key for it (CNI: CONTAINERID/IFNAME), unique if set
+
+    @property
+    def joined(self) -> bool:
+        """Whether it is attached to a namespace (not only reserved)."""
+        return bool(self.netns_key)
 
 
 class Sandbox(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,8 +1,9 @@
 """The in-memory topology: networks, endpoints, sandboxes, one address allocator per network.
 
 Pure (no I/O). Every lookup the request path needs is a dict access: endpoints are indexed by
-network, by namespace and by host veth name, networks by name and by bridge, so that a request
-costs the same with 10,000 endpoints as with one.
+network, by namespace (joined ones), by host veth name and by an engine's attachment key,
+networks by name and by bridge, so that a request costs the same with 10,000 endpoints as with
+one.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Topology:
         self._of_network: dict[str, dict[str, Endpoint]] = {}
         self._in_netns: dict[str, dict[str, Endpoint]] = {}
         self._by_veth: dict[str, str] = {}
+        self._by_attachment: dict[str, str] = {}
         self._with_ports: dict[str, Endpoint] = {}
 
     # -- networks ---------------------------------------------------------------------------
@@ -93,26 +95,65 @@ class Topology:
     # -- endpoints --------------------------------------------------------------------------
 
     def add_endpoint(self, ep: Endpoint) -> None:
-        """Add `ep`, or replace the endpoint with the same id (its ports changed)."""
+        """Add `ep`, or replace the endpoint with the same id (its ports changed, it joined)."""
+        old = self.endpoints.get(ep.id)
+        if old is not None and old.netns_key != ep.netns_key:
+            self._unindex_netns(old)
         self.endpoints[ep.id] = ep
         self._of_network[ep.network_id][ep.id] = ep
-        self._in_netns.setdefault(ep.netns_key, {})[ep.id] = ep
+        if ep.netns_key:
+            self._in_netns.setdefault(ep.netns_key, {})[ep.id] = ep
         self._by_veth[ep.host_ifname] = ep.id
+        if ep.attachment:
+            self._by_attachment[ep.attachment] = ep.id
         if ep.ports:
             self._with_ports[ep.id] = ep
         else:
             self._with_ports.pop(ep.id, None)
 
+    def _unindex_netns(self, ep: Endpoint) -> None:
+        in_ns = self._in_netns.get(ep.netns_key)
+        if in_ns is not None:
+            in_ns.pop(ep.id, None)
+            if not in_ns:
+                del self._in_netns[ep.netns_key]
+
     def remove_endpoint(self, endpoint_id: str) -> Endpoint:
         ep = self.endpoints.pop(endpoint_id)
         del self._of_network[ep.network_id][ep.id]
-        in_ns = self._in_netns[ep.netns_key]
-        del in_ns[ep.id]
-        if not in_ns:
-            del self._in_netns[ep.netns_key]
+        self._unindex_netns(ep)
         del self._by_veth[ep.host_ifname]
+        if ep.attachment:
+            self._by_attachment.pop(ep.attachment, None)
         self._with_ports.pop(ep.id, None)
         return ep
+
+    def find_endpoint(self, ref: str) -> Endpoint:
+        """By attachment key, full id, or unique id prefix (of at least 12 characters)."""
+        ep_id = self._by_attachment.get(ref) or (ref if ref in self.endpoints else None)
+        if ep_id is not None:
+            return self.endpoints[ep_id]
+        if len(ref) >= 12:
+            matches = [e for e in self.endpoints.values() if e.id.startswith(ref)]
+            if len(matches) == 1:
+                return matches[0]
+            if len(matches) > 1:
+                raise InvalidArgument(f"endpoint id prefix {ref!r} is ambiguous", endpoint=ref)
+        raise NotFound(f"endpoint {ref!r} not found", endpoint=ref)
+
+    def endpoint_of_attachment(self, key: str) -> Endpoint | None:
+        ep_id = self._by_attachment.get(key)
+        return None if ep_id is None else self.endpoints[ep_id]
+
+    def release_addresses(self, network_id: str, ip: str | None, ip6: str | None = None) -> None:
+        """Give an endpoint's addresses back, if its network still exists (a forced rm may
+        have gone first) and they are still taken."""
+        alloc = self.allocators.get(network_id)
+        if ip and alloc is not None and alloc.is_allocated(ipaddress.IPv4Address(ip)):
+            alloc.release(ipaddress.IPv4Address(ip))
+        alloc6 = self.allocators6.get(network_id)
+        if ip6 and alloc6 is not None and alloc6.is_allocated(ipaddress.IPv6Address(ip6)):
+            alloc6.release(ipaddress.IPv6Address(ip6))
 
     def endpoints_of(self, network_id: str) -> list[Endpoint]:
         return list(self._of_network.get(network_id, {}).values())

@@ -21,15 +21,48 @@ import msgspec
 
 from agent.core.model import Endpoint, Network, Sandbox
 
-_SCHEMA = """
+#: Schema version (PRAGMA user_version). 1: endpoints may be reserved (netns_key ""), so the
+#: one-endpoint-per-namespace-and-network rule holds for joined endpoints only.
+SCHEMA_VERSION = 1
+_ENDPOINTS = (
+    "CREATE TABLE IF NOT EXISTS endpoints (id TEXT PRIMARY KEY, network_id TEXT NOT NULL, "
+    "netns_key TEXT NOT NULL, body BLOB NOT NULL)",
+    "CREATE UNIQUE INDEX IF NOT EXISTS endpoints_joined ON endpoints (network_id, netns_key) "
+    "WHERE netns_key != ''",
+)
+_SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS networks (
     id TEXT PRIMARY KEY, name TEXT UNIQUE NOT NULL, body BLOB NOT NULL);
-CREATE TABLE IF NOT EXISTS endpoints (
-    id TEXT PRIMARY KEY, network_id TEXT NOT NULL, netns_key TEXT NOT NULL, body BLOB NOT NULL,
-    UNIQUE (network_id, netns_key));
+{";".join(_ENDPOINTS)};
 CREATE TABLE IF NOT EXISTS sandboxes (name TEXT PRIMARY KEY, body BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
+
+
+def _migrate(conn: sqlite3.Connection) -> None:
+    """Bring an older database to `SCHEMA_VERSION`, in one transaction.
+
+    0 -> 1: the endpoints table had UNIQUE (network_id, netns_key), which two reserved
+    endpoints of one network would break; the table is rebuilt with a partial unique index.
+    """
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version >= SCHEMA_VERSION:
+        return
+    with conn:
+        old = conn.execute(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'endpoints'"
+        ).fetchone()
+        if old is not None and "UNIQUE" in old[0]:
+            conn.execute("ALTER TABLE endpoints RENAME TO endpoints_v0")
+            for statement in _ENDPOINTS:  # not executescript: that would commit first
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO endpoints (id, network_id, netns_key, body) "
+                "SELECT id, network_id, netns_key, body FROM endpoints_v0"
+            )
+            conn.execute("DROP TABLE endpoints_v0")
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
 
 _encode = msgspec.json.Encoder().encode
 
@@ -125,6 +158,7 @@ def open_store(state_dir: str | Path) -> Iterator[Store]:
     conn.isolation_level = "DEFERRED"  # `with conn:` then commits or rolls back
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
+    _migrate(conn)
     conn.executescript(_SCHEMA)
     store = Store(conn)
     try:

@@ -25,10 +25,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from agent import cli
-from agent.api import client as client_mod
-from agent.api import protocol
-from agent.api.client import Client, DaemonUnavailable, RemoteProtocolError
+from agent.frontends import cli
+from agent.frontends.jsonrpc import client as client_mod
+from agent.frontends.jsonrpc import protocol
+from agent.frontends.jsonrpc.client import Client, DaemonUnavailable, RemoteProtocolError
 from agent.core.errors import AgentError, Busy, NotFound
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -152,8 +152,8 @@ def run(daemon: FakeDaemon, capsys: pytest.CaptureFixture[str]) -> Run:
 
 
 def _create_defaults(**fields: Any) -> dict[str, Any]:
-    base = {"subnet": None, "gateway": None, "ip_range": None, "internal": False, "icc": True}
-    base |= {"masquerade": True, "mtu": None, "bridge": None, "labels": {}, "aux_addresses": {}}
+    base = {"subnet": None, "gateway": None, "ip_range": None, "internal": False}
+    base |= {"labels": {}, "aux_addresses": {}, "options": {}}
     base |= {"ipv6": False, "subnet6": None, "gateway6": None}
     return base | fields
 
@@ -179,15 +179,17 @@ def test_network_create_all_options(daemon: FakeDaemon, run: Run) -> None:
                 "gateway": "10.5.0.254",
                 "ip_range": "10.5.1.0/24",
                 "internal": True,
-                "icc": False,
-                "masquerade": False,
-                "mtu": 1400,
-                "bridge": "br-custom",
                 "labels": {"tier": "web", "team": ""},
                 "aux_addresses": {"gw2": "10.5.0.9"},
                 "ipv6": False,
                 "subnet6": None,
                 "gateway6": None,
+                "options": {
+                    "icc": "false",
+                    "ip-masquerade": "False",
+                    "bridge": "br-custom",
+                    "mtu": "1400",
+                },
             },
         )
     ]
@@ -203,8 +205,8 @@ def test_network_create_minimal_and_docker_option_names(daemon: FakeDaemon, run:
     )
     assert daemon.params("network.create") == [
         _create_defaults(name="n1"),
-        _create_defaults(name="n2", mtu=9000),
-        _create_defaults(name="n3", mtu=9000, icc=False),
+        _create_defaults(name="n2", options={"mtu": "9000"}),
+        _create_defaults(name="n3", options={long_icc.split("=")[0]: "false", "mtu": "9000"}),
     ]
 
 
@@ -252,10 +254,10 @@ def test_connect_disconnect_params(daemon: FakeDaemon, run: Run) -> None:
     assert daemon.requests == [
         ("endpoint.connect",
          {"network": "frontend", "netns": "web1", "ip": "172.18.0.9", "mac": "02:00:00:00:00:09",
-          "ports": [], "ip6": None}),
+          "ports": [], "ip6": None, "ifname": None, "attachment": ""}),
         ("endpoint.connect",
          {"network": "frontend", "netns": "/proc/42/ns/net", "ip": None, "mac": None,
-          "ports": [], "ip6": None}),
+          "ports": [], "ip6": None, "ifname": None, "attachment": ""}),
         ("endpoint.disconnect", {"network": "frontend", "netns": "web1", "force": True}),
         ("endpoint.disconnect", {"network": "frontend", "netns": "web1", "force": False}),
     ]  # fmt: skip
@@ -597,9 +599,9 @@ def _clean_env(tmp: str) -> dict[str, str]:
 def test_import_graph_is_stdlib_and_pure_modules(sockdir: str) -> None:
     script = (
         "import sys, json\n"
-        "import agent.cli\n"
+        "import agent.frontends.cli\n"
         "after_import = sorted(sys.modules)\n"
-        "agent.cli.main(['--socket', sys.argv[1], 'network', 'ls'])\n"
+        "agent.frontends.cli.main(['--socket', sys.argv[1], 'network', 'ls'])\n"
         "print(json.dumps([after_import, sorted(sys.modules)]))\n"
     )
     proc = subprocess.run(
@@ -608,8 +610,10 @@ def test_import_graph_is_stdlib_and_pure_modules(sockdir: str) -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     after_import, after_run = json.loads(proc.stdout)
-    allowed_agent = {"agent", "agent.cli", "agent.api", "agent.api.client", "agent.core",
-                     "agent.core.errors"}  # fmt: skip
+    allowed_agent = {"agent", "agent.frontends", "agent.frontends.cli",
+                     "agent.frontends.cli.commands", "agent.frontends.cli.output",
+                     "agent.frontends.jsonrpc", "agent.frontends.jsonrpc.client", "agent.core",
+                     "agent.core.errors", "agent.core.options"}  # fmt: skip
     for modules in (after_import, after_run):
         top = {m.split(".")[0] for m in modules}
         assert not top & {"trio", "pyroute2", "structlog", "sqlite3", "_sqlite3", "outcome"}
@@ -617,8 +621,8 @@ def test_import_graph_is_stdlib_and_pure_modules(sockdir: str) -> None:
         # msgspec and the protocol's Structs cost ~14 ms: params travel as dicts (see below)
         assert "msgspec" not in modules
         assert "typing" not in modules  # ~4 ms: errors.py imports it for type checkers only
-    assert "agent.api.client" not in after_import  # loaded lazily: --help skips it
-    assert "agent.api.client" in after_run
+    assert "agent.frontends.jsonrpc.client" not in after_import  # lazily: --help skips it
+    assert "agent.frontends.jsonrpc.client" in after_run
 
 
 @pytest.mark.parametrize("method", sorted(protocol.METHODS))
@@ -651,8 +655,10 @@ def test_client_params_refuse_unknown_and_missing_fields() -> None:
 
 
 def test_client_encodes_structs_and_dicts_alike() -> None:
-    struct = protocol.NetworkCreate(name="n", labels={"a": "é"}, mtu=1400)
-    as_dict = client_mod.params("network.create", name="n", labels={"a": "é"}, mtu=1400)
+    struct = protocol.NetworkCreate(name="n", labels={"a": "é"}, options={"mtu": "1400"})
+    as_dict = client_mod.params(
+        "network.create", name="n", labels={"a": "é"}, options={"mtu": "1400"}
+    )
     line = client_mod.encode_request("network.create", struct, 7)
     assert line == client_mod.encode_request("network.create", as_dict, 7)
     assert line == protocol.encode_request("network.create", struct, 7)  # byte for byte
@@ -682,7 +688,7 @@ def test_malformed_responses_are_protocol_errors(line: bytes) -> None:
 
 def test_startup_time(daemon: FakeDaemon, sockdir: str) -> None:
     daemon.replies["system.info"] = {"version": "0.1.0", "pid": 1}
-    script = "import sys; from agent.cli import main; sys.exit(main())"
+    script = "import sys; from agent.frontends.cli import main; sys.exit(main())"
     cmd = [sys.executable, "-c", script, "--socket", daemon.server_address, "info"]
     env = _clean_env(sockdir)
     base_cmd = [sys.executable, "-c", "pass"]

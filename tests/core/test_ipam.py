@@ -16,6 +16,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 from agent.core import bitmap as pure_bitmap
 from agent.core import ipam
+from agent.core import pools as pools_mod
 from agent.core.errors import Conflict, InvalidArgument, NotFound, PoolExhausted
 from agent.core.ipam import (
     DEFAULT_POOLS,
@@ -169,14 +170,14 @@ def test_used_smaller_and_larger_than_candidates() -> None:
 def test_slash8_split_24_with_5000_used_jumps_past_used_runs(monkeypatch) -> None:
     """Cost is counted in overlap look-ups (not timed): a used run is jumped over at once."""
     lookups = 0
-    real = ipam._Intervals.overlap_end
+    real = pools_mod.Intervals.overlap_end
 
     def counting(self, lo, hi):
         nonlocal lookups
         lookups += 1
         return real(self, lo, hi)
 
-    monkeypatch.setattr(ipam._Intervals, "overlap_end", counting)
+    monkeypatch.setattr(pools_mod.Intervals, "overlap_end", counting)
     pools = [parse_pool("10.0.0.0/8:24")]
     used = [N((0x0A000000 + k * 256, 24)) for k in range(5000)]
     scattered = [N((0x0A000000 + k * 256, 24)) for k in range(6000, 65536, 13)][:5000]

@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from agent.api.client import Client
+from agent.frontends.jsonrpc.client import Client
 
 VENV_BIN = Path(sys.executable).parent
 

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from agent.api.client import Client
+from agent.frontends.jsonrpc.client import Client
 from agent.core.errors import AgentError
 from tests.e2e.harness import Host, netns_names, ping, running_host, sh, unique
 
@@ -89,7 +89,7 @@ def _collect(into: dict, *args) -> None:
 
 
 def _params(kind: str, **kw):
-    from agent.api import protocol
+    from agent.frontends.jsonrpc import protocol
 
     return getattr(protocol, kind)(**kw)
 

@@ -5,10 +5,10 @@ Theory of operation. Two event streams feed this module:
   namespace that is deleted takes its veth end with it, and the kernel then deletes the host
   end too: its RTM_DELLINK is how a vanished namespace is noticed (no polling).
 - nftables notifications (`agent.firewall.monitor`): every iptables change here (nft backend)
-  ends with a NEWGEN message naming the process. Changes by the agent's own iptables-restore
-  (known pids) are ignored; any other change to the ip filter/nat tables triggers one drift check
-  (`IptablesFirewall.repair`: one iptables-save, compare, converge), after a short debounce so
-  that a burst of foreign commands costs one check.
+  ends with a NEWGEN message naming the process. The firewall backend tells which ones may
+  have changed its rules and are not its own (`Firewall.foreign`); each of those triggers one
+  drift check (`Firewall.repair`), after a short debounce so that a burst of foreign commands
+  costs one check.
 
 Every reaction takes the service's topology lock exclusively and re-checks under it: an event
 caused by the agent's own request (a disconnect deletes a veth) finds nothing left to do.
@@ -18,32 +18,33 @@ agent's links with the topology.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import Any
 
 import trio
 
 from agent.core import naming
+from agent.core.attach import bridge_of, gateway_cidr
 from agent.core.errors import AgentError
-from agent.core.model import Network
+from agent.core.model import Endpoint
+from agent.firewall.base import Firewall
+from agent.kernel.base import LinkInfo
 from agent.log import get_logger
-from agent.service import Service, gateway6_cidr
+from agent.service import Service
 
-log = get_logger("agent.reconcile")
+log = get_logger("agent.service.reconcile")
 
-NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
-WATCHED_TABLES = {
-    (family, table) for family in (NFPROTO_IPV4, NFPROTO_IPV6) for table in ("filter", "nat")
-}
 DEBOUNCE = 0.05  # seconds: a burst of foreign iptables commands costs one drift check
 
 
 class Reconciler:
     """Repairs what others changed in the agent's links, addresses and rules."""
 
-    def __init__(self, svc: Service, firewall: Any) -> None:
+    def __init__(self, svc: Service) -> None:
         self.svc = svc
-        self.firewall = firewall
+        self.topo = svc.shared.topo
+        self.kernel = svc.shared.kernel
+        self.firewall: Firewall = svc.shared.firewall
+        self.lock = svc.shared.lock
         self._firewall_dirty = trio.Event()
 
     # -- links ------------------------------------------------------------------------------
@@ -70,67 +71,69 @@ class Reconciler:
         elif kind == "AddrEvent":
             await self._on_addr(event)
 
-    def _network_of_bridge(self, name: str) -> Network | None:
-        return self.svc.topo.network_of_bridge(name)
+    async def release_vanished(self, host_ifname: str) -> Endpoint | None:
+        """Release the endpoint whose veth is gone, and forget its sandbox if that namespace
+        is gone too; None when it is not (or no longer) an endpoint of ours."""
+        async with self.lock:
+            return await self._release_vanished(host_ifname)
 
-    def _endpoint_of_veth(self, name: str):
-        return self.svc.topo.endpoint_of_veth(name)
+    async def _release_vanished(self, host_ifname: str) -> Endpoint | None:
+        ep = await self.svc.endpoints.release_vanished(host_ifname)
+        if ep is not None and ep.sandbox:
+            await self.svc.sandboxes.forget_if_gone(ep.sandbox)
+        return ep
 
     async def _on_link(self, ev: Any) -> None:
         if ev.group == naming.DYING_GROUP:  # retired by the agent itself, deleted by its reaper
             return
+        topo = self.topo
         if ev.action == "del":
-            if self._endpoint_of_veth(ev.name) is not None:
-                ep = await self.svc.release_vanished(ev.name)
+            if topo.endpoint_of_veth(ev.name) is not None:
+                ep = await self.release_vanished(ev.name)
                 if ep is not None:
                     log.info("repair.endpoint.released", endpoint_id=ep.id, ip=ep.ip)
-            elif (net := self._network_of_bridge(ev.name)) is not None:
+            elif (net := topo.network_of_bridge(ev.name)) is not None:
                 await self.repair_network(net.id, why="bridge deleted")
             return
         if ev.up:
             return
         # A "down" event may be stale (a new bridge is down until its first endpoint joins):
         # act only if the link is down now, checked under the lock.
-        if (net := self._network_of_bridge(ev.name)) is not None:
-            async with self.svc.lock:
-                state = await self.svc.kernel.link_state(net.bridge)
-                if state is not None and not state[0] and self.svc.topo.endpoints_of(net.id):
+        if (net := topo.network_of_bridge(ev.name)) is not None:
+            async with self.lock:
+                state = await self.kernel.link_state(net.bridge)
+                if state is not None and not state[0] and topo.endpoints_of(net.id):
                     await self._repair_network(net.id, why="bridge was set down")
-        elif (ep := self._endpoint_of_veth(ev.name)) is not None:
+        elif (ep := topo.endpoint_of_veth(ev.name)) is not None:
             if not ev.alias:  # being attached: born down, its alias set (silently) just before up
                 return
-            async with self.svc.lock:
-                state = await self.svc.kernel.link_state(ep.host_ifname)
-                if ep.id in self.svc.topo.endpoints and state is not None and not state[0]:
-                    net = self.svc.topo.networks[ep.network_id]
-                    await self.svc.kernel.enslave(ep.host_ifname, net.bridge)
+            async with self.lock:
+                state = await self.kernel.link_state(ep.host_ifname)
+                if ep.id in topo.endpoints and state is not None and not state[0]:
+                    net = topo.networks[ep.network_id]
+                    await self.kernel.enslave(ep.host_ifname, net.bridge)
                     self._repaired("endpoint", ep.id, f"veth {ep.host_ifname} was set down")
 
     async def _on_addr(self, ev: Any) -> None:
         if ev.action != "del" or ev.family not in (2, 10):
             return
-        for net in list(self.svc.topo.networks.values()):
+        for net in list(self.topo.networks.values()):
             if ev.address in (net.gateway, net.gateway6):
                 await self.repair_network(net.id, why=f"gateway {ev.address} removed")
 
     async def repair_network(self, network_id: str, *, why: str) -> list[str]:
         """Bridge back (address, up if it has endpoints), its endpoints' veths re-enslaved."""
-        async with self.svc.lock:
+        async with self.lock:
             return await self._repair_network(network_id, why=why)
 
     async def _repair_network(self, network_id: str, *, why: str) -> list[str]:
-        net = self.svc.topo.networks.get(network_id)
+        net = self.topo.networks.get(network_id)
         if net is None:
             return []
-        prefix = ipaddress.IPv4Network(net.subnet).prefixlen
-        kernel = self.svc.kernel
-        eps = self.svc.topo.endpoints_of(net.id)
+        kernel = self.kernel
+        eps = [e for e in self.topo.endpoints_of(net.id) if e.joined]
         with trio.CancelScope(shield=True):
-            await kernel.ensure_bridge(
-                name=net.bridge, alias=naming.bridge_alias(net.id),
-                address=f"{net.gateway}/{prefix}", mtu=net.mtu,
-                address6=gateway6_cidr(net),
-            )  # fmt: skip
+            await kernel.ensure_bridge(bridge_of(net))
             self.firewall.bridge_recreated(net.bridge)
             for ep in eps:  # deleting a bridge releases its ports; enslaving also sets it up
                 try:
@@ -145,19 +148,19 @@ class Reconciler:
         The dump and the decisions happen under the exclusive lock, so no request can add an
         endpoint between the dump and its check.
         """
-        async with self.svc.lock:
-            topo = self.svc.topo
-            links = {link.name: link for link in await self.svc.kernel.owned_links()}
+        async with self.lock:
+            topo = self.topo
+            links = {link.name: link for link in await self.kernel.owned_links()}
             repaired: list[str] = []
             for ep in list(topo.endpoints.values()):
-                if ep.host_ifname not in links:
-                    await self.svc._release_vanished(ep.host_ifname)
+                if ep.joined and ep.host_ifname not in links:
+                    await self._release_vanished(ep.host_ifname)
                     repaired.append(f"endpoint {ep.id[:12]} released ({ep.ip}): veth gone")
             for net in list(topo.networks.values()):
                 bridge = links.get(net.bridge)
-                eps = topo.endpoints_of(net.id)
-                gateway = f"{net.gateway}/{ipaddress.IPv4Network(net.subnet).prefixlen}"
-                gateway6 = gateway6_cidr(net)
+                eps = [e for e in topo.endpoints_of(net.id) if e.joined]
+                gateway = gateway_cidr(net)
+                gateway6 = gateway_cidr(net, 6)
                 if (
                     bridge is None
                     or gateway not in bridge.addresses
@@ -179,7 +182,7 @@ class Reconciler:
         async for change in receive:
             if type(change).__name__ == "Overflow":
                 self._firewall_dirty.set()
-            elif change.pid not in self.firewall.own_pids and change.tables & WATCHED_TABLES:
+            elif self.firewall.foreign(change):
                 log.info("firewall.drift.suspected", pid=change.pid, comm=change.comm)
                 self._firewall_dirty.set()
 
@@ -198,13 +201,10 @@ class Reconciler:
                 log.error("repair.firewall.failed", error=exc.message)
 
     async def repair_firewall(self) -> list[str]:
-        async with self.svc.lock:
+        async with self.lock:
             with trio.CancelScope(shield=True):
-                topo = self.svc.topo
-                problems = await self.firewall.repair(
-                    list(topo.networks.values()), list(topo.endpoints.values())
-                )
-        return [self._repaired("firewall", "iptables", p) for p in problems]
+                problems = await self.firewall.repair(self.svc.shared.policy())
+        return [self._repaired("firewall", self.firewall.name, p) for p in problems]
 
     async def reconcile(self) -> list[str]:
         """Everything at once (`agentctl reconcile`): links, then rules."""
@@ -212,9 +212,9 @@ class Reconciler:
 
     def _repaired(self, what: str, ident: str, detail: str) -> str:
         log.info("repair.complete", object=what, id=ident, detail=detail)
-        self.svc.bus.publish("repair", "repaired", ident, object=what, detail=detail)
+        self.svc.shared.bus.publish("repair", "repaired", ident, object=what, detail=detail)
         return detail
 
 
-def _is_port(link: Any, bridge: Any) -> bool:
+def _is_port(link: LinkInfo | None, bridge: LinkInfo) -> bool:
     return link is not None and link.master == bridge.index and link.up

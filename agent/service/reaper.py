@@ -22,11 +22,12 @@ carry the agent's alias and are deleted by adoption like any leftover.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import trio
 
+from agent.core.attach import Bridge
 from agent.core.errors import AgentError
+from agent.kernel.base import Kernel
 from agent.log import get_logger
 
 log = get_logger("agent.reaper")
@@ -37,11 +38,11 @@ RETRY_DELAY = 1.0  # seconds before retrying a failed batch delete
 class Reaper:
     """Deletes retired links in batches and then runs what waited for them."""
 
-    def __init__(self, kernel: Any, release: Callable[[str, str, str | None], None]) -> None:
+    def __init__(self, kernel: Kernel, release: Callable[[str, str, str | None], None]) -> None:
         self.kernel = kernel
         self._release = release  # (network id, address, IPv6 address) -> back to the pool
         self._addresses: list[tuple[str, str, str | None]] = []
-        self._bridges: list[tuple[str, str | None, str | None]] = []
+        self._bridges: list[Bridge] = []
         self._waiting: dict[str, trio.Event] = {}  # netns key or bridge name -> batch done
         self._in_flight: dict[str, trio.Event] = {}  # the same, for the batch being deleted
         self._wakeup = trio.Event()
@@ -49,14 +50,16 @@ class Reaper:
         self._idle.set()
 
     def retired_endpoint(self, network_id: str, ip: str, ip6: str | None, netns_key: str) -> None:
+        """A veth was retired: its addresses go back once it is deleted; a connect to its
+        namespace (key `ns:<netns key>`) waits for that."""
         self._addresses.append((network_id, ip, ip6))
-        self._mark(netns_key)
+        self._mark(f"ns:{netns_key}")
 
-    def retire_bridge(self, bridge: str, address: str | None, address6: str | None) -> None:
-        """Retire and delete `bridge` with the next batch (a user's bridge: only `address` and
-        `address6`, the gateways the agent added, are removed). Its key is `br:<name>`."""
-        self._bridges.append((bridge, address, address6))
-        self._mark(f"br:{bridge}")
+    def retire_bridge(self, bridge: Bridge) -> None:
+        """Retire and delete `bridge` with the next batch (a user's bridge: only its gateway
+        addresses, which the agent added, are removed). Its key is `br:<name>`."""
+        self._bridges.append(bridge)
+        self._mark(f"br:{bridge.name}")
 
     def _mark(self, key: str) -> None:
         self._waiting.setdefault(key, trio.Event())
@@ -96,9 +99,7 @@ class Reaper:
             if not self._waiting:
                 self._idle.set()
 
-    async def _delete_batch(
-        self, size: int, bridges: list[tuple[str, str | None, str | None]]
-    ) -> None:
+    async def _delete_batch(self, size: int, bridges: list[Bridge]) -> None:
         while True:
             start = trio.current_time()
             try:

@@ -10,7 +10,7 @@ error (negative code) or an unreadable response as `RemoteProtocolError`; a sock
 reached, a daemon that hangs up or does not answer in time as `DaemonUnavailable`.
 
 Import cost matters here (agentctl's whole budget is ~40 ms, of which the interpreter takes
-~25): stdlib `json` and `agent.core.errors` only. msgspec and `agent.api.protocol` cost ~14 ms
+~25): stdlib `json` and `agent.core.errors` only. msgspec and the protocol module cost ~14 ms
 to import (msgspec pulls in datetime, decimal, uuid, typing...), so params travel as plain
 dicts built by `params()` from `PARAMS`, a copy of the protocol's Structs that the tests check
 field by field against `protocol.METHODS` (the source of truth). msgspec Structs are still
@@ -37,7 +37,7 @@ SOCKET_ENV = "NETAGENT_SOCKET"
 REQUIRED = "<required>"  # a field without a default in PARAMS
 
 _NET = {"network": REQUIRED}
-# method -> {field: default}, mirroring `agent.api.protocol.METHODS` (checked by the tests).
+# method -> {field: default}, mirroring `protocol.METHODS` (checked by the tests).
 PARAMS: dict[str, dict[str, Any]] = {
     "system.info": {},
     "system.ruleset": {},
@@ -48,15 +48,12 @@ PARAMS: dict[str, dict[str, Any]] = {
         "gateway": None,
         "ip_range": None,
         "internal": False,
-        "icc": True,
-        "masquerade": True,
-        "mtu": None,
-        "bridge": None,
         "labels": {},
         "aux_addresses": {},
         "ipv6": False,
         "subnet6": None,
         "gateway6": None,
+        "options": {},
     },
     "network.list": {"labels": []},
     "network.inspect": _NET,
@@ -69,8 +66,20 @@ PARAMS: dict[str, dict[str, Any]] = {
         "mac": None,
         "ports": [],
         "ip6": None,
+        "ifname": None,
+        "attachment": "",
     },
+    "endpoint.reserve": {
+        **_NET,
+        "ip": None,
+        "mac": None,
+        "ports": [],
+        "ip6": None,
+        "attachment": "",
+    },
+    "endpoint.attach": {"endpoint": REQUIRED, "netns": REQUIRED, "ifname": None},
     "endpoint.disconnect": {**_NET, "netns": REQUIRED, "force": False},
+    "endpoint.remove": {"endpoint": REQUIRED, "force": False},
     "endpoint.list": {"network": None},
     "sandbox.run": {
         "name": REQUIRED,
@@ -239,7 +248,7 @@ class Client:
         """Send one request and return its decoded JSON result.
 
         Args:
-            method: a name of `agent.api.protocol.METHODS`.
+            method: a name of `agent.frontends.jsonrpc.protocol.METHODS`.
             params: a dict (see `params()`), the method's msgspec Struct, or None for none.
 
         Raises:

@@ -1,7 +1,8 @@
 """JSON-RPC 2.0 over a Unix stream socket, one JSON object per line, typed with msgspec.
 
 Pure: no I/O. The server decodes an envelope, looks the method up in `METHODS` and decodes its
-params into the method's Struct (unknown fields refused); the client encodes the same Structs.
+params into the method's Struct (unknown fields refused); `handlers` converts them to core
+values. Results are core values (`Network`, `Endpoint`, `Event`) or the views below.
 
 Error codes: JSON-RPC's own for framing (-32700 parse, -32600 invalid request, -32601 unknown
 method, -32602 invalid params, -32603 internal) and the `AgentError.code` of `agent.core.errors`
@@ -14,7 +15,10 @@ from typing import Any
 
 import msgspec
 
+from agent.core.events import Event
 from agent.core.model import Endpoint, Network
+
+__all__ = ["METHODS", "Event"]  # Event: the core's, as the wire carries it
 
 MAX_LINE = 1 << 20  # bytes; a longer request line is refused and the connection closed
 
@@ -39,15 +43,14 @@ class NetworkCreate(Params):
     gateway: str | None = None
     ip_range: str | None = None
     internal: bool = False
-    icc: bool = True
-    masquerade: bool = True
-    mtu: int | None = None
-    bridge: str | None = None  # custom bridge device name (--opt bridge=NAME)
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     aux_addresses: dict[str, str] = msgspec.field(default_factory=dict)  # name -> IPv4 reserved
     ipv6: bool = False  # dual stack
     subnet6: str | None = None  # IPv6 CIDR (default: the next /64 of the host's ULA /48)
     gateway6: str | None = None
+    #: driver options, `agent.core.options` (icc, ip-masquerade, bridge, mtu, and Docker's
+    #: com.docker.network.* names): string values, as `--opt KEY=VALUE` gives them
+    options: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class NetworkRef(Params):
@@ -70,12 +73,40 @@ class EndpointConnect(Params):
     mac: str | None = None
     ports: list[str] = msgspec.field(default_factory=list)  # "[HOST_IP:]H[-E]:C[-E][/proto]"
     ip6: str | None = None  # static IPv6 address (dual-stack networks)
+    ifname: str | None = None  # name inside the namespace (default: the next free ethN)
+    attachment: str = ""  # the engine's key for the endpoint (CNI: CONTAINERID/IFNAME)
+
+
+class EndpointReserve(Params):
+    """Take an endpoint's addresses without a namespace (Docker's CreateEndpoint)."""
+
+    network: str
+    ip: str | None = None
+    mac: str | None = None
+    ports: list[str] = msgspec.field(default_factory=list)
+    ip6: str | None = None
+    attachment: str = ""
+
+
+class EndpointAttach(Params):
+    """Give a reserved endpoint its namespace (Docker's Join)."""
+
+    endpoint: str  # id, unique id prefix, or attachment key
+    netns: str
+    ifname: str | None = None
 
 
 class EndpointDisconnect(Params):
     network: str
     netns: str
-    force: bool = False
+    force: bool = False  # a namespace that is not connected is not an error
+
+
+class EndpointRemove(Params):
+    """Disconnect (or give up the reservation of) one endpoint, by id or attachment key."""
+
+    endpoint: str
+    force: bool = False  # an unknown endpoint is not an error
 
 
 class EndpointFilter(Params):
@@ -118,21 +149,6 @@ class EventFilter(Params):
     types: list[str] = msgspec.field(default_factory=list)  # "network", "endpoint", "repair"
 
 
-class Event(msgspec.Struct, kw_only=True, frozen=True):
-    """One notification of `events.subscribe`, like a `docker events` line.
-
-    type/action: network created|removed; endpoint connected|disconnected|released;
-    repair repaired (what the agent fixed by itself: `attributes` says what and why).
-    """
-
-    seq: int  # strictly increasing per agentd process
-    time: float
-    type: str
-    action: str
-    id: str  # the network's or endpoint's id; for repairs, the repaired object's
-    attributes: dict[str, str] = msgspec.field(default_factory=dict)
-
-
 class Subscribed(msgspec.Struct, kw_only=True):
     subscribed: bool = True
 
@@ -169,7 +185,10 @@ METHODS: dict[str, type[Params]] = {
     "network.remove": NetworkRemove,
     "network.prune": NetworkFilter,
     "endpoint.connect": EndpointConnect,
+    "endpoint.reserve": EndpointReserve,
+    "endpoint.attach": EndpointAttach,
     "endpoint.disconnect": EndpointDisconnect,
+    "endpoint.remove": EndpointRemove,
     "endpoint.list": EndpointFilter,
     "sandbox.run": SandboxRun,
     "sandbox.remove": SandboxRemove,

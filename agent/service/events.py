@@ -1,7 +1,7 @@
 """The event bus behind `events.subscribe` (and `agentctl events`).
 
 Theory of operation: events are published in one Trio thread, so they are totally ordered
-(`seq`); requests on one namespace are serialised (`agent.locks`), so each object's events
+(`seq`); requests on one namespace are serialised (`agent.service.locks`), so each object's events
 arrive in the order they happened. Each subscriber has
 a bounded queue; publishing never blocks: a subscriber too slow to keep up is closed (its
 stream ends with an error) rather than slowing the agent down.
@@ -14,17 +14,20 @@ from collections.abc import AsyncIterator
 
 import trio
 
-from agent.api.protocol import Event
+from agent.core.events import Event
 
 QUEUE = 1024
 
 
 class EventBus:
+    """Publishes core `Event`s to every subscriber (see the module docstring)."""
+
     def __init__(self) -> None:
         self._seq = 0
         self._subscribers: set[trio.MemorySendChannel[Event]] = set()
 
-    def publish(self, type: str, action: str, id: str, **attributes: str) -> Event:
+    def publish(self, type: str, action: str, id: str, **attributes: object) -> Event:
+        """Number and timestamp an event, and hand it to every subscriber without waiting."""
         self._seq += 1
         event = Event(
             seq=self._seq, time=time.time(), type=type, action=action, id=id,
@@ -50,7 +53,3 @@ class EventBus:
         finally:
             self._subscribers.discard(send)
             send.close()
-
-    @property
-    def subscribers(self) -> int:
-        return len(self._subscribers)

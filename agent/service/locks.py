@@ -10,6 +10,10 @@ lock exclusively: they wait for endpoint requests in flight and hold new ones ba
 writer is not starved by a stream of readers).
 
 Once the agent is stopping, every new request is refused with Busy instead of waiting.
+
+Cancellation: a request cancelled while it waits for either mode leaves the locks as it found
+them (tests/core/test_locks.py), so a request deadline or a client hanging up never wedges
+the writers behind it.
 """
 
 from __future__ import annotations
@@ -38,10 +42,13 @@ class TopologyLock:
 
     async def __aenter__(self) -> None:
         await self._turnstile.acquire()
-        if self.closing:
+        try:
+            if self.closing:
+                raise _shutting_down()
+            await self._no_readers.wait()
+        except BaseException:  # cancelled (or refused) while waiting: never keep the turnstile
             self._turnstile.release()
-            raise _shutting_down()
-        await self._no_readers.wait()
+            raise
 
     async def __aexit__(self, *exc: object) -> None:
         self._turnstile.release()

@@ -8,21 +8,25 @@ while the agent was down:
 - an endpoint whose namespace is gone (or whose path now names another namespace) is released;
   one whose namespace still exists but whose veth is missing is re-attached with the same
   address and MAC, so a container keeps its address across agent restarts.
-Firewall convergence happens afterwards, in one transaction (`IptablesFirewall.setup`).
+- an endpoint reserved but not joined (Docker's CreateEndpoint before Join) keeps its
+  addresses; it has nothing in the kernel.
+Firewall convergence happens afterwards, in one transaction (`Firewall.setup`).
 """
 
 from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import Any
+
+import msgspec
 
 from agent.core import naming
+from agent.core.attach import Bridge, attachment_of, bridge_of, gateway_cidr
 from agent.core.errors import AgentError
 from agent.core.model import Endpoint
 from agent.core.topology import Topology
+from agent.kernel.base import Kernel, LinkInfo, Namespaces
 from agent.log import get_logger
-from agent.service import KernelOps, NamespaceOps, attach_args, gateway6_cidr
 from agent.store.sqlite import State, Store
 
 log = get_logger("agent.adopt")
@@ -43,9 +47,9 @@ async def adopt(
     *,
     state: State,
     topo: Topology,
-    kernel: KernelOps,
-    owned_links: list,
-    ns: NamespaceOps,
+    kernel: Kernel,
+    owned_links: list[LinkInfo],
+    ns: Namespaces,
     store: Store,
 ) -> AdoptReport:
     """Fill `topo` from `state` and repair the kernel's links to match it."""
@@ -59,20 +63,20 @@ async def adopt(
     if any(net.ipv6 for net in state.networks):
         await kernel.set_ip6_forward()
 
-    present: dict[str, Any] = {}  # endpoint id -> its host link seen in the kernel
+    present: dict[str, LinkInfo] = {}  # endpoint id -> its host link seen in the kernel
     stored = {e.id for e in state.endpoints}
     for link in owned_links:
         owner = naming.parse_alias(link.alias)
         if owner is None:  # our link group but no alias yet: a create interrupted by a crash
             if link.kind == "bridge":
-                await kernel.delete_bridge(link.name)
+                await kernel.delete_bridge(Bridge(link.name))
             else:
                 await kernel.detach(link.name)
             report.leftovers_deleted.append(link.name)
             continue
         kind, ident = owner
         if kind == "net" and ident not in topo.networks:
-            await kernel.delete_bridge(link.name)
+            await kernel.delete_bridge(Bridge(link.name))
             report.leftovers_deleted.append(link.name)
         elif kind == "ep" and ident not in stored:
             await kernel.detach(link.name)
@@ -83,24 +87,16 @@ async def adopt(
     bridges: dict[str, int] = {}  # network id -> bridge ifindex
     by_name = {link.name: link for link in owned_links}
     for net in topo.networks.values():
-        prefix = ipaddress.IPv4Network(net.subnet).prefixlen
-        gateway = f"{net.gateway}/{prefix}"
         link = by_name.get(net.bridge)
         if (
             link is not None
             and link.kind == "bridge"
-            and gateway in link.addresses
-            and not (net.ipv6)
+            and gateway_cidr(net) in link.addresses
+            and not net.ipv6
         ):  # intact (the dump says so): no netlink round trip per network at start-up
             bridges[net.id] = link.index
             continue
-        bridges[net.id] = await kernel.ensure_bridge(
-            name=net.bridge,
-            alias=naming.bridge_alias(net.id),
-            address=gateway,
-            mtu=net.mtu,
-            address6=gateway6_cidr(net),
-        )
+        bridges[net.id] = await kernel.ensure_bridge(bridge_of(net))
         if link is None:
             report.bridges_restored.append(net.bridge)
 
@@ -108,25 +104,27 @@ async def adopt(
         if ep.network_id not in topo.networks:
             _forget_endpoint(store, ep)
             continue
+        if not ep.joined:  # reserved: its addresses only
+            _reserve(topo, ep)
+            continue
         if not _same_namespace(ns, ep):
             if ep.id in present:
                 await kernel.detach(ep.host_ifname)
             _forget_endpoint(store, ep)
             report.endpoints_released.append(ep.id)
             continue
-        if ep.id not in present and not await _reattach(kernel, topo, ep):
-            _forget_endpoint(store, ep)
-            report.endpoints_released.append(ep.id)
-            continue
         if ep.id not in present:
+            reattached = await _reattach(kernel, topo, ep, store)
+            if reattached is None:
+                _forget_endpoint(store, ep)
+                report.endpoints_released.append(ep.id)
+                continue
+            ep = reattached
             report.endpoints_reattached.append(ep.id)
         elif present[ep.id].master != bridges[ep.network_id] or not present[ep.id].up:
             # its bridge was deleted (ports are released) and recreated, or it was set down
             await kernel.enslave(ep.host_ifname, topo.networks[ep.network_id].bridge)
-        topo.allocators[ep.network_id].reserve(ipaddress.IPv4Address(ep.ip))
-        if ep.ip6 and ep.network_id in topo.allocators6:
-            topo.allocators6[ep.network_id].reserve(ipaddress.IPv6Address(ep.ip6))
-        topo.add_endpoint(ep)
+        _reserve(topo, ep)
 
     for net_id, alloc in topo.allocators.items():
         if cursor := state.meta.get(f"cursor:{net_id}"):
@@ -153,14 +151,22 @@ async def adopt(
     return report
 
 
-def _key_or_none(ns: NamespaceOps, path: str) -> str | None:
+def _reserve(topo: Topology, ep: Endpoint) -> None:
+    """Take the endpoint's addresses again and put it in the topology."""
+    topo.allocators[ep.network_id].reserve(ipaddress.IPv4Address(ep.ip))
+    if ep.ip6 and ep.network_id in topo.allocators6:
+        topo.allocators6[ep.network_id].reserve(ipaddress.IPv6Address(ep.ip6))
+    topo.add_endpoint(ep)
+
+
+def _key_or_none(ns: Namespaces, path: str) -> str | None:
     try:
         return ns.netns_key(path)
     except AgentError:
         return None
 
 
-def _same_namespace(ns: NamespaceOps, ep: Endpoint) -> bool:
+def _same_namespace(ns: Namespaces, ep: Endpoint) -> bool:
     return _key_or_none(ns, ep.netns) == ep.netns_key
 
 
@@ -169,12 +175,18 @@ def _forget_endpoint(store: Store, ep: Endpoint) -> None:
         w.delete_endpoint(ep.id)
 
 
-async def _reattach(kernel: KernelOps, topo: Topology, ep: Endpoint) -> bool:
+async def _reattach(kernel: Kernel, topo: Topology, ep: Endpoint, store: Store) -> Endpoint | None:
+    """The endpoint re-attached with its addresses and MAC, or None if that failed. If its
+    namespace has disabled IPv6 since, it keeps IPv4 only, on record too (so that no IPv6
+    rule names an address that is not configured)."""
     try:
-        ipv6 = await kernel.attach(**attach_args(topo.networks[ep.network_id], ep))
+        ipv6 = await kernel.attach(attachment_of(topo.networks[ep.network_id], ep))
     except AgentError as exc:
         log.warning("adopt.reattach.failed", endpoint_id=ep.id, error=str(exc))
-        return False
-    if not ipv6:  # its namespace disabled IPv6 since: it keeps the address on record
+        return None
+    if not ipv6 and ep.ip6 is not None:
         log.warning("adopt.reattach.ipv6_disabled", endpoint_id=ep.id, ip6=ep.ip6)
-    return True
+        ep = msgspec.structs.replace(ep, ip6=None)
+        with store.transaction() as w:
+            w.put_endpoint(ep)
+    return ep

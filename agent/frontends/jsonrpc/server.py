@@ -24,11 +24,11 @@ from typing import Any
 import structlog
 import trio
 
-from agent.api import protocol as p
 from agent.core.errors import AgentError
+from agent.frontends.jsonrpc import protocol as p
 from agent.log import get_logger
 
-log = get_logger("agent.api")
+log = get_logger("agent.frontends.jsonrpc")
 
 Handler = Callable[[p.Params], Awaitable[Any]]
 

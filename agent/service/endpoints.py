@@ -1,0 +1,272 @@
+"""Endpoint requests: connect (or reserve, then attach), disconnect, release, list.
+
+Theory of operation. A connect is decided and reserved synchronously by the core
+(`plan.reserve_endpoint`: addresses taken, the endpoint in the topology, no await in between),
+then applied: the veth (one kernel job), the port rules if it publishes any, then the store;
+each step is undone if a later one fails, and the reservation is given back. Docker's
+CreateEndpoint/Join split is the same in two requests: `reserve` takes the addresses and
+records the endpoint without a namespace, `attach` gives it one.
+
+Requests confined to one namespace run concurrently: the topology lock in shared mode (the
+exclusive mode when ports are published, since they are checked against every other one) and
+a per-namespace lock, so each namespace's requests keep their order.
+
+A disconnect is all or nothing too, and crash-safe: the store record goes first (a crash after
+it leaves a veth that start-up adoption deletes as a leftover), then the port rules, then the
+veth is cut off (`retire`: one netlink message; the reaper deletes it later with others). Its
+addresses go back to the pool once the veth is really gone.
+"""
+
+from __future__ import annotations
+
+import secrets
+
+import msgspec
+import trio
+
+from agent.core import plan
+from agent.core.attach import attachment_of
+from agent.core.errors import InvalidArgument, NotFound
+from agent.core.model import Endpoint, Network
+from agent.log import get_logger
+from agent.service.context import Shared, undo
+
+log = get_logger("agent.service.endpoints")
+
+
+class Endpoints:
+    """Endpoint requests and the building blocks other parts use (`connect_locked`,
+    `release`, `release_vanished`: their caller holds the topology lock)."""
+
+    def __init__(self, shared: Shared) -> None:
+        self.s = shared
+
+    # -- connect ------------------------------------------------------------------------------
+
+    async def connect(self, spec: plan.EndpointSpec) -> Endpoint:
+        """Attach the namespace `spec.netns` to `spec.network` by a veth pair."""
+        if spec.netns is None:
+            raise InvalidArgument("connect needs a namespace", field="netns")
+        s = self.s
+        path = s.ns.resolve(spec.netns)
+        key = s.ns.netns_key(path)
+        async with s.netns_locks.hold(key):
+            await self._wait_for_dying(key)
+            # a port mapping is checked against every other one: that takes the whole lock
+            async with s.lock if spec.ports else s.lock.shared():
+                return await self.connect_locked(spec, path, key)
+
+    async def _wait_for_dying(self, key: str) -> None:
+        """The namespace's previous interface may still be dying (its eth0 name taken)."""
+        if (dying := self.s.reaper.pending(f"ns:{key}")) is not None:
+            await dying.wait()
+
+    async def connect_locked(
+        self, spec: plan.EndpointSpec, path: str, key: str, *, sandbox: str | None = None
+    ) -> Endpoint:
+        """`connect` for a caller holding the lock; `path` is the namespace, `key` its id."""
+        topo = self.s.topo
+        net = topo.find_network(spec.network)
+        ep = plan.reserve_endpoint(
+            topo, net, spec, new_id=secrets.token_hex(32), netns=path, netns_key=key,
+            sandbox=sandbox,
+        )  # fmt: skip
+        try:
+            applied = await self._join(ep, net, ip6_requested=spec.ip6 is not None)
+        except BaseException:
+            topo.remove_endpoint(ep.id)
+            topo.release_addresses(ep.network_id, ep.ip, ep.ip6)
+            raise
+        self._connected(applied, ep, net)
+        return applied
+
+    def _connected(self, applied: Endpoint, planned: Endpoint, net: Network) -> None:
+        if applied.ip6 != planned.ip6:  # IPv6 disabled in the namespace: that address is free
+            self.s.topo.release_addresses(net.id, None, planned.ip6)
+        log.info("endpoint.connect.complete", endpoint_id=applied.id, network=net.name,
+                 ip=applied.ip)  # fmt: skip
+        self.s.bus.publish("endpoint", "connected", applied.id, network=net.name,
+                           netns=applied.netns, ip=applied.ip)  # fmt: skip
+
+    async def _join(self, ep: Endpoint, net: Network, *, ip6_requested: bool) -> Endpoint:
+        """Kernel, then port rules, then store; each undone if a later one fails. Returns the
+        endpoint as applied: without its IPv6 address if the namespace has IPv6 disabled (as
+        Docker does it), unless that address was asked for (InvalidArgument, nothing changed).
+        """
+        s = self.s
+        topo = s.topo
+
+        async def veth_back() -> None:
+            await s.kernel.detach(ep.host_ifname)
+
+        async def rules_back() -> None:
+            await s.apply_firewall(e for e in topo.with_ports() if e.id != ep.id)
+
+        with trio.CancelScope(shield=True):
+            ipv6 = await s.kernel.attach(attachment_of(net, ep))
+            done = [veth_back]
+            try:
+                if not ipv6 and ep.ip6 is not None:
+                    if ip6_requested:
+                        raise InvalidArgument(
+                            f"namespace {ep.netns!r} has IPv6 disabled: it cannot have {ep.ip6}",
+                            netns=ep.netns,
+                            ip6=ep.ip6,
+                        )
+                    ep = msgspec.structs.replace(ep, ip6=None)
+                    topo.add_endpoint(ep)  # replaces it: no IPv6 port rules, none stored
+                if ep.ports:
+                    await s.apply_firewall()
+                    done.insert(0, rules_back)
+                with s.store.transaction() as w:
+                    w.put_endpoint(ep)
+                    self._save_cursors(w, net.id)
+            except BaseException as exc:
+                await undo(exc, done)
+                raise
+        return ep
+
+    def _save_cursors(self, w, network_id: str) -> None:
+        topo = self.s.topo
+        w.set_meta(f"cursor:{network_id}", str(topo.allocators[network_id].cursor))
+        if (alloc6 := topo.allocators6.get(network_id)) is not None:
+            w.set_meta(f"cursor6:{network_id}", str(alloc6.cursor))
+
+    # -- reserve, then attach (Docker's CreateEndpoint, Join) -------------------------------
+
+    async def reserve(self, spec: plan.EndpointSpec) -> Endpoint:
+        """Take an endpoint's addresses and record it, without a namespace yet."""
+        s = self.s
+        async with s.lock if spec.ports else s.lock.shared():
+            net = s.topo.find_network(spec.network)
+            ep = plan.reserve_endpoint(s.topo, net, spec, new_id=secrets.token_hex(32))
+            try:
+                with trio.CancelScope(shield=True), s.store.transaction() as w:
+                    w.put_endpoint(ep)
+                    self._save_cursors(w, net.id)
+            except BaseException:
+                s.topo.remove_endpoint(ep.id)
+                s.topo.release_addresses(ep.network_id, ep.ip, ep.ip6)
+                raise
+            s.bus.publish("endpoint", "reserved", ep.id, network=net.name, ip=ep.ip)
+            return ep
+
+    async def attach(self, ref: str, netns: str, *, ifname: str | None = None) -> Endpoint:
+        """Give the reserved endpoint `ref` (id or attachment key) the namespace `netns`."""
+        s = self.s
+        path = s.ns.resolve(netns)
+        key = s.ns.netns_key(path)
+        async with s.netns_locks.hold(key):
+            await self._wait_for_dying(key)
+            async with s.lock if s.topo.find_endpoint(ref).ports else s.lock.shared():
+                reserved = s.topo.find_endpoint(ref)
+                joined = plan.join_endpoint(
+                    s.topo, reserved, netns=path, netns_key=key, ifname=ifname
+                )
+                net = s.topo.networks[joined.network_id]
+                try:
+                    applied = await self._join(joined, net, ip6_requested=False)
+                except BaseException:
+                    s.topo.add_endpoint(reserved)  # back to reserved
+                    raise
+                self._connected(applied, joined, net)
+                return applied
+
+    # -- disconnect -----------------------------------------------------------------------
+
+    async def disconnect(self, network: str, netns: str, *, force: bool = False) -> Endpoint | None:
+        """Detach the namespace `netns` from `network`. With `force`, a namespace that is not
+        connected is not an error (None)."""
+        s = self.s
+        path = s.ns.resolve(netns)
+        try:
+            key: str | None = s.ns.netns_key(path)
+        except NotFound:  # the namespace is gone: find its endpoint by the path it was given
+            key = None
+        async with s.netns_locks.hold(key or path), s.lock.shared():
+            net = s.topo.find_network(network)
+            matches = s.topo.endpoints_in(key) if key else s.topo.endpoints_of(net.id)
+            for ep in matches:
+                if ep.network_id == net.id and (key is not None or ep.netns == path):
+                    await self.release(ep)
+                    return ep
+            if force:
+                return None
+            raise NotFound(
+                f"namespace {netns!r} is not connected to network {net.name!r}",
+                network=net.name,
+                netns=netns,
+            )
+
+    async def remove(self, ref: str, *, force: bool = False) -> Endpoint | None:
+        """Disconnect (or give up the reservation of) the endpoint `ref`: its id, a unique id
+        prefix or its attachment key. With `force`, an unknown endpoint is not an error."""
+        s = self.s
+        try:
+            ep = s.topo.find_endpoint(ref)
+        except NotFound:
+            if force:
+                return None
+            raise
+        async with s.netns_locks.hold(ep.netns_key or ep.id), s.lock.shared():
+            ep = s.topo.endpoints.get(ep.id)  # it may have gone while we waited
+            if ep is None:
+                if force:
+                    return None
+                raise NotFound(f"endpoint {ref!r} not found", endpoint=ref)
+            await self.release(ep)
+            return ep
+
+    async def release(self, ep: Endpoint, *, action: str = "disconnected") -> None:
+        """Store record, port rules, then the veth cut off; all or nothing (see the module
+        docstring). The caller holds the topology lock."""
+        s = self.s
+        retired = False
+
+        async def record_back() -> None:
+            with s.store.transaction() as w:
+                w.put_endpoint(ep)
+
+        async def rules_back() -> None:
+            await s.apply_firewall()
+
+        with trio.CancelScope(shield=True):
+            with s.store.transaction() as w:
+                w.delete_endpoint(ep.id)
+            done = [record_back]
+            try:
+                if ep.ports and ep.joined:  # no DNAT to an address about to vanish
+                    await s.apply_firewall(e for e in s.topo.with_ports() if e.id != ep.id)
+                    done.insert(0, rules_back)
+                if ep.joined:
+                    retired = await s.kernel.retire(ep.host_ifname)
+            except BaseException as exc:
+                await undo(exc, done)
+                raise
+        s.topo.remove_endpoint(ep.id)
+        if retired:
+            s.reaper.retired_endpoint(ep.network_id, ep.ip, ep.ip6, ep.netns_key)
+        else:
+            s.topo.release_addresses(ep.network_id, ep.ip, ep.ip6)
+        log.info(f"endpoint.{action}.complete", endpoint_id=ep.id, ip=ep.ip)
+        net = s.topo.networks[ep.network_id]
+        s.bus.publish("endpoint", action, ep.id, network=net.name, netns=ep.netns, ip=ep.ip)
+
+    async def release_vanished(self, host_ifname: str) -> Endpoint | None:
+        """The veth `host_ifname` is gone (its namespace was deleted, or the veth by hand):
+        release its endpoint. None when it is not (or no longer) one of ours. The caller holds
+        the topology lock exclusively."""
+        ep = self.s.topo.endpoint_of_veth(host_ifname)
+        if ep is None:
+            return None
+        await self.release(ep, action="released")
+        return ep
+
+    def list(self, network: str | None = None) -> list[Endpoint]:
+        """Endpoints (of `network` if given), by namespace and interface."""
+        topo = self.s.topo
+        eps = list(topo.endpoints.values())
+        if network is not None:
+            net_id = topo.find_network(network).id
+            eps = [e for e in eps if e.network_id == net_id]
+        return sorted(eps, key=lambda e: (e.netns, e.ifname))
