@@ -45,9 +45,9 @@ from typing import Any
 
 import _common as c
 
-from agent.frontends.jsonrpc import protocol as p
 from agent.core import nlevents
 from agent.firewall.monitor import NETLINK_NETFILTER, NFNLGRP_NFTABLES, NftDecoder
+from agent.frontends.jsonrpc import protocol as p
 from agent.kernel.events import open_netlink
 
 TARGETS_MS = {"netns deleted": 100, "veth deleted": 100, "bridge deleted": 100,

@@ -25,11 +25,11 @@ from typing import Any
 import msgspec
 import pytest
 
+from agent.core.errors import AgentError, Busy, NotFound
 from agent.frontends import cli
 from agent.frontends.jsonrpc import client as client_mod
 from agent.frontends.jsonrpc import protocol
 from agent.frontends.jsonrpc.client import Client, DaemonUnavailable, RemoteProtocolError
-from agent.core.errors import AgentError, Busy, NotFound
 
 ROOT = Path(__file__).resolve().parents[2]
 NET_A = {

@@ -15,7 +15,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from agent.core import bitmap as pure_bitmap
-from agent.core import ipam
 from agent.core import pools as pools_mod
 from agent.core.errors import Conflict, InvalidArgument, NotFound, PoolExhausted
 from agent.core.ipam import (

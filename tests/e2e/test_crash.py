@@ -18,8 +18,8 @@ import time
 
 import pytest
 
-from agent.frontends.jsonrpc.client import Client
 from agent.core.errors import AgentError
+from agent.frontends.jsonrpc.client import Client
 from tests.e2e.harness import Host, netns_names, ping, running_host, sh, unique
 
 pytestmark = pytest.mark.kernel

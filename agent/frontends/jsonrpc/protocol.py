@@ -266,8 +266,16 @@ def encode_request(method: str, params: Params | None, request_id: int) -> bytes
     return _encoder.encode(body) + b"\n"
 
 
+class _Result(msgspec.Struct, kw_only=True):
+    """A success response: `result` is always present, `null` included (JSON-RPC 2.0)."""
+
+    jsonrpc: str = "2.0"
+    id: int | str | None = None
+    result: Any = None
+
+
 def encode_result(request_id: int | str | None, result: Any) -> bytes:
-    return _encoder.encode(Response(id=request_id, result=result)) + b"\n"
+    return _encoder.encode(_Result(id=request_id, result=result)) + b"\n"
 
 
 def encode_error(

@@ -1,0 +1,196 @@
+"""All or nothing under faults, with fakes: each request that fails part-way changes nothing,
+and reports its first error even when a rollback step fails too."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from agent.core.bitmap import RangeAllocator
+from agent.core.errors import Conflict, FirewallApply, InvalidArgument, KernelError, NotFound
+from agent.core.model import PortMapping
+from agent.core.plan import EndpointSpec, NetworkSpec
+from agent.core.topology import Topology
+from agent.service import Service
+from agent.store.sqlite import open_store
+from tests.core.fakes import FakeFirewall, FakeKernel, FakeNamespaces
+
+WEB = (PortMapping(protocol="tcp", host_port=8080, container_port=80),)
+
+
+@pytest.fixture
+async def svc(tmp_path, nursery):
+    with open_store(tmp_path) as store:
+        service = Service(
+            topo=Topology(RangeAllocator),
+            kernel=FakeKernel(),
+            firewall=FakeFirewall(),
+            namespaces=FakeNamespaces(),
+            store=store,
+        )
+        await nursery.start(service.reaper.serve)
+        yield service
+
+
+def _broken_store(monkeypatch, svc: Service) -> None:
+    def broken(*_args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(svc.shared.store, "transaction", broken)
+
+
+async def test_disconnect_with_a_full_disk_changes_nothing(svc, monkeypatch) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    ep = await svc.endpoints.connect(EndpointSpec(network="a", netns="ok1", ports=WEB))
+    _broken_store(monkeypatch, svc)
+    with pytest.raises(OSError, match="disk full"):
+        await svc.endpoints.disconnect("a", "ok1")
+    kernel, firewall = svc.shared.kernel, svc.shared.firewall
+    assert ep.host_ifname in kernel.veths and not kernel.dying  # never cut off
+    assert firewall.forwards == 1  # its port rules stay
+    assert svc.topo.endpoints[ep.id] == ep
+    monkeypatch.undo()
+    assert svc.shared.store.load().endpoints == [ep]
+
+
+async def test_disconnect_whose_retire_fails_puts_record_and_rules_back(svc) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    ep = await svc.endpoints.connect(EndpointSpec(network="a", netns="ok1", ports=WEB))
+    svc.shared.kernel.fail_retire = True
+    with pytest.raises(KernelError, match="retire failed"):
+        await svc.endpoints.disconnect("a", "ok1")
+    assert svc.shared.firewall.forwards == 1
+    assert svc.shared.store.load().endpoints == [ep]
+    assert svc.topo.endpoints[ep.id] == ep
+    svc.shared.kernel.fail_retire = False
+    await svc.endpoints.disconnect("a", "ok1")  # and it can still go
+    assert svc.shared.firewall.forwards == 0 and svc.shared.store.load().endpoints == []
+
+
+async def test_a_failing_rollback_still_deletes_the_bridge_and_keeps_the_first_error(
+    svc, monkeypatch
+) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    firewall = svc.shared.firewall
+    applies = firewall.apply
+
+    async def first_ok_then_broken(policy):
+        await applies(policy)
+        firewall.fail = True  # the rollback's transaction will fail
+
+    monkeypatch.setattr(firewall, "apply", first_ok_then_broken)
+    _store_fail = OSError("disk full")
+
+    def broken(*_args):
+        raise _store_fail
+
+    monkeypatch.setattr(svc.shared.store, "transaction", broken)
+    with pytest.raises(OSError) as caught:
+        await svc.networks.create(NetworkSpec(name="b", subnet="10.2.0.0/24"))
+    assert caught.value is _store_fail  # the cause, not the rollback's FirewallApply
+    assert any("rules_back" in note for note in caught.value.__notes__)
+    assert list(svc.shared.kernel.bridges) == [svc.topo.find_network("a").bridge]
+
+
+async def test_disconnect_force_makes_a_missing_endpoint_not_an_error(svc) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    with pytest.raises(NotFound):
+        await svc.endpoints.disconnect("a", "ok1")
+    assert await svc.endpoints.disconnect("a", "ok1", force=True) is None
+    await svc.endpoints.connect(EndpointSpec(network="a", netns="ok1"))
+    assert (await svc.endpoints.disconnect("a", "ok1", force=True)) is not None
+    assert await svc.endpoints.remove("nope", force=True) is None
+
+
+async def test_publish_with_a_full_disk_puts_the_rules_back(svc, monkeypatch) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    ep = await svc.endpoints.connect(EndpointSpec(network="a", netns="ok1", ports=WEB))
+    more = [PortMapping(protocol="udp", host_port=5353, container_port=53)]
+    _broken_store(monkeypatch, svc)
+    with pytest.raises(OSError):
+        await svc.ports.publish("ok1", more)
+    assert svc.shared.firewall.forwards == 1
+    assert svc.topo.endpoints[ep.id].ports == WEB
+
+
+async def test_reserve_then_attach_then_remove_by_attachment(svc) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    spec = EndpointSpec(network="a", attachment="ctr1/eth0", ip="10.1.0.7")
+    reserved = await svc.endpoints.reserve(spec)
+    assert (reserved.netns, reserved.ip, reserved.joined) == ("", "10.1.0.7", False)
+    assert svc.shared.kernel.veths == {}
+    assert svc.shared.store.load().endpoints == [reserved]
+    with pytest.raises(Conflict):  # the key is taken
+        await svc.endpoints.reserve(EndpointSpec(network="a", attachment="ctr1/eth0"))
+    joined = await svc.endpoints.attach("ctr1/eth0", "ok1", ifname="net0")
+    assert (joined.id, joined.ifname, joined.ip, joined.default_route) == (
+        reserved.id, "net0", "10.1.0.7", True,
+    )  # fmt: skip
+    assert svc.shared.kernel.veths[joined.host_ifname].ifname == "net0"
+    assert svc.topo.endpoints_in("/run/netns/ok1") == [joined]
+    with pytest.raises(Conflict):  # joined already
+        await svc.endpoints.attach("ctr1/eth0", "ok2")
+    assert await svc.endpoints.remove("ctr1/eth0") == joined
+    assert svc.shared.store.load().endpoints == [] and svc.topo.endpoints == {}
+
+
+async def test_a_failed_attach_leaves_the_endpoint_reserved(svc) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    reserved = await svc.endpoints.reserve(EndpointSpec(network="a", attachment="k"))
+    svc.shared.kernel.fail_attach = True
+    with pytest.raises(KernelError):
+        await svc.endpoints.attach("k", "ok1")
+    assert svc.topo.endpoints[reserved.id] == reserved
+    assert svc.topo.endpoints_in("/run/netns/ok1") == []
+    assert svc.shared.store.load().endpoints == [reserved]
+
+
+async def test_interface_names_are_checked_and_named_in_errors(svc) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    with pytest.raises(InvalidArgument) as caught:
+        await svc.endpoints.connect(EndpointSpec(network="a", netns="ok1", ifname="eth0\n"))
+    assert caught.value.data["field"] == "ifname"
+    await svc.endpoints.connect(EndpointSpec(network="a", netns="ok1", ifname="data0"))
+    await svc.networks.create(NetworkSpec(name="b", subnet="10.2.0.0/24"))
+    with pytest.raises(Conflict, match="data0"):
+        await svc.endpoints.connect(EndpointSpec(network="b", netns="ok1", ifname="data0"))
+    with pytest.raises(InvalidArgument) as caught:
+        await svc.networks.create(NetworkSpec(name="c", bridge="br0\n"))
+    assert caught.value.data["field"] == "bridge"
+
+
+async def test_ipv6_disabled_namespace_gets_ipv4_only_and_its_address_back(svc) -> None:
+    await svc.networks.create(NetworkSpec(name="d", subnet="10.1.0.0/24", ipv6=True))
+    svc.shared.kernel.ipv6_disabled.add("/run/netns/ok1")
+    ep = await svc.endpoints.connect(EndpointSpec(network="d", netns="ok1"))
+    assert ep.ip6 is None and svc.shared.store.load().endpoints[0].ip6 is None
+    net = svc.topo.find_network("d")
+    alloc6 = svc.topo.allocators6[net.id]
+    assert alloc6.used == 0  # the ::2 it was given went back to the pool
+    svc.shared.kernel.ipv6_disabled.add("/run/netns/ok2")
+    wanted = str(alloc6.subnet.network_address + 9)
+    with pytest.raises(InvalidArgument):  # asked for: refused, nothing left
+        await svc.endpoints.connect(EndpointSpec(network="d", netns="ok2", ip6=wanted))
+    assert alloc6.used == 0 and svc.shared.kernel.veths.keys() == {ep.host_ifname}
+
+
+async def test_a_request_cancelled_while_waiting_for_the_lock_leaves_it_usable(svc) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    async with trio.open_nursery() as nursery:
+        release = trio.Event()
+
+        async def reader(task_status=trio.TASK_STATUS_IGNORED) -> None:
+            async with svc.lock.shared():
+                task_status.started()
+                await release.wait()
+
+        await nursery.start(reader)
+        with trio.move_on_after(0.05) as scope:  # a create waits for the connect in flight
+            await svc.networks.create(NetworkSpec(name="b", subnet="10.2.0.0/24"))
+        assert scope.cancelled_caught
+        release.set()
+    with trio.fail_after(1):
+        await svc.networks.create(NetworkSpec(name="c", subnet="10.3.0.0/24"))
+    with pytest.raises(FirewallApply):
+        svc.shared.firewall.fail = True
+        await svc.networks.create(NetworkSpec(name="e", subnet="10.4.0.0/24"))
