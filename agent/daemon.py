@@ -126,7 +126,8 @@ async def run_daemon(args: argparse.Namespace) -> None:
             async for signum in signals:
                 log.info("agentd.stopping", signal=signal.Signals(signum).name)
                 await svc.lock.drain()  # the request being applied finishes; new ones: Busy
-                await inflight.wait_idle(SHUTDOWN_GRACE)  # every answer is sent
+                with trio.move_on_after(SHUTDOWN_GRACE):
+                    await inflight.wait_idle()  # every answer is sent
                 with trio.move_on_after(SHUTDOWN_GRACE):
                     await svc.reaper.wait_idle()  # nothing retired is left undeleted
                 nursery.cancel_scope.cancel()

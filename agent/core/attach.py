@@ -140,6 +140,6 @@ def attachment_of(net: Network, ep: Endpoint) -> Attachment:
         mtu=net.mtu,
         address=f"{ep.ip}/{ipaddress.IPv4Network(net.subnet).prefixlen}",
         gateway=net.gateway if ep.default_route else None,
-        address6=f"{ep.ip6}/{ipaddress.IPv6Network(net.subnet6).prefixlen}" if dual else None,  # type: ignore[arg-type]
+        address6=f"{ep.ip6}/{ipaddress.IPv6Network(net.subnet6 or '').prefixlen}" if dual else None,
         gateway6=net.gateway6 if dual and ep.default_route else None,
     )

@@ -123,6 +123,8 @@ def plan_subnet(
                 ip_range=ip_range,
             )
         net = choose_subnet(pools, used, avoid, after)
+        if not isinstance(net, IPv4Network):
+            raise InvalidArgument("IPv4 networks need IPv4 pools", pools=[str(p) for p in pools])
         return net, net.network_address + 1, None
     net = _check_subnet(parse_network(subnet, "subnet"), used)
     if gateway is None:
@@ -142,7 +144,7 @@ def plan_subnet(
     rng: IPv4Network | None = None
     if ip_range is not None:
         rng_any = parse_network(ip_range, "ip range")
-        if rng_any.version != net.version or not rng_any.subnet_of(net):  # type: ignore[arg-type]
+        if rng_any.version != net.version or not rng_any.subnet_of(net):
             raise InvalidArgument(
                 f"ip range {rng_any} is not inside the subnet {net}", ip_range=str(rng_any)
             )
@@ -185,7 +187,7 @@ class AddressAllocator:
         """
         if gateway.version != 4 or gateway not in subnet:
             raise InvalidArgument(f"gateway {gateway} is not inside the subnet {subnet}")
-        if ip_range is not None and not ip_range.subnet_of(subnet):  # type: ignore[arg-type]
+        if ip_range is not None and not ip_range.subnet_of(subnet):
             raise InvalidArgument(f"ip range {ip_range} is not inside the subnet {subnet}")
         self.subnet = subnet
         self.gateway = gateway
@@ -241,7 +243,7 @@ class AddressAllocator:
         i = self._offset(addr)
         return i >= 0 and self._core.is_allocated(i)
 
-    def allocate(self, requested: IPv4Address | None = None) -> IPv4Address:
+    def allocate(self, requested: IPAddress | None = None) -> IPv4Address:
         """Hand out `requested`, or the next free address of the dynamic range.
 
         Raises:
@@ -277,7 +279,7 @@ class AddressAllocator:
             raise Conflict(f"address {addr} is already in use on this network", address=str(addr))
         return IPv4Address(self._base + i)
 
-    def reserve(self, addr: IPv4Address) -> None:
+    def reserve(self, addr: IPAddress) -> None:
         """Adopt an address already in use (after a restart); does not move the cursor.
 
         Raises:
@@ -285,7 +287,7 @@ class AddressAllocator:
         """
         self._take(addr)
 
-    def release(self, addr: IPv4Address) -> None:
+    def release(self, addr: IPAddress) -> None:
         """Return `addr` to the free addresses.
 
         Raises:

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv6Address, IPv6Network
 
 from agent.core.errors import Conflict, InvalidArgument, NotFound, PoolExhausted
-from agent.core.pools import Pool, choose_subnet
+from agent.core.pools import IPAddress, Pool, choose_subnet
 
 #: Longest IPv6 prefix a network may have; /120 = 256 addresses.
 MAX_PREFIX_V6 = 120
@@ -145,7 +145,7 @@ class AddressAllocator6:
         self._capacity = self._size - len(fixed)
         self._cursor = 1
 
-    def _offset(self, addr: IPv6Address) -> int:
+    def _offset(self, addr: IPAddress) -> int:
         if addr.version != 6:
             return -1
         i = int(addr) - self._base
@@ -164,7 +164,7 @@ class AddressAllocator6:
     def used(self) -> int:
         return len(self._used)
 
-    def allocate(self, requested: IPv6Address | None = None) -> IPv6Address:
+    def allocate(self, requested: IPAddress | None = None) -> IPv6Address:
         """Hand out `requested`, or the next free address after the cursor (wrapping).
 
         Raises:
@@ -185,7 +185,7 @@ class AddressAllocator6:
         self._cursor = i + 1 if i + 1 < self._size else 1
         return IPv6Address(self._base + i)
 
-    def _take(self, addr: IPv6Address) -> IPv6Address:
+    def _take(self, addr: IPAddress) -> IPv6Address:
         i = self._offset(addr)
         if i < 0:
             raise InvalidArgument(
@@ -202,14 +202,14 @@ class AddressAllocator6:
         self._used.add(i)
         return IPv6Address(self._base + i)
 
-    def reserve(self, addr: IPv6Address) -> None:
+    def reserve(self, addr: IPAddress) -> None:
         """Adopt an address already in use (after a restart); does not move the cursor."""
         self._take(addr)
 
-    def is_allocated(self, addr: IPv6Address) -> bool:
+    def is_allocated(self, addr: IPAddress) -> bool:
         return self._offset(addr) in self._used
 
-    def release(self, addr: IPv6Address) -> None:
+    def release(self, addr: IPAddress) -> None:
         """Return `addr`. Raises NotFound when it is not allocated."""
         i = self._offset(addr)
         if i not in self._used:

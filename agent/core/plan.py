@@ -27,6 +27,7 @@ import msgspec
 
 from agent.core import ipam, ipam6, naming, ports
 from agent.core import options as option_table
+from agent.core.bitmap import RangeAllocator
 from agent.core.errors import AgentError, Conflict, InvalidArgument, PoolExhausted
 from agent.core.model import Endpoint, Network, PortMapping
 from agent.core.pools import IPNetwork, Pool
@@ -166,7 +167,7 @@ def _check_aux(
     subnet: ipaddress.IPv4Network,
     gateway: ipaddress.IPv4Address,
     ip_range: ipaddress.IPv4Network | None,
-    range_allocator: Callable[..., ipam.RangeAllocator],
+    range_allocator: Callable[..., RangeAllocator],
 ) -> None:
     """Refuse --aux-address values that are not free addresses of the subnet."""
     if not aux:
@@ -223,7 +224,10 @@ class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def check_ports(
-    net: Network, wanted: Sequence[PortMapping], taken: Iterable[PortMapping], current=()
+    net: Network,
+    wanted: Sequence[PortMapping],
+    taken: Iterable[PortMapping],
+    current: Sequence[PortMapping] = (),
 ) -> tuple[PortMapping, ...]:
     """`current` plus `wanted`, sorted, if `net` may publish them and no other mapping holds
     their host ports.

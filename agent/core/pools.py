@@ -180,6 +180,7 @@ def choose_subnet(
         raise PoolExhausted("no address pools are configured")
     by_version: dict[int, Intervals] = {}
     p0, k0 = _start_after(pools, after)
+    order: list[tuple[int, int, int | None]]
     order = [(p, k0 if p == p0 else 0, None) for p in range(p0, len(pools))]
     order += [(p, 0, k0 if p == p0 else None) for p in range(p0 + 1)]
     for p, start, stop in order:

@@ -87,17 +87,17 @@ async def adopt(
     bridges: dict[str, int] = {}  # network id -> bridge ifindex
     by_name = {link.name: link for link in owned_links}
     for net in topo.networks.values():
-        link = by_name.get(net.bridge)
+        found = by_name.get(net.bridge)
         if (
-            link is not None
-            and link.kind == "bridge"
-            and gateway_cidr(net) in link.addresses
+            found is not None
+            and found.kind == "bridge"
+            and gateway_cidr(net) in found.addresses
             and not net.ipv6
         ):  # intact (the dump says so): no netlink round trip per network at start-up
-            bridges[net.id] = link.index
+            bridges[net.id] = found.index
             continue
         bridges[net.id] = await kernel.ensure_bridge(bridge_of(net))
-        if link is None:
+        if found is None:
             report.bridges_restored.append(net.bridge)
 
     for ep in state.endpoints:

@@ -30,6 +30,7 @@ from agent.core.errors import InvalidArgument, NotFound
 from agent.core.model import Endpoint, Network
 from agent.log import get_logger
 from agent.service.context import Shared, undo
+from agent.store.sqlite import Writer
 
 log = get_logger("agent.service.endpoints")
 
@@ -100,7 +101,7 @@ class Endpoints:
             await s.kernel.detach(ep.host_ifname)
 
         async def rules_back() -> None:
-            await s.apply_firewall(e for e in topo.with_ports() if e.id != ep.id)
+            await s.apply_firewall(endpoints=(e for e in topo.with_ports() if e.id != ep.id))
 
         with trio.CancelScope(shield=True):
             ipv6 = await s.kernel.attach(attachment_of(net, ep))
@@ -126,7 +127,7 @@ class Endpoints:
                 raise
         return ep
 
-    def _save_cursors(self, w, network_id: str) -> None:
+    def _save_cursors(self, w: Writer, network_id: str) -> None:
         topo = self.s.topo
         w.set_meta(f"cursor:{network_id}", str(topo.allocators[network_id].cursor))
         if (alloc6 := topo.allocators6.get(network_id)) is not None:
@@ -141,7 +142,7 @@ class Endpoints:
             net = s.topo.find_network(spec.network)
             ep = plan.reserve_endpoint(s.topo, net, spec, new_id=secrets.token_hex(32))
             try:
-                with trio.CancelScope(shield=True), s.store.transaction() as w:
+                with s.store.transaction() as w:  # no await: nothing to shield
                     w.put_endpoint(ep)
                     self._save_cursors(w, net.id)
             except BaseException:
@@ -209,13 +210,13 @@ class Endpoints:
                 return None
             raise
         async with s.netns_locks.hold(ep.netns_key or ep.id), s.lock.shared():
-            ep = s.topo.endpoints.get(ep.id)  # it may have gone while we waited
-            if ep is None:
+            now = s.topo.endpoints.get(ep.id)  # it may have gone while we waited
+            if now is None:
                 if force:
                     return None
                 raise NotFound(f"endpoint {ref!r} not found", endpoint=ref)
-            await self.release(ep)
-            return ep
+            await self.release(now)
+            return now
 
     async def release(self, ep: Endpoint, *, action: str = "disconnected") -> None:
         """Store record, port rules, then the veth cut off; all or nothing (see the module
@@ -236,7 +237,9 @@ class Endpoints:
             done = [record_back]
             try:
                 if ep.ports and ep.joined:  # no DNAT to an address about to vanish
-                    await s.apply_firewall(e for e in s.topo.with_ports() if e.id != ep.id)
+                    await s.apply_firewall(
+                        endpoints=(e for e in s.topo.with_ports() if e.id != ep.id)
+                    )
                     done.insert(0, rules_back)
                 if ep.joined:
                     retired = await s.kernel.retire(ep.host_ifname)
@@ -262,7 +265,7 @@ class Endpoints:
         await self.release(ep, action="released")
         return ep
 
-    def list(self, network: str | None = None) -> list[Endpoint]:
+    def filter(self, network: str | None = None) -> list[Endpoint]:
         """Endpoints (of `network` if given), by namespace and interface."""
         topo = self.s.topo
         eps = list(topo.endpoints.values())

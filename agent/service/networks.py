@@ -15,6 +15,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import time
+from collections.abc import Iterable
 
 import trio
 
@@ -126,9 +127,9 @@ class Networks:
             s.topo.ula48 = ula48
         s.topo.add_network(net)
 
-    def list(self, labels: list[str] | None = None) -> list[Network]:
+    def filter(self, labels: Iterable[str] = ()) -> list[Network]:
         """Networks with every label filter (`K` or `K=V`), oldest first."""
-        nets = [n for n in self.s.topo.networks.values() if plan.labels_match(n, labels or ())]
+        nets = [n for n in self.s.topo.networks.values() if plan.labels_match(n, labels)]
         return sorted(nets, key=lambda n: (n.created, n.name))
 
     def inspect(self, ref: str) -> tuple[Network, list[Endpoint]]:
@@ -158,13 +159,13 @@ class Networks:
             await self._forget([net])
             return net
 
-    async def prune(self, labels: list[str] | None = None) -> list[Network]:
+    async def prune(self, labels: Iterable[str] = ()) -> list[Network]:
         """Every unused network matching the filter, in one firewall transaction (each
         network's own `rm` would pay nf_tables' ~15 ms deletion wait twice)."""
         async with self.s.lock:
             unused = [
                 net
-                for net in self.list(labels)
+                for net in self.filter(labels)
                 if not net.is_default and not self.s.topo.endpoints_of(net.id)
             ]
             if unused:

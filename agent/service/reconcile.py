@@ -50,7 +50,7 @@ class Reconciler:
     # -- links ------------------------------------------------------------------------------
 
     async def serve_link_events(
-        self, receive: trio.MemoryReceiveChannel, *,
+        self, receive: trio.MemoryReceiveChannel[Any], *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:  # fmt: skip
         """Consume rtnetlink events until cancelled; a failed repair is logged, never fatal."""
@@ -174,7 +174,7 @@ class Reconciler:
     # -- firewall -------------------------------------------------------------------------
 
     async def serve_firewall_events(
-        self, receive: trio.MemoryReceiveChannel, *,
+        self, receive: trio.MemoryReceiveChannel[Any], *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:  # fmt: skip
         """Consume nftables change notifications; mark the firewall dirty on foreign changes."""

@@ -65,6 +65,8 @@ async def test_disconnect_whose_retire_fails_puts_record_and_rules_back(svc) -> 
     svc.shared.kernel.fail_retire = False
     await svc.endpoints.disconnect("a", "ok1")  # and it can still go
     assert svc.shared.firewall.forwards == 0 and svc.shared.store.load().endpoints == []
+    net = svc.topo.find_network("a")
+    assert svc.shared.firewall.networks == [net.bridge]  # only the ports went
 
 
 async def test_a_failing_rollback_still_deletes_the_bridge_and_keeps_the_first_error(

@@ -47,7 +47,7 @@ def _terminal_width() -> int:
     except (KeyError, ValueError):
         pass
     try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
     except (AttributeError, ValueError, OSError):
         return 80
 
@@ -156,7 +156,8 @@ def _run(args: argparse.Namespace) -> int:
 
     with Client(args.socket) as client:
         try:
-            return args.func(client, args)
+            status: int = args.func(client, args)
+            return status
         except AgentError as exc:
             return out.report(exc)
         except (KeyError, TypeError, AttributeError, ValueError) as exc:

@@ -70,7 +70,7 @@ def build(svc: Service, reconciler: Reconciler, info: Callable[[], p.Info]) -> d
         return await svc.networks.create(network_spec(params))
 
     async def network_list(params: p.NetworkFilter) -> Any:
-        return svc.networks.list(params.labels)
+        return svc.networks.filter(params.labels)
 
     async def network_inspect(params: p.NetworkRef) -> p.NetworkView:
         net, endpoints = svc.networks.inspect(params.network)
@@ -99,7 +99,7 @@ def build(svc: Service, reconciler: Reconciler, info: Callable[[], p.Info]) -> d
         return await svc.endpoints.remove(params.endpoint, force=params.force)
 
     async def endpoint_list(params: p.EndpointFilter) -> Any:
-        return svc.endpoints.list(params.network)
+        return svc.endpoints.filter(params.network)
 
     async def sandbox_run(params: p.SandboxRun) -> Any:
         return await svc.sandboxes.run(params.name, endpoint_spec(params))

@@ -78,12 +78,9 @@ class InFlight:
         if self.count == 0:
             self._idle.set()
 
-    async def wait_idle(self, timeout: float) -> bool:
-        """True if every request was answered within `timeout` seconds."""
-        with trio.move_on_after(timeout):
-            await self._idle.wait()
-            return True
-        return False
+    async def wait_idle(self) -> None:
+        """Until every request read so far is answered (the caller bounds the wait)."""
+        await self._idle.wait()
 
 
 class Stream:
