@@ -70,11 +70,28 @@ CASES = [
     (
         "bridge name too long",
         "network.create",
-        {"name": "l", "bridge": "averyveryverylongbridge"},
+        {"name": "l", "options": {"bridge": "averyveryverylongbridge"}},
         errors.InvalidArgument,
     ),
     ("bad network name", "network.create", {"name": "bad name"}, errors.InvalidArgument),
-    ("bad mtu", "network.create", {"name": "mtu", "mtu": 10}, errors.InvalidArgument),
+    (
+        "bad mtu",
+        "network.create",
+        {"name": "mtu", "options": {"mtu": "10"}},
+        errors.InvalidArgument,
+    ),
+    (
+        "unknown option",
+        "network.create",
+        {"name": "o", "options": {"x": "1"}},
+        errors.InvalidArgument,
+    ),
+    (
+        "bridge name ending in a newline",
+        "network.create",
+        {"name": "nl", "options": {"bridge": "br0\n"}},
+        errors.InvalidArgument,
+    ),
     ("unknown network", "endpoint.connect", {"network": "nope", "netns": "x"}, errors.NotFound),
     (
         "missing namespace",
