@@ -21,7 +21,7 @@ import threading
 
 from agent.core import naming
 from agent.core.errors import Conflict, InvalidArgument, KernelError, NotFound
-from agent.kernel.owner import run_in_fresh_thread, run_sync_in_fresh_thread
+from agent.kernel.threads import run_in_fresh_thread, run_sync_in_fresh_thread
 
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
