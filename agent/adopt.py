@@ -18,11 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agent.core import naming
+from agent.core.attach import Bridge, attachment_of, bridge_of
 from agent.core.errors import AgentError
 from agent.core.model import Endpoint
 from agent.core.topology import Topology
 from agent.log import get_logger
-from agent.service import KernelOps, NamespaceOps, attach_args, gateway6_cidr
+from agent.service import KernelOps, NamespaceOps
 from agent.store.sqlite import State, Store
 
 log = get_logger("agent.adopt")
@@ -65,14 +66,14 @@ async def adopt(
         owner = naming.parse_alias(link.alias)
         if owner is None:  # our link group but no alias yet: a create interrupted by a crash
             if link.kind == "bridge":
-                await kernel.delete_bridge(link.name)
+                await kernel.delete_bridge(Bridge(name=link.name))
             else:
                 await kernel.detach(link.name)
             report.leftovers_deleted.append(link.name)
             continue
         kind, ident = owner
         if kind == "net" and ident not in topo.networks:
-            await kernel.delete_bridge(link.name)
+            await kernel.delete_bridge(Bridge(name=link.name))
             report.leftovers_deleted.append(link.name)
         elif kind == "ep" and ident not in stored:
             await kernel.detach(link.name)
@@ -94,13 +95,7 @@ async def adopt(
         ):  # intact (the dump says so): no netlink round trip per network at start-up
             bridges[net.id] = link.index
             continue
-        bridges[net.id] = await kernel.ensure_bridge(
-            name=net.bridge,
-            alias=naming.bridge_alias(net.id),
-            address=gateway,
-            mtu=net.mtu,
-            address6=gateway6_cidr(net),
-        )
+        bridges[net.id] = await kernel.ensure_bridge(bridge_of(net))
         if link is None:
             report.bridges_restored.append(net.bridge)
 
@@ -171,7 +166,7 @@ def _forget_endpoint(store: Store, ep: Endpoint) -> None:
 
 async def _reattach(kernel: KernelOps, topo: Topology, ep: Endpoint) -> bool:
     try:
-        ipv6 = await kernel.attach(**attach_args(topo.networks[ep.network_id], ep))
+        ipv6 = await kernel.attach(attachment_of(topo.networks[ep.network_id], ep))
     except AgentError as exc:
         log.warning("adopt.reattach.failed", endpoint_id=ep.id, error=str(exc))
         return False

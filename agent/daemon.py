@@ -26,8 +26,8 @@ from agent.core.topology import Topology
 from agent.firewall.dual import DualFirewall
 from agent.firewall.monitor import serve_nft_changes
 from agent.kernel import netns
+from agent.kernel.client import open_kernel
 from agent.kernel.events import serve_link_events
-from agent.kernel.links import open_kernel
 from agent.log import configure, get_logger
 from agent.reconcile import Reconciler
 from agent.service import Service

@@ -26,6 +26,7 @@ from typing import Any
 
 import trio
 
+from agent.core.attach import Bridge
 from agent.core.errors import AgentError
 from agent.log import get_logger
 
@@ -41,7 +42,7 @@ class Reaper:
         self.kernel = kernel
         self._release = release  # (network id, address, IPv6 address) -> back to the pool
         self._addresses: list[tuple[str, str, str | None]] = []
-        self._bridges: list[tuple[str, str | None, str | None]] = []
+        self._bridges: list[Bridge] = []
         self._waiting: dict[str, trio.Event] = {}  # netns key or bridge name -> batch done
         self._in_flight: dict[str, trio.Event] = {}  # the same, for the batch being deleted
         self._wakeup = trio.Event()
@@ -52,11 +53,11 @@ class Reaper:
         self._addresses.append((network_id, ip, ip6))
         self._mark(netns_key)
 
-    def retire_bridge(self, bridge: str, address: str | None, address6: str | None) -> None:
+    def retire_bridge(self, bridge: Bridge) -> None:
         """Retire and delete `bridge` with the next batch (a user's bridge: only `address` and
         `address6`, the gateways the agent added, are removed). Its key is `br:<name>`."""
-        self._bridges.append((bridge, address, address6))
-        self._mark(f"br:{bridge}")
+        self._bridges.append(bridge)
+        self._mark(f"br:{bridge.name}")
 
     def _mark(self, key: str) -> None:
         self._waiting.setdefault(key, trio.Event())
@@ -96,9 +97,7 @@ class Reaper:
             if not self._waiting:
                 self._idle.set()
 
-    async def _delete_batch(
-        self, size: int, bridges: list[tuple[str, str | None, str | None]]
-    ) -> None:
+    async def _delete_batch(self, size: int, bridges: list[Bridge]) -> None:
         while True:
             start = trio.current_time()
             try:

@@ -24,6 +24,7 @@ from typing import Any
 import trio
 
 from agent.core import naming
+from agent.core.attach import bridge_of
 from agent.core.errors import AgentError
 from agent.core.model import Network
 from agent.log import get_logger
@@ -122,15 +123,10 @@ class Reconciler:
         net = self.svc.topo.networks.get(network_id)
         if net is None:
             return []
-        prefix = ipaddress.IPv4Network(net.subnet).prefixlen
         kernel = self.svc.kernel
         eps = self.svc.topo.endpoints_of(net.id)
         with trio.CancelScope(shield=True):
-            await kernel.ensure_bridge(
-                name=net.bridge, alias=naming.bridge_alias(net.id),
-                address=f"{net.gateway}/{prefix}", mtu=net.mtu,
-                address6=gateway6_cidr(net),
-            )  # fmt: skip
+            await kernel.ensure_bridge(bridge_of(net))
             self.firewall.bridge_recreated(net.bridge)
             for ep in eps:  # deleting a bridge releases its ports; enslaving also sets it up
                 try:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import msgspec
@@ -26,10 +26,12 @@ import trio
 
 from agent.api import protocol as p
 from agent.core import ipam, ipam6, naming
+from agent.core.attach import attachment_of, bridge_of
 from agent.core.errors import AgentError, Busy, Conflict, InvalidArgument, NotFound, PoolExhausted
 from agent.core.model import Endpoint, Network, Sandbox
 from agent.core.topology import Topology
 from agent.events import EventBus
+from agent.kernel.base import Kernel as KernelOps
 from agent.locks import KeyedLocks, TopologyLock
 from agent.log import get_logger
 from agent.reaper import Reaper
@@ -41,44 +43,6 @@ log = get_logger("agent.service")
 # A Linux bridge holds at most 1023 ports (BR_MAX_PORTS = 1024, port 0 reserved): refuse the
 # 1024th endpoint before touching the kernel, which would answer "Exchange full".
 MAX_BRIDGE_PORTS = 1023
-
-
-class KernelOps(Protocol):
-    async def ensure_bridge(
-        self, *, name: str, alias: str, address: str, mtu: int = 1500, address6: str | None = None
-    ) -> int: ...
-    async def delete_bridge(
-        self,
-        name: str,
-        address: str | None = None,
-        address6: str | None = None,
-        *,
-        retire: bool = False,
-    ) -> bool: ...
-    async def set_ip6_forward(self) -> None: ...
-    async def attach(
-        self,
-        *,
-        netns_path: str,
-        bridge: str,
-        host_ifname: str,
-        alias: str,
-        ifname: str,
-        mac: str,
-        mtu: int,
-        address: str,
-        gateway: str | None,
-        address6: str | None = None,
-        gateway6: str | None = None,
-    ) -> bool: ...
-    async def detach(self, host_ifname: str) -> bool: ...
-    async def retire(self, host_ifname: str) -> bool: ...
-    async def reap(self, bridges: Sequence[tuple[str, str | None, str | None]] = ()) -> bool: ...
-    async def enslave(self, host_ifname: str, bridge: str) -> None: ...
-    async def set_up(self, name: str) -> None: ...
-    async def link_state(self, name: str) -> tuple[bool, int] | None: ...
-    async def owned_links(self) -> list: ...
-    async def host_routes(self) -> list[ipaddress.IPv4Network]: ...
 
 
 class FirewallOps(Protocol):
@@ -211,13 +175,7 @@ class Service(PortsMixin):
         synced: list[bool] = []
 
         async def bridge() -> None:
-            await self.kernel.ensure_bridge(
-                name=net.bridge,
-                alias=naming.bridge_alias(net.id),
-                address=f"{net.gateway}/{subnet.prefixlen}",
-                mtu=net.mtu,
-                address6=gateway6_cidr(net),
-            )
+            await self.kernel.ensure_bridge(bridge_of(net))
             made.append(True)
             if net.ipv6:
                 await self.kernel.set_ip6_forward()
@@ -250,9 +208,7 @@ class Service(PortsMixin):
                 if synced:
                     await self.firewall.sync(self.topo.networks.values())
                 if made:
-                    await self.kernel.delete_bridge(
-                        net.bridge, _gateway_cidr(net), gateway6_cidr(net)
-                    )
+                    await self.kernel.delete_bridge(bridge_of(net))
                 raise failed[0]
         self.topo.add_network(net)
 
@@ -306,7 +262,7 @@ class Service(PortsMixin):
             self.topo.remove_network(net.id)
             # the bridge has no port and no rule left: the reaper retires and deletes it (a
             # netlink message now would wait for a batch delete in progress)
-            self.reaper.retire_bridge(net.bridge, _gateway_cidr(net), gateway6_cidr(net))
+            self.reaper.retire_bridge(bridge_of(net))
             self._dying_subnets[f"br:{net.bridge}"] = ipaddress.IPv4Network(net.subnet)
             self.bus.publish("network", "removed", net.id, name=net.name)
             log.info("network.remove.complete", network_id=net.id, name=net.name)
@@ -417,7 +373,7 @@ class Service(PortsMixin):
         """
         topo = self.topo
         with trio.CancelScope(shield=True):
-            ipv6 = await self.kernel.attach(**attach_args(net, ep))
+            ipv6 = await self.kernel.attach(attachment_of(net, ep))
             try:
                 if not ipv6 and ep.ip6 is not None:
                     if ip6_requested:
@@ -606,33 +562,10 @@ def _overlaps(subnet: str, other: ipaddress.IPv4Network) -> bool:
         return False
 
 
-def _gateway_cidr(net: Network) -> str:
-    return f"{net.gateway}/{ipaddress.IPv4Network(net.subnet).prefixlen}"
-
-
 def gateway6_cidr(net: Network) -> str | None:
     if not (net.ipv6 and net.subnet6 and net.gateway6):
         return None
     return f"{net.gateway6}/{ipaddress.IPv6Network(net.subnet6).prefixlen}"
-
-
-def attach_args(net: Network, ep: Endpoint) -> dict[str, Any]:
-    """The keyword arguments of `kernel.attach` for `ep` (connect, and re-attach at start-up)."""
-    args: dict[str, Any] = {
-        "netns_path": ep.netns,
-        "bridge": net.bridge,
-        "host_ifname": ep.host_ifname,
-        "alias": naming.veth_alias(ep.id),
-        "ifname": ep.ifname,
-        "mac": ep.mac,
-        "mtu": net.mtu,
-        "address": f"{ep.ip}/{ipaddress.IPv4Network(net.subnet).prefixlen}",
-        "gateway": net.gateway if ep.default_route else None,
-    }
-    if ep.ip6 and net.subnet6:  # dual stack
-        args["address6"] = f"{ep.ip6}/{ipaddress.IPv6Network(net.subnet6).prefixlen}"
-        args["gateway6"] = net.gateway6 if ep.default_route else None
-    return args
 
 
 def _plan_v6(

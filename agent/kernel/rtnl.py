@@ -274,7 +274,7 @@ def new_veth(
     """The host end is enslaved (and down) at creation; the peer is born in the namespace.
 
     The host end stays down until `set_alias(..., up=True)`, so that IPv6 can be disabled on
-    it before it comes up (see `links.Kernel._create_veth`); the peer cannot be brought up in
+    it before it comes up (see `ops.Ops.attach`); the peer cannot be brought up in
     this message either (ENOTCONN: `veth_open` runs before the pair is linked).
     IFLA_MASTER in a create enslaves after registering and unregisters the pair if that fails.
     IFLA_IFALIAS is ignored at creation (measured): it needs its own message.

@@ -12,6 +12,7 @@ import pytest
 import trio
 
 from agent.api import protocol as p
+from agent.core.attach import Attachment, Bridge
 from agent.core.bitmap import RangeAllocator
 from agent.core.errors import (
     AgentError,
@@ -31,30 +32,30 @@ from agent.store.sqlite import open_store
 class FakeKernel:
     def __init__(self) -> None:
         self.bridges: dict[str, str] = {}
-        self.veths: dict[str, dict] = {}
+        self.veths: dict[str, Attachment] = {}
         self.fail_attach = False
         self.fail_bridge = False
         self.routes: list[ipaddress.IPv4Network] = []
         self.dying: set[str] = set()
         self.reap_gate: trio.Event | None = None
 
-    async def ensure_bridge(self, *, name, alias, address, mtu=1500, address6=None) -> int:
+    async def ensure_bridge(self, bridge: Bridge) -> int:
         await trio.sleep(0)
         if self.fail_bridge:
-            raise Conflict(f"{name} is a veth, not a bridge", bridge=name)
-        self.bridges[name] = address
+            raise Conflict(f"{bridge.name} is a veth, not a bridge", bridge=bridge.name)
+        self.bridges[bridge.name] = bridge.address
         return len(self.bridges)
 
     async def set_ip6_forward(self) -> None:
         self.ip6_forward = True
 
-    async def delete_bridge(self, name, address=None, address6=None, *, retire=False) -> bool:
-        return self.bridges.pop(name, None) is not None
+    async def delete_bridge(self, bridge: Bridge, *, retire=False) -> bool:
+        return self.bridges.pop(bridge.name, None) is not None
 
-    async def attach(self, **kw) -> bool:
+    async def attach(self, att: Attachment) -> bool:
         if self.fail_attach:
             raise KernelError("attach failed on purpose")
-        self.veths[kw["host_ifname"]] = kw
+        self.veths[att.host_ifname] = att
         return True
 
     async def detach(self, host_ifname) -> bool:
@@ -69,8 +70,8 @@ class FakeKernel:
     async def reap(self, bridges=()) -> bool:
         if self.reap_gate is not None:
             await self.reap_gate.wait()
-        for name, _, _ in bridges:
-            self.bridges.pop(name, None)
+        for bridge in bridges:
+            self.bridges.pop(bridge.name, None)
         for name in self.dying:
             self.veths.pop(name, None)
         found, self.dying = bool(self.dying), set()
