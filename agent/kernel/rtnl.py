@@ -9,7 +9,9 @@ kernel's extended-ack message when it gives one.
 
 Replies are read by `Link`, `nsid_of` and `route_dst` (dumps: by the event decoder,
 `agent.accel.nlevents`), their attributes walked by `agent.core.nlattrs`: a payload too short
-for its fixed header, or an attribute that does not fit, raises `ValueError`.
+for its fixed header, or an attribute that does not fit, raises `ValueError`. What is encoded
+here and what is read are both checked against pyroute2 as an independent oracle
+(tests/shell/test_rtnl.py).
 
 Only the owner thread (or a short-lived namespace thread) uses an `RtSocket`: it is blocking
 and not thread-safe.
