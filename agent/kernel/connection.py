@@ -53,7 +53,8 @@ class WorkerConnection:
         if self._gone is not None:
             raise KernelError(self._gone)
         self._next += 1
-        ident, done, box = self._next, trio.Event(), []
+        ident, done = self._next, trio.Event()
+        box: list[Any] = []
         self._waiting[ident] = (done, box)
         frame = pickle.dumps((ident, job.value, args))
         with trio.CancelScope(shield=True):  # sent means done: its effect is never lost

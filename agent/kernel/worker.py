@@ -32,10 +32,10 @@ import signal
 import socket
 import threading
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from agent.core.errors import KernelError
-from agent.kernel.jobs import FRAME, LANES, lane_of
+from agent.kernel.jobs import FRAME, LANES, Job, lane_of
 from agent.kernel.ops import JOBS, Ops
 from agent.log import configure
 
@@ -53,7 +53,7 @@ def _recv_exact(sock: socket.socket, size: int) -> bytes | None:
     return bytes(buf)
 
 
-def serve(sock: socket.socket, target: object, table: Mapping[str, Callable[..., Any]]) -> None:
+def serve(sock: socket.socket, target: object, table: Mapping[Job, Callable[..., Any]]) -> None:
     """Run the jobs read from `sock` as `table[job](target, *args)`, one thread per lane, until
     the stream ends; then finish the queued jobs and return.
 
@@ -95,7 +95,7 @@ def serve(sock: socket.socket, target: object, table: Mapping[str, Callable[...,
             if body is None:
                 break
             ident, job, args = pickle.loads(body)
-            fn = table.get(job)
+            fn = table.get(cast(Job, job))  # the name sent: a StrEnum member hashes as its str
             if fn is None:
                 answer(ident, False, KernelError(f"the kernel worker has no job {job!r}"))
                 continue

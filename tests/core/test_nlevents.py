@@ -345,7 +345,7 @@ def _encode(msg: object, kind: int, fields: dict, attrs: list) -> bytes:
 
 
 NAMES = st.from_regex(r"[A-Za-z0-9_.:-]{1,15}", fullmatch=True)
-TEXTS = st.text(st.characters(exclude_characters="\0", exclude_categories=("Cs",)), max_size=60)
+TEXTS = st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=60)
 U32 = st.integers(0, 2**32 - 1)
 
 

@@ -186,10 +186,12 @@ def _kernel_imports(path: Path) -> set[str]:
     """The `agent.kernel` modules that `path` imports (by module stem)."""
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module == "agent.kernel":
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("agent.kernel."):
-            found.add(node.module.split(".")[2])
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if module == "agent.kernel":
+                found |= {a.name for a in node.names}
+            elif module.startswith("agent.kernel."):
+                found.add(module.split(".")[2])
         elif isinstance(node, ast.Import):
             found |= {
                 a.name.split(".")[2] for a in node.names if a.name.startswith("agent.kernel.")

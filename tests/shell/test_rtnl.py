@@ -45,7 +45,7 @@ CREATE = NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL
 NO_LINK = {"family": 0, "ifi_type": 0, "index": 0, "flags": 0, "change": 0}
 
 names = st.from_regex(r"[A-Za-z0-9_.:-]{1,15}", fullmatch=True)
-texts = st.text(st.characters(exclude_characters="\0", exclude_categories=("Cs",)), max_size=80)
+texts = st.text(st.characters(codec="utf-8", exclude_characters="\0"), max_size=80)
 u32s = st.integers(0, 2**32 - 1)
 indexes = st.integers(1, 2**31 - 1)
 mtus = st.integers(68, 65535)
