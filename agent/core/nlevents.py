@@ -20,8 +20,9 @@ come and go. With neither argument, every link and address message is decoded.
 
 Errors: malformed input (a truncated header, an attribute that overruns its message, a body too
 short for its fixed header, an address of the wrong length) raises `ValueError` and nothing
-else. Message and attribute lengths are checked before any field is read. The nested
-IFLA_LINKINFO is only walked for kept links.
+else. Message and attribute lengths are checked before any field is read (attributes are
+walked by `agent.core.nlattrs`, the one walker). The nested IFLA_LINKINFO is only walked for
+kept links.
 
 Only `ifi_family == AF_UNSPEC` link messages describe a link: the bridge also sends
 RTM_NEWLINK/RTM_DELLINK with AF_BRIDGE for port changes (`br_ifinfo_notify`), and an
@@ -32,11 +33,12 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Container, Iterator
+from collections.abc import Container
 
 import msgspec
 
 from agent.core.naming import ALIAS_PREFIX
+from agent.core.nlattrs import attrs, cstr, u32
 
 NLMSG_HDRLEN = 16
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR, RTM_DELADDR = 16, 17, 20, 21
@@ -45,7 +47,6 @@ IFF_UP = 0x1
 IFLA_IFNAME, IFLA_MASTER, IFLA_LINKINFO, IFLA_IFALIAS, IFLA_GROUP = 3, 10, 18, 20, 27
 IFLA_INFO_KIND = 1
 IFA_ADDRESS, IFA_LOCAL = 1, 2
-NLA_TYPE_MASK = 0x3FFF
 
 IFINFOMSG_LEN = 16
 IFADDRMSG_LEN = 8
@@ -54,8 +55,6 @@ ALIAS_PREFIX_BYTES = ALIAS_PREFIX.encode()
 _HDR = struct.Struct("=IH")  # nlmsg_len, nlmsg_type (flags, seq, pid are not needed)
 _IFINFO = struct.Struct("=BxHiI")  # family, type, index, flags
 _IFADDR = struct.Struct("=BBBBi")  # family, prefixlen, flags, scope, index
-_NLA = struct.Struct("=HH")
-_U32 = struct.Struct("=I")
 _ADDR_LEN = {AF_INET: 4, AF_INET6: 16}
 
 
@@ -131,31 +130,6 @@ def decode(
     return events
 
 
-def _attrs(view: memoryview, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
-    """(type, payload start, payload end) of each attribute in `view[pos:end]`, in order.
-
-    A generator, so that errors surface in the same order as in the Cython twin's single walk.
-    """
-    while pos < end:
-        if end - pos < 4:
-            raise ValueError(f"truncated attribute at offset {pos}")
-        size, kind = _NLA.unpack_from(view, pos)
-        if size < 4 or size > end - pos:
-            raise ValueError(f"bad attribute length {size} at offset {pos}")
-        yield kind & NLA_TYPE_MASK, pos + 4, pos + size
-        pos += (size + 3) & ~3
-
-
-def _u32(view: memoryview, start: int, end: int) -> int:
-    if end - start < 4:
-        raise ValueError(f"short u32 attribute at offset {start}")
-    return _U32.unpack_from(view, start)[0]
-
-
-def _cstr(view: memoryview, start: int, end: int) -> str:
-    return bytes(view[start:end]).split(b"\0", 1)[0].decode(errors="replace")
-
-
 def _link(
     view: memoryview,
     start: int,
@@ -172,15 +146,15 @@ def _link(
         return None
     name = alias = info = master = None
     link_group = 0
-    for akind, a, b in _attrs(view, start + IFINFOMSG_LEN, end):
+    for akind, a, b in attrs(view, start + IFINFOMSG_LEN, end):
         if akind == IFLA_IFNAME:
             name = (a, b)
         elif akind == IFLA_IFALIAS:
             alias = (a, b)
         elif akind == IFLA_MASTER:
-            master = _u32(view, a, b)
+            master = u32(view, a, b)
         elif akind == IFLA_GROUP:
-            link_group = _u32(view, a, b)
+            link_group = u32(view, a, b)
         elif akind == IFLA_LINKINFO:
             info = (a, b)
     if filtered and not (
@@ -193,15 +167,15 @@ def _link(
         return None
     link_kind = None
     if info is not None:
-        for ikind, a, b in _attrs(view, *info):
+        for ikind, a, b in attrs(view, *info):
             if ikind == IFLA_INFO_KIND:
-                link_kind = _cstr(view, a, b)
+                link_kind = cstr(view, a, b)
     return LinkEvent(
         "new" if kind == RTM_NEWLINK else "del",
         index,
-        "" if name is None else _cstr(view, *name),
+        "" if name is None else cstr(view, *name),
         link_kind,
-        None if alias is None else _cstr(view, *alias),
+        None if alias is None else cstr(view, *alias),
         master or 0,
         bool(flags & IFF_UP),
         link_group,
@@ -218,7 +192,7 @@ def _addr(
     if want is None or (indexes is not None and index not in indexes):
         return None
     local = address = None
-    for akind, a, b in _attrs(view, start + IFADDRMSG_LEN, end):
+    for akind, a, b in attrs(view, start + IFADDRMSG_LEN, end):
         if akind == IFA_LOCAL:
             local = (a, b)
         elif akind == IFA_ADDRESS:

@@ -31,7 +31,8 @@ from typing import Any
 import msgspec
 import trio
 
-from agent.core.nlevents import _attrs, _cstr  # the same checked attribute walk
+from agent.core.nlattrs import attrs as _attrs  # the one checked attribute walk
+from agent.core.nlattrs import cstr as _cstr
 from agent.kernel.events import Outbox, open_netlink, pump
 
 NETLINK_NETFILTER = 12

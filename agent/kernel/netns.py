@@ -8,6 +8,7 @@ entering it for that one `socket()` call and coming straight back (`socket_visit
 namespace is made by a throwaway thread that unshares and exits. Forking for either costs
 5-6 ms (DESIGN section 4). Python 3.11 has no `os.setns`: libc via
 ctypes. Named namespaces follow iproute2's `netns_add`, so `ip netns list/exec` see ours.
+Namespace ids (RTM_NEWNSID) are given out counting down (`NsidCounter`).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import threading
 
 from agent.core import naming
 from agent.core.errors import Conflict, InvalidArgument, KernelError, NotFound
-from agent.kernel.owner import run_in_fresh_thread, run_sync_in_fresh_thread
+from agent.kernel import rtnl
+from agent.kernel.threads import run_in_fresh_thread, run_sync_in_fresh_thread
 
 NETNS_RUN_DIR = "/run/netns"
 CLONE_NEWNET = 0x40000000
@@ -106,6 +108,48 @@ def socket_visiting(fd: int, home: int, proto: int = 0) -> socket.socket:
             why = os.strerror(ctypes.get_errno())
             os.write(2, f"agentd: cannot return to its own network namespace: {why}\n".encode())
             os._exit(70)
+
+
+#: Namespace ids the agent gives out, counting down (see `NsidCounter`); the kernel's own ids
+#: count up from 0 and never get near.
+NSID_TOP, NSID_FLOOR = 1 << 30, 1 << 29
+
+
+class NsidCounter:
+    """Namespace ids that count down, so that the kernel finds the newest first.
+
+    The kernel finds the id of a veth peer's namespace (for every notification about the host
+    end) by scanning the host's ids in ascending order, one per container namespace, and gives
+    a new namespace the lowest free one, so an attach among 10,000 endpoints scanned them all,
+    five times. Given, with its first veth, an id below every earlier one (RTM_NEWNSID), a
+    namespace's attach finds its own first. A detach scans past the namespaces attached after
+    it and still there.
+    """
+
+    def __init__(self) -> None:
+        self._next = NSID_TOP
+        self._claimed: set[tuple[int, int]] = set()  # (dev, inode) of namespaces with our id
+
+    def resume(self, ids: list[int]) -> None:
+        """After a restart, go on below the lowest of our ids among `ids` (the kernel's)."""
+        ours = [i for i in ids if i >= NSID_FLOOR]
+        self._next = min(ours) - 1 if ours else NSID_TOP
+
+    def claim(self, fd: int) -> rtnl.Request | None:
+        """The request giving the namespace behind `fd` the next id, or None if it was given
+        one (or found to have one) already. Best effort: an EEXIST reply (it has an id, say
+        from someone else, or the id is taken) is to be ignored."""
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino)
+        if key in self._claimed:  # the id lives as long as the namespace: once is enough
+            return None
+        if len(self._claimed) >= 1 << 16:
+            self._claimed.clear()  # an inode reused since costs one EEXIST, nothing more
+        self._claimed.add(key)
+        if self._next < NSID_FLOOR:
+            self._next = NSID_TOP  # 2^29 attaches later: the old ids are long gone
+        self._next -= 1
+        return rtnl.new_nsid(fd, self._next + 1)
 
 
 def _ensure_run_dir() -> None:

@@ -7,6 +7,12 @@ in ONE datagram: the kernel (`netlink_rcv_skb`) processes them in order and answ
 which saves a round trip per step. Errors come back as `NetlinkError` with the errno and the
 kernel's extended-ack message when it gives one.
 
+Replies are read by `Link`, `nsid_of` and `route_dst` (dumps: by the event decoder,
+`agent.accel.nlevents`), their attributes walked by `agent.core.nlattrs`: a payload too short
+for its fixed header, or an attribute that does not fit, raises `ValueError`. What is encoded
+here and what is read are both checked against pyroute2 as an independent oracle
+(tests/shell/test_rtnl.py).
+
 Only the owner thread (or a short-lived namespace thread) uses an `RtSocket`: it is blocking
 and not thread-safe.
 """
@@ -17,7 +23,8 @@ import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Iterator
+
+from agent.core.nlattrs import attrs, cstr, exact, s32, u32
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
@@ -60,7 +67,6 @@ _RTMSG = struct.Struct("=BBBBBBBBI")
 _RTA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _ERR = struct.Struct("=i")
-_NLA_TYPE_MASK = 0x3FFF
 
 Request = tuple[int, int, bytes]
 """(message type, extra flags, body after the netlink header)."""
@@ -86,21 +92,6 @@ def attr_str(kind: int, value: str) -> bytes:
 
 def attr_u32(kind: int, value: int) -> bytes:
     return attr(kind, _U32.pack(value))
-
-
-def iter_attrs(buf: bytes | memoryview, start: int, end: int) -> Iterator[tuple[int, memoryview]]:
-    """(type, payload) of each attribute in `buf[start:end]`; flag bits are masked off."""
-    view = memoryview(buf)
-    while start + 4 <= end:
-        size, kind = _RTA.unpack_from(view, start)
-        if size < 4:
-            return
-        yield kind & _NLA_TYPE_MASK, view[start + 4 : start + size]
-        start += (size + 3) & ~3
-
-
-def cstr(payload: memoryview) -> str:
-    return bytes(payload).split(b"\0", 1)[0].decode(errors="replace")
 
 
 def ifinfo(index: int = 0, *, up: bool = False) -> bytes:
@@ -216,11 +207,23 @@ def dump_nsids() -> Request:
     return RTM_GETNSID, NLM_F_DUMP, _RTGEN.pack(socket.AF_UNSPEC)
 
 
+def _fixed(header: struct.Struct, payload: bytes, what: str) -> tuple[int, ...]:
+    """The fixed header at the start of a reply payload; ValueError if it is cut short."""
+    if len(payload) < header.size:
+        raise ValueError(f"truncated {what}: {len(payload)} bytes")
+    return header.unpack_from(payload, 0)
+
+
 def nsid_of(payload: bytes) -> int | None:
-    """The NETNSA_NSID of one RTM_NEWNSID message."""
-    for kind, value in iter_attrs(payload, _RTGEN.size, len(payload)):
+    """The NETNSA_NSID of one RTM_NEWNSID message.
+
+    Raises:
+        ValueError: the payload is malformed.
+    """
+    _fixed(_RTGEN, payload, "rtgenmsg")
+    for kind, a, b in attrs(payload, _RTGEN.size, len(payload)):
         if kind == NETNSA_NSID:
-            return struct.unpack_from("i", value)[0]
+            return s32(payload, a, b)
     return None
 
 
@@ -229,35 +232,27 @@ def dump_addrs() -> Request:
     return RTM_GETADDR, NLM_F_DUMP, _IFADDR.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
 
 
-def addr_of(payload: bytes) -> tuple[int, str] | None:
-    """(ifindex, "a.b.c.d/len") of an IPv4 RTM_NEWADDR payload; None if not IPv4."""
-    family, prefixlen, _flags, _scope, index = _IFADDR.unpack_from(payload, 0)
-    if family != socket.AF_INET:
-        return None
-    local = None
-    for kind, value in iter_attrs(payload, _IFADDR.size, len(payload)):
-        if kind == IFA_LOCAL or (kind == IFA_ADDRESS and local is None):
-            local = socket.inet_ntoa(bytes(value[:4]))
-    return None if local is None else (index, f"{local}/{prefixlen}")
-
-
 def dump_routes() -> Request:
     return RTM_GETROUTE, NLM_F_DUMP, _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def route_dst(payload: bytes) -> tuple[int, str, int] | None:
-    """(table, destination CIDR, oif) of an IPv4 RTM_NEWROUTE payload; None if not IPv4."""
-    family, dst_len, _src, _tos, table, _p, _s, _t, _f = _RTMSG.unpack_from(payload, 0)
+    """(table, destination CIDR, oif) of an IPv4 RTM_NEWROUTE payload; None if not IPv4.
+
+    Raises:
+        ValueError: the payload is malformed.
+    """
+    family, dst_len, _src, _tos, table, _p, _s, _t, _f = _fixed(_RTMSG, payload, "rtmsg")
     if family != socket.AF_INET:
         return None
     dst, oif = b"\0\0\0\0", 0
-    for kind, value in iter_attrs(payload, _RTMSG.size, len(payload)):
+    for kind, a, b in attrs(payload, _RTMSG.size, len(payload)):
         if kind == RTA_DST:
-            dst = bytes(value[:4])
+            dst = exact(payload, a, b, 4)
         elif kind == RTA_TABLE:
-            table = _U32.unpack_from(value)[0]
+            table = u32(payload, a, b)
         elif kind == RTA_OIF:
-            oif = _U32.unpack_from(value)[0]
+            oif = u32(payload, a, b)
     return table, f"{socket.inet_ntoa(dst)}/{dst_len}", oif
 
 
@@ -281,7 +276,7 @@ def new_veth(
     """The host end is enslaved (and down) at creation; the peer is born in the namespace.
 
     The host end stays down until `set_alias(..., up=True)`, so that IPv6 can be disabled on
-    it before it comes up (see `links.Kernel._create_veth`); the peer cannot be brought up in
+    it before it comes up (see `ops.Ops.attach`); the peer cannot be brought up in
     this message either (ENOTCONN: `veth_open` runs before the pair is linked).
     IFLA_MASTER in a create enslaves after registering and unregisters the pair if that fails.
     IFLA_IFALIAS is ignored at creation (measured): it needs its own message.
@@ -364,33 +359,37 @@ def new_default_route(gateway: str) -> Request:
 
 
 class Link:
-    """The few fields of an RTM_NEWLINK reply that the shell needs."""
+    """The few fields of an RTM_NEWLINK reply that the shell needs.
+
+    Raises:
+        ValueError: the payload is malformed.
+    """
 
     __slots__ = ("alias", "flags", "group", "index", "kind", "link", "master", "name")
 
     def __init__(self, payload: bytes) -> None:
-        _family, _type, self.index, self.flags, _change = _IFINFO.unpack_from(payload, 0)
+        _family, _type, self.index, self.flags, _change = _fixed(_IFINFO, payload, "ifinfomsg")
         self.name = ""
         self.kind: str | None = None
         self.alias: str | None = None
         self.master = 0
         self.group = 0
         self.link = 0  # a veth's peer ifindex (in the peer's namespace)
-        for kind, value in iter_attrs(payload, _IFINFO.size, len(payload)):
+        for kind, a, b in attrs(payload, _IFINFO.size, len(payload)):
             if kind == IFLA_IFNAME:
-                self.name = cstr(value)
+                self.name = cstr(payload, a, b)
             elif kind == IFLA_LINK:
-                self.link = _U32.unpack_from(value)[0]
+                self.link = u32(payload, a, b)
             elif kind == IFLA_IFALIAS:
-                self.alias = cstr(value)
+                self.alias = cstr(payload, a, b)
             elif kind == IFLA_MASTER:
-                self.master = _U32.unpack_from(value)[0]
+                self.master = u32(payload, a, b)
             elif kind == IFLA_GROUP:
-                self.group = _U32.unpack_from(value)[0]
+                self.group = u32(payload, a, b)
             elif kind == IFLA_LINKINFO:
-                for sub, subvalue in iter_attrs(value, 0, len(value)):
+                for sub, c, d in attrs(payload, a, b):
                     if sub == IFLA_INFO_KIND:
-                        self.kind = cstr(subvalue)
+                        self.kind = cstr(payload, c, d)
 
 
 class RtSocket:
@@ -459,9 +458,9 @@ def _error(err: int, flags: int, payload: bytes) -> NetlinkError:
     message = ""
     if flags & NLM_F_ACK_TLVS:
         # nlmsgerr: error (4) + the request's header (16; the body is capped by CAP_ACK)
-        for kind, value in iter_attrs(payload, 20, len(payload)):
+        for kind, a, b in attrs(payload, 20, len(payload)):
             if kind == NLMSGERR_ATTR_MSG:
-                message = cstr(value)
+                message = cstr(payload, a, b)
     return NetlinkError(err, message)
 
 

@@ -1,4 +1,5 @@
-"""agent.kernel.links against the real kernel (private netns), checked with `ip -j`."""
+"""The kernel shell (`agent.kernel.client` through the worker, and `ops` directly) against the
+real kernel (private netns), checked with `ip -j`."""
 
 from __future__ import annotations
 
@@ -11,14 +12,21 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 import trio
+from msgspec.structs import astuple
 
 from agent.core import naming
+from agent.core.attach import Attachment, Bridge
 from agent.core.errors import Conflict, KernelError, NotFound
 from agent.kernel import netns, rtnl
-from agent.kernel.links import NSID_FLOOR, NSID_TOP, Kernel, open_kernel
+from agent.kernel.client import Kernel, open_kernel
+from agent.kernel.jobs import Job
+from agent.kernel.netns import NSID_FLOOR, NSID_TOP
+from agent.kernel.ops import JOBS, Ops
 
 pytestmark = pytest.mark.kernel
 
@@ -106,24 +114,48 @@ async def kernel() -> AsyncIterator[Kernel]:
         yield k
 
 
+class OwnerThread:
+    """The worker's `Ops` run by one dedicated thread of this process, as the worker's owner
+    thread runs it: `owner(job, *args)` runs `JOBS[job]` there and returns its result."""
+
+    def __init__(self) -> None:
+        self.ops = Ops()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="test-owner")
+
+    def __call__(self, job: Job, *args: Any) -> Any:
+        return self._thread.submit(JOBS[job], self.ops, *args).result()
+
+    def close(self) -> None:
+        self(Job.CLOSE)
+        self._thread.shutdown()
+
+
+@pytest.fixture
+def owner() -> Iterator[OwnerThread]:
+    thread = OwnerThread()
+    thread(Job.OPEN)
+    yield thread
+    thread.close()
+
+
 def ident() -> str:
     return secrets.token_hex(32)
 
 
 async def make_bridge(kernel: Kernel, scratch: Scratch, address: str = "172.18.0.1/16") -> str:
     name = scratch.name("tbr")
-    await kernel.ensure_bridge(name=name, alias=naming.bridge_alias(ident()), address=address)
+    await kernel.ensure_bridge(Bridge(name, naming.bridge_alias(ident()), address))
     return name
 
 
-def endpoint(bridge: str, host: str, n: int, ns: str, **over: object) -> dict:
+def endpoint(bridge: str, host: str, n: int, ns: str, **over: Any) -> Attachment:
     spec = dict(
-        netns_path=ns, bridge=bridge, host_ifname=host, alias=naming.veth_alias(ident()),
+        netns=ns, bridge=bridge, host_ifname=host, alias=naming.veth_alias(ident()),
         ifname="eth0", mac=f"02:42:ac:12:00:{n:02x}", mtu=1450, address=f"172.18.0.{n}/16",
         gateway="172.18.0.1",
     )  # fmt: skip
     spec.update(over)
-    return spec
+    return Attachment(**spec)
 
 
 # --- bridges ---------------------------------------------------------------------------------
@@ -132,7 +164,7 @@ def endpoint(bridge: str, host: str, n: int, ns: str, **over: object) -> dict:
 async def test_ensure_bridge_creates_down_bridge_with_address_alias_group(kernel, scratch):
     name = scratch.name("tbr")
     alias = naming.bridge_alias(ident())
-    index = await kernel.ensure_bridge(name=name, alias=alias, address="172.18.0.1/16", mtu=1400)
+    index = await kernel.ensure_bridge(Bridge(name, alias, "172.18.0.1/16", mtu=1400))
     info = link(name)
     assert info is not None
     assert (info["ifindex"], info["linkinfo"]["info_kind"]) == (index, "bridge")
@@ -147,8 +179,8 @@ async def test_ensure_bridge_creates_down_bridge_with_address_alias_group(kernel
 async def test_ensure_bridge_adopts_idempotently(kernel, scratch):
     name = scratch.name("tbr")
     alias = naming.bridge_alias(ident())
-    first = await kernel.ensure_bridge(name=name, alias=alias, address="172.19.0.1/16")
-    second = await kernel.ensure_bridge(name=name, alias=alias, address="172.19.0.1/16")
+    first = await kernel.ensure_bridge(Bridge(name, alias, "172.19.0.1/16"))
+    second = await kernel.ensure_bridge(Bridge(name, alias, "172.19.0.1/16"))
     assert first == second
     assert len([x for x in ip_json("link", "show") if x["ifname"] == name]) == 1
     inet = [
@@ -161,18 +193,16 @@ async def test_ensure_bridge_on_foreign_link_conflicts(kernel, scratch):
     name = scratch.name("tdm")
     add_foreign(name)
     with pytest.raises(Conflict, match="veth"):
-        await kernel.ensure_bridge(
-            name=name, alias=naming.bridge_alias(ident()), address="10.9.0.1/24"
-        )
+        await kernel.ensure_bridge(Bridge(name, naming.bridge_alias(ident()), "10.9.0.1/24"))
     assert link(name)["linkinfo"]["info_kind"] == "veth"
     assert ip_json("addr", "show", "dev", name)[0]["addr_info"] == []
 
 
 async def test_delete_bridge(kernel, scratch):
     name = await make_bridge(kernel, scratch)
-    assert await kernel.delete_bridge(name) is True
+    assert await kernel.delete_bridge(Bridge(name)) is True
     assert link(name) is None
-    assert await kernel.delete_bridge(name) is False
+    assert await kernel.delete_bridge(Bridge(name)) is False
 
 
 # --- attach ----------------------------------------------------------------------------------
@@ -181,20 +211,20 @@ async def test_delete_bridge(kernel, scratch):
 def assert_attached(ns: str, spec: dict, bridge: str) -> None:
     inside = {x["ifname"]: x for x in ip_json("addr", "show", ns=ns)}
     eth0 = inside["eth0"]
-    assert eth0["address"] == spec["mac"] and eth0["mtu"] == spec["mtu"]
+    assert eth0["address"] == spec.mac and eth0["mtu"] == spec.mtu
     assert "UP" in eth0["flags"] and "UP" in inside["lo"]["flags"]
     inet = [(a["local"], a["prefixlen"]) for a in eth0["addr_info"] if a["family"] == "inet"]
-    local, prefix = spec["address"].split("/")
+    local, prefix = spec.address.split("/")
     assert inet == [(local, int(prefix))]
     routes = ip_json("route", "show", "default", ns=ns)
-    assert [(r["gateway"], r["dev"]) for r in routes] == [(spec["gateway"], "eth0")]
-    host = link(spec["host_ifname"])
-    assert host["master"] == bridge and "UP" in host["flags"] and host["mtu"] == spec["mtu"]
-    assert host["ifalias"] == spec["alias"] and host["group"] == GROUP
+    assert [(r["gateway"], r["dev"]) for r in routes] == [(spec.gateway, "eth0")]
+    host = link(spec.host_ifname)
+    assert host["master"] == bridge and "UP" in host["flags"] and host["mtu"] == spec.mtu
+    assert host["ifalias"] == spec.alias and host["group"] == GROUP
     assert host["linkinfo"]["info_kind"] == "veth"
     assert "UP" in link(bridge)["flags"]
     # one queue each way at both ends, born so (no cut to one on the live device, see rtnl)
-    peer = link(spec["ifname"], ns=ns)
+    peer = link(spec.ifname, ns=ns)
     for end in (host, peer):
         assert (end["num_tx_queues"], end["num_rx_queues"]) == (1, 1)
 
@@ -205,7 +235,7 @@ async def test_attach_configures_both_ends(kernel, scratch, kind):
     path = ns() if ns else await scratch.named()
     bridge = await make_bridge(kernel, scratch)
     spec = endpoint(bridge, scratch.name("tve"), 2, path)
-    await kernel.attach(**spec)
+    await kernel.attach(spec)
     assert_attached(path, spec, bridge)
     assert await kernel.ifnames_in(path) == {"lo", "eth0"}
 
@@ -227,19 +257,27 @@ def test_the_creation_echo_names_the_peer_inside(scratch):
     assert echo.name == host and echo.link == link("eth0", ns=ns)["ifindex"]
 
 
-async def test_without_the_echo_the_peer_is_looked_up(kernel, scratch, monkeypatch):
-    # an older kernel that does not echo a created link: the attach still completes
-    made = rtnl.new_veth
+def test_without_the_echo_the_peer_is_looked_up(owner, scratch, monkeypatch):
+    # an older kernel that does not echo a created link: the attach still completes, by a
+    # lookup of the peer inside (in this process: the patches reach the code they patch)
+    made, get_link, looked_up = rtnl.new_veth, rtnl.get_link, []
 
     def no_echo(**kw):
         kind, flags, body = made(**kw)
         return kind, flags & ~rtnl.NLM_F_ECHO, body
 
+    def spy(name):
+        looked_up.append(name)
+        return get_link(name)
+
     monkeypatch.setattr(rtnl, "new_veth", no_echo)
-    bridge = await make_bridge(kernel, scratch)
+    monkeypatch.setattr(rtnl, "get_link", spy)
+    bridge = scratch.name("tbr")
+    owner(Job.ENSURE_BRIDGE, astuple(Bridge(bridge, naming.bridge_alias(ident()), "172.18.0.1/16")))
     path = scratch.ip_netns()
     spec = endpoint(bridge, scratch.name("tve"), 2, path)
-    await kernel.attach(**spec)
+    assert owner(Job.ATTACH, astuple(spec)) is True
+    assert looked_up.count("eth0") == 1
     assert_attached(path, spec, bridge)
 
 
@@ -252,28 +290,26 @@ async def test_namespace_ids_count_down_across_restarts(kernel, scratch):
     # the kernel finds a namespace's id by an ascending scan: the newest goes first
     bridge = await make_bridge(kernel, scratch)
     first, second = scratch.ip_netns(), scratch.ip_netns()
-    await kernel.attach(**endpoint(bridge, scratch.name("tve"), 2, first))
-    await kernel.attach(**endpoint(bridge, scratch.name("tve"), 3, second))
+    await kernel.attach(endpoint(bridge, scratch.name("tve"), 2, first))
+    await kernel.attach(endpoint(bridge, scratch.name("tve"), 3, second))
     ids = nsids()
     a, b = (ids[path.rsplit("/", 1)[1]] for path in (first, second))
     assert NSID_FLOOR <= b < a <= NSID_TOP
     # a namespace with an id already keeps it (a second network, or someone else's id)
     other = await make_bridge(kernel, scratch, "172.19.0.1/16")
-    await kernel.attach(
-        **endpoint(other, scratch.name("tve"), 4, first, ifname="eth1", gateway=None)
-    )
+    await kernel.attach(endpoint(other, scratch.name("tve"), 4, first, ifname="eth1", gateway=None))
     assert nsids()[first.rsplit("/", 1)[1]] == a
     async with open_kernel() as again:  # a restart goes on below the lowest
         third = scratch.ip_netns()
-        await again.attach(**endpoint(bridge, scratch.name("tve"), 5, third))
+        await again.attach(endpoint(bridge, scratch.name("tve"), 5, third))
     assert NSID_FLOOR <= nsids()[third.rsplit("/", 1)[1]] < b
 
 
 async def test_two_namespaces_on_one_bridge_ping(kernel, scratch):
     bridge = await make_bridge(kernel, scratch)
     a, b = scratch.ip_netns(), await scratch.named()
-    await kernel.attach(**endpoint(bridge, scratch.name("tve"), 2, a))
-    await kernel.attach(**endpoint(bridge, scratch.name("tve"), 3, b))
+    await kernel.attach(endpoint(bridge, scratch.name("tve"), 2, a))
+    await kernel.attach(endpoint(bridge, scratch.name("tve"), 3, b))
     name_a = a.rsplit("/", 1)[1]
     ping = run("ip", "netns", "exec", name_a, "ping", "-c1", "-W1", "172.18.0.3")
     assert ping.returncode == 0, ping.stdout + ping.stderr
@@ -296,8 +332,8 @@ def test_a_read_only_proc_sys_costs_only_a_warning(scratch):
     run("ip", "link", "add", bridge, "type", "bridge").check_returncode()
     try:
         script = (
-            "from agent.kernel import links; "
-            f"links._disable_ipv6({bridge!r}); links._disable_ipv6({bridge!r}); print('went on')"
+            "from agent.kernel import sysctl; "
+            f"sysctl.disable_ipv6({bridge!r}); sysctl.disable_ipv6({bridge!r}); print('went on')"
         )
         done = subprocess.run(
             ["unshare", "--mount", "--propagation", "private", "sh", "-c",
@@ -317,11 +353,10 @@ async def test_ports_and_ipv4_only_bridges_carry_no_ipv6(kernel, scratch):
     bridge = await make_bridge(kernel, scratch)
     dual = scratch.name("tbr")
     await kernel.ensure_bridge(
-        name=dual, alias=naming.bridge_alias(ident()), address="172.19.0.1/16",
-        address6="fd00:1::1/64",
-    )  # fmt: skip
+        Bridge(dual, naming.bridge_alias(ident()), "172.19.0.1/16", "fd00:1::1/64")
+    )
     ns, host = scratch.ip_netns(), scratch.name("tve")
-    await kernel.attach(**endpoint(bridge, host, 2, ns))
+    await kernel.attach(endpoint(bridge, host, 2, ns))
     assert ipv6_disabled(host) and ipv6_disabled(bridge) and not ipv6_disabled(dual)
     for name in (host, bridge):  # no link-local address, so no per-port IPv6 routes
         assert not any(link["addr_info"] for link in ip_json("-6", "addr", "show", "dev", name))
@@ -333,14 +368,14 @@ async def test_ports_and_ipv4_only_bridges_carry_no_ipv6(kernel, scratch):
     ns6 = scratch.ip_netns()
     six = endpoint(dual, scratch.name("tve"), 4, ns6, address="172.19.0.4/16",
                    gateway="172.19.0.1", address6="fd00:1::4/64", gateway6="fd00:1::1")  # fmt: skip
-    await kernel.attach(**six)
+    await kernel.attach(six)
     [eth0] = ip_json("-6", "addr", "show", "dev", "eth0", ns=ns6)
     assert {a["local"] for a in eth0["addr_info"]} >= {"fd00:1::4"}
     assert any(a["local"].startswith("fe80:") for a in eth0["addr_info"])
     assert ns_sysctl(ns6, "net.ipv6.conf.eth0.addr_gen_mode") == "0"  # eui64
     # and the port still forwards: a second endpoint is reachable through the bridge
     other = scratch.ip_netns()
-    await kernel.attach(**endpoint(bridge, scratch.name("tve"), 3, other))
+    await kernel.attach(endpoint(bridge, scratch.name("tve"), 3, other))
     ping = run("ip", "netns", "exec", ns.rsplit("/", 1)[1], "ping", "-c1", "-W1", "172.18.0.3")
     assert ping.returncode == 0, ping.stdout + ping.stderr
 
@@ -348,7 +383,7 @@ async def test_ports_and_ipv4_only_bridges_carry_no_ipv6(kernel, scratch):
 async def test_internal_network_has_no_default_route(kernel, scratch):
     bridge = await make_bridge(kernel, scratch)
     ns = scratch.ip_netns()
-    await kernel.attach(**endpoint(bridge, scratch.name("tve"), 2, ns, gateway=None))
+    await kernel.attach(endpoint(bridge, scratch.name("tve"), 2, ns, gateway=None))
     assert ip_json("route", "show", "default", ns=ns) == []
     assert [r["dst"] for r in ip_json("route", "show", ns=ns)] == ["172.18.0.0/16"]
 
@@ -357,7 +392,7 @@ async def test_missing_namespace_is_not_found_and_leaves_nothing(kernel, scratch
     bridge = await make_bridge(kernel, scratch)
     host = scratch.name("tve")
     with pytest.raises(NotFound):
-        await kernel.attach(**endpoint(bridge, host, 2, "/run/netns/no-such-ns"))
+        await kernel.attach(endpoint(bridge, host, 2, "/run/netns/no-such-ns"))
     assert link(host) is None
 
 
@@ -368,7 +403,7 @@ async def test_taken_ifname_inside_conflicts_and_leaves_nothing(kernel, scratch)
     host = scratch.name("tve")
     before = ip_json("link", "show")
     with pytest.raises(Conflict, match="eth0 already exists in"):
-        await kernel.attach(**endpoint(bridge, host, 2, ns))
+        await kernel.attach(endpoint(bridge, host, 2, ns))
     assert ip_json("link", "show") == before
     assert {x["ifname"] for x in ip_json("link", "show", ns=ns)} == {"lo", "eth0", "eth0p"}
     assert link("eth0", ns=ns)["linkinfo"]["info_kind"] == "veth"
@@ -380,7 +415,7 @@ async def test_taken_host_ifname_conflicts_and_keeps_the_existing_link(kernel, s
     host = scratch.name("tve")
     add_foreign(host)
     with pytest.raises(Conflict, match=f"host interface {host}"):
-        await kernel.attach(**endpoint(bridge, host, 2, ns))
+        await kernel.attach(endpoint(bridge, host, 2, ns))
     assert link(host)["linkinfo"]["info_kind"] == "veth" and "master" not in link(host)
     assert [x["ifname"] for x in ip_json("link", "show", ns=ns)] == ["lo"]
 
@@ -392,7 +427,7 @@ async def test_failure_inside_rolls_back_the_veth(kernel, scratch):
     # a gateway outside the subnet: the route is refused after the veth exists
     spec = endpoint(bridge, host, 2, ns, gateway="10.99.0.1")
     with pytest.raises(KernelError, match=r"route via 10\.99\.0\.1"):
-        await kernel.attach(**spec)
+        await kernel.attach(spec)
     assert link(host) is None
     assert [x["ifname"] for x in ip_json("link", "show", ns=ns)] == ["lo"]
 
@@ -401,7 +436,7 @@ async def test_missing_bridge_is_not_found_and_leaves_nothing(kernel, scratch):
     ns = scratch.ip_netns()
     host = scratch.name("tve")
     with pytest.raises(NotFound, match="bridge"):
-        await kernel.attach(**endpoint("tnobridge", host, 2, ns))
+        await kernel.attach(endpoint("tnobridge", host, 2, ns))
     assert link(host) is None
     assert [x["ifname"] for x in ip_json("link", "show", ns=ns)] == ["lo"]
 
@@ -411,15 +446,15 @@ async def test_bridge_recreated_behind_our_back_is_found_again(kernel, scratch):
     subprocess.run(["ip", "link", "del", bridge], check=True)
     subprocess.run(["ip", "link", "add", bridge, "type", "bridge"], check=True)
     spec = endpoint(bridge, scratch.name("tve"), 2, scratch.ip_netns())
-    await kernel.attach(**spec)
-    assert link(spec["host_ifname"])["master"] == bridge
+    await kernel.attach(spec)
+    assert link(spec.host_ifname)["master"] == bridge
 
 
 async def test_detach_twice(kernel, scratch):
     bridge = await make_bridge(kernel, scratch)
     ns = scratch.ip_netns()
     host = scratch.name("tve")
-    await kernel.attach(**endpoint(bridge, host, 2, ns))
+    await kernel.attach(endpoint(bridge, host, 2, ns))
     assert await kernel.detach(host) is True
     assert link(host) is None and link("eth0", ns=ns) is None
     assert await kernel.detach(host) is False
@@ -431,7 +466,7 @@ async def test_cancelled_attach_still_completes(kernel, scratch):
     spec = endpoint(bridge, scratch.name("tve"), 2, ns)
     with trio.CancelScope() as scope:
         scope.cancel()
-        await kernel.attach(**spec)
+        await kernel.attach(spec)
     assert_attached(ns, spec, bridge)
 
 
@@ -442,15 +477,15 @@ async def test_owned_links_lists_only_ours(kernel, scratch):
     bridge = await make_bridge(kernel, scratch)
     ns = scratch.ip_netns()
     spec = endpoint(bridge, scratch.name("tve"), 2, ns)
-    await kernel.attach(**spec)
+    await kernel.attach(spec)
     foreign = scratch.name("tdm")
     add_foreign(foreign)
     subprocess.run(["ip", "link", "set", foreign, "alias", "someone-else"], check=True)
     owned = {x.name: x for x in await kernel.owned_links()}
-    assert set(owned) == {bridge, spec["host_ifname"]}
+    assert set(owned) == {bridge, spec.host_ifname}
     assert owned[bridge].kind == "bridge" and owned[bridge].addresses == ("172.18.0.1/16",)
-    veth = owned[spec["host_ifname"]]
-    assert veth.kind == "veth" and veth.up and veth.alias == spec["alias"]
+    veth = owned[spec.host_ifname]
+    assert veth.kind == "veth" and veth.up and veth.alias == spec.alias
     assert veth.master == owned[bridge].index
 
 
@@ -492,7 +527,7 @@ async def test_measure_attach_existing_namespace(kernel, scratch):
     samples = []
     for _ in range(100):
         start = time.perf_counter()
-        await kernel.attach(**spec)
+        await kernel.attach(spec)
         samples.append(time.perf_counter() - start)
         await kernel.detach(host)
     samples.sort()
@@ -509,6 +544,6 @@ async def test_an_mtu_below_ipv6s_minimum_attaches_ipv4_only(kernel, scratch):
     bridge = await make_bridge(kernel, scratch)
     ns = scratch.ip_netns()
     spec = endpoint(bridge, scratch.name("tve"), 2, ns, mtu=1200)
-    await kernel.attach(**spec)
+    await kernel.attach(spec)
     assert link("eth0", ns)["mtu"] == 1200
     assert_attached(ns, spec, bridge)

@@ -9,8 +9,9 @@ import subprocess
 import pytest
 import trio
 
+from agent.core.attach import Bridge
 from agent.core.errors import Conflict, KernelError
-from agent.kernel.links import open_kernel
+from agent.kernel.client import open_kernel
 
 pytestmark = pytest.mark.kernel
 
@@ -28,7 +29,7 @@ async def test_an_error_keeps_its_kind_message_and_data():
     try:
         async with open_kernel() as kernel:
             with pytest.raises(Conflict) as caught:
-                await kernel.ensure_bridge(name=name, alias="x", address="172.30.0.1/16")
+                await kernel.ensure_bridge(Bridge(name, "x", "172.30.0.1/16"))
         assert "not a bridge" in caught.value.message
         assert caught.value.data == {"bridge": name}
     finally:

@@ -1,14 +1,13 @@
 """Throwaway threads for work that changes the calling thread's namespace, awaited from Trio.
 
-Theory of operation: the raw netlink sockets are blocking and not thread-safe, so one
-dedicated owner thread runs every kernel job in order, in the kernel worker process
-(`agent.kernel.worker`; DESIGN section 4: `trio.to_thread`'s cached workers with a shared
-IPRoute are slower and leak fds). Switching network namespace (`setns`/`unshare`) changes the
-calling thread: it happens in the throwaway threads made here, which never go back, and in
-the owner thread only for one `socket()` call, which comes straight back
-(`netns.socket_visiting`); never in Trio's threads.
+Theory of operation: `setns`/`unshare` switch only the calling thread, and a thread that
+switched must never run anything meant for another namespace. So that work runs in a thread
+made for it here, which exits afterwards and never goes back (`netns.create_named`); never
+in Trio's cached worker threads, which run anything next. The
+kernel worker's owner thread (`agent.kernel.worker`) is the one exception: it enters a
+namespace for one `socket()` call and comes straight back (`netns.socket_visiting`).
 
-A job is atomic with respect to cancellation: once started it runs to completion and the
+A call is atomic with respect to cancellation: once started it runs to completion and the
 waiting task receives its result; a cancellation is delivered at the caller's next checkpoint.
 """
 

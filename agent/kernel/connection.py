@@ -1,0 +1,148 @@
+"""agentd's end of the kernel worker: spawning it, sending it jobs, routing its answers.
+
+Theory of operation: `start` spawns `python -m agent.kernel.worker` with one end of a
+socketpair; `WorkerConnection.call` sends a job by name (`agent.kernel.jobs`) and waits for its
+answer, which `serve` (a task) routes back by request id. A job is atomic with respect to
+cancellation: once sent, the caller waits (shielded) for its answer, so its effect is never
+lost. If the child dies, every waiting and later call fails with KernelError and `serve`
+raises: agentd stops (systemd restarts it; adoption converges).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+from functools import partial
+from typing import Any
+
+import trio
+
+from agent.core.errors import KernelError
+from agent.kernel.jobs import FRAME, Job
+from agent.log import get_logger
+
+log = get_logger("agent.kernel.worker")
+
+
+class WorkerConnection:
+    """agentd's end of the socketpair and the worker process: sends jobs, and (`serve`) routes
+    the answers back.
+
+    Resource handling:
+        Made by `start`; `serve` runs in a task for as long as the worker is used; `stop`
+        closes agentd's end (the worker finishes its queued jobs and exits) and reaps it.
+
+    Error handling:
+        After the worker is gone, every waiting and later call raises KernelError.
+    """
+
+    def __init__(self, process: subprocess.Popen[bytes], stream: trio.SocketStream) -> None:
+        self.process = process
+        self._stream = stream
+        self._send_lock = trio.Lock()
+        self._next = 0
+        self._waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self._gone: str | None = None
+        self._stopping = False
+
+    async def call(self, job: Job, args: tuple[Any, ...]) -> Any:
+        """Run `job` with `args` in the worker; its result, or raise its error."""
+        if self._gone is not None:
+            raise KernelError(self._gone)
+        self._next += 1
+        ident, done = self._next, trio.Event()
+        box: list[Any] = []
+        self._waiting[ident] = (done, box)
+        frame = pickle.dumps((ident, job.value, args))
+        with trio.CancelScope(shield=True):  # sent means done: its effect is never lost
+            try:
+                async with self._send_lock:
+                    await self._stream.send_all(FRAME.pack(len(frame)) + frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._waiting.pop(ident, None)
+                raise KernelError(self._gone or "the kernel worker is gone") from None
+            await done.wait()
+        ok, value = box
+        if ok:
+            return value
+        raise value
+
+    async def serve(self) -> None:
+        """Route answers to their callers until the stream ends. Unless `stop` ended it, fail
+        every caller left and raise KernelError: a worker gone under agentd is fatal."""
+        buf = bytearray()
+        try:
+            while chunk := await self._stream.receive_some(1 << 16):
+                buf += chunk
+                while len(buf) >= FRAME.size:
+                    size = FRAME.unpack_from(buf)[0]
+                    if len(buf) < FRAME.size + size:
+                        break
+                    ident, ok, value = pickle.loads(buf[FRAME.size : FRAME.size + size])
+                    del buf[: FRAME.size + size]
+                    done, box = self._waiting.pop(ident)
+                    box[:] = [ok, value]
+                    done.set()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        if self._stopping:
+            self._fail_all("the kernel worker was stopped")
+            return
+        await self._wait(1.0)
+        why = f"the kernel worker exited (status {self.process.returncode})"
+        log.error("kernel.worker.exited", status=self.process.returncode)
+        self._fail_all(why)
+        raise KernelError(why)
+
+    def _fail_all(self, why: str) -> None:
+        self._gone = why
+        waiting, self._waiting = self._waiting, {}
+        for done, box in waiting.values():
+            box[:] = [False, KernelError(why)]
+            done.set()
+
+    async def stop(self, timeout: float = 10.0) -> None:
+        """Close agentd's end (the worker runs what it was sent, then exits) and reap it;
+        killed if it has not exited within `timeout` seconds."""
+        self._stopping = True
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()
+            if not await self._wait(timeout):
+                log.warning("kernel.worker.killed", timeout_s=timeout)
+                self.process.kill()
+                await self._wait(None)
+
+    async def _wait(self, timeout: float | None) -> bool:
+        """Wait (in a thread) up to `timeout` seconds for the worker to exit; True if it has."""
+        try:
+            await trio.to_thread.run_sync(partial(self.process.wait, timeout))
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+
+async def start(log_level: str = "info", log_format: str = "json") -> WorkerConnection:
+    """Spawn the worker (it dies with this process) and connect to it.
+
+    Spawned by the calling (Trio) thread itself, not by `trio.lowlevel.open_process`, which
+    forks from a cached worker thread: PR_SET_PDEATHSIG fires when the *thread* that forked
+    exits, and trio's idle threads exit after 10 s. `-P`: the current directory stays off the
+    module path.
+    """
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        process = subprocess.Popen(
+            [sys.executable, "-P", "-m", "agent.kernel.worker", str(theirs.fileno()),
+             str(os.getpid()), "--log-level", log_level, "--log-format", log_format],
+            pass_fds=(theirs.fileno(),),
+        )  # fmt: skip
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    await trio.lowlevel.checkpoint()
+    return WorkerConnection(process, trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
