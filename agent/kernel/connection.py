@@ -15,7 +15,6 @@ import pickle
 import socket
 import subprocess
 import sys
-from functools import partial
 from typing import Any
 
 import trio
@@ -25,6 +24,8 @@ from agent.kernel.jobs import FRAME, Job
 from agent.log import get_logger
 
 log = get_logger("agent.kernel.worker")
+
+STOP_GRACE = 10.0  # seconds the worker has to finish its queued jobs once agentd hangs up
 
 
 class WorkerConnection:
@@ -91,7 +92,8 @@ class WorkerConnection:
         if self._stopping:
             self._fail_all("the kernel worker was stopped")
             return
-        await self._wait(1.0)
+        with trio.move_on_after(1.0):
+            await self._exited()
         why = f"the kernel worker exited (status {self.process.returncode})"
         log.error("kernel.worker.exited", status=self.process.returncode)
         self._fail_all(why)
@@ -104,24 +106,29 @@ class WorkerConnection:
             box[:] = [False, KernelError(why)]
             done.set()
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self) -> None:
         """Close agentd's end (the worker runs what it was sent, then exits) and reap it;
-        killed if it has not exited within `timeout` seconds."""
+        killed if it has not exited within `STOP_GRACE` seconds."""
         self._stopping = True
         with trio.CancelScope(shield=True):
             await self._stream.aclose()
-            if not await self._wait(timeout):
-                log.warning("kernel.worker.killed", timeout_s=timeout)
+            with trio.move_on_after(STOP_GRACE) as scope:
+                await self._exited()
+            if scope.cancelled_caught:
+                log.warning("kernel.worker.killed", timeout_s=STOP_GRACE)
                 self.process.kill()
-                await self._wait(None)
+                await self._exited()
 
-    async def _wait(self, timeout: float | None) -> bool:
-        """Wait (in a thread) up to `timeout` seconds for the worker to exit; True if it has."""
-        try:
-            await trio.to_thread.run_sync(partial(self.process.wait, timeout))
-        except subprocess.TimeoutExpired:
-            return False
-        return True
+    async def _exited(self) -> None:
+        """Until the worker has exited, then reap it (cancellable: a pidfd becomes readable
+        when the process exits, as trio's own `Process.wait` does it on Linux)."""
+        if self.process.returncode is None:
+            fd = os.pidfd_open(self.process.pid)
+            try:
+                await trio.lowlevel.wait_readable(fd)
+            finally:
+                os.close(fd)
+        self.process.wait()  # it has exited: this only reaps it
 
 
 async def start(log_level: str = "info", log_format: str = "json") -> WorkerConnection:
@@ -133,8 +140,8 @@ async def start(log_level: str = "info", log_format: str = "json") -> WorkerConn
     module path.
     """
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        process = subprocess.Popen(
+    try:  # a blocking spawn on purpose: see the docstring (PDEATHSIG follows this thread)
+        process = subprocess.Popen(  # noqa: ASYNC220
             [sys.executable, "-P", "-m", "agent.kernel.worker", str(theirs.fileno()),
              str(os.getpid()), "--log-level", log_level, "--log-format", log_format],
             pass_fds=(theirs.fileno(),),

@@ -16,14 +16,14 @@ import struct
 
 from agent import accel
 from agent.core import naming
-from agent.kernel import rtnl
+from agent.kernel import rtnl, rtsocket
 from agent.kernel.base import LinkInfo
 
 _HDR = struct.Struct("=IHHII")
 
 
-def _dump(rt: rtnl.RtSocket, request: rtnl.Request) -> list[bytes]:
-    return rtnl.check(rt.transact([request])[0])
+def _dump(rt: rtsocket.RtSocket, request: rtnl.Request) -> list[bytes]:
+    return rtsocket.check(rt.transact([request])[0])
 
 
 def _as_messages(payloads: list[bytes], kind: int) -> bytes:
@@ -33,7 +33,7 @@ def _as_messages(payloads: list[bytes], kind: int) -> bytes:
     )
 
 
-def owned_links(rt: rtnl.RtSocket) -> list[LinkInfo]:
+def owned_links(rt: rtsocket.RtSocket) -> list[LinkInfo]:
     """The links of `rt`'s namespace in the agent's link group or with its alias, with their
     addresses: one link dump and one address dump. The group is set in the creating message,
     the alias by a second one, so a crash in between still leaves a link we recognise."""
@@ -59,23 +59,23 @@ def owned_links(rt: rtnl.RtSocket) -> list[LinkInfo]:
     ]
 
 
-def host_routes(rt: rtnl.RtSocket) -> list[ipaddress.IPv4Network]:
+def host_routes(rt: rtsocket.RtSocket) -> list[ipaddress.IPv4Network]:
     """Every non-default IPv4 route of the main table."""
     routes = []
     for payload in _dump(rt, rtnl.dump_routes()):
-        found = rtnl.route_dst(payload)
+        found = rtsocket.route_dst(payload)
         if found is None or found[0] != rtnl.RT_TABLE_MAIN or found[1].endswith("/0"):
             continue
         routes.append(ipaddress.IPv4Network(found[1], strict=False))
     return routes
 
 
-def link_names(rt: rtnl.RtSocket) -> set[str]:
+def link_names(rt: rtsocket.RtSocket) -> set[str]:
     """The names of every link of `rt`'s namespace."""
-    return {rtnl.Link(payload).name for payload in _dump(rt, rtnl.dump_links())}
+    return {rtsocket.Link(payload).name for payload in _dump(rt, rtnl.dump_links())}
 
 
-def nsids(rt: rtnl.RtSocket) -> list[int]:
+def nsids(rt: rtsocket.RtSocket) -> list[int]:
     """The ids `rt`'s namespace gave to other namespaces."""
-    ids = (rtnl.nsid_of(payload) for payload in _dump(rt, rtnl.dump_nsids()))
+    ids = (rtsocket.nsid_of(payload) for payload in _dump(rt, rtnl.dump_nsids()))
     return [i for i in ids if i is not None]

@@ -37,32 +37,15 @@ from typing import Any
 
 from agent.core import naming
 from agent.core.errors import AgentError, Conflict, KernelError, NotFound
-from agent.kernel import dumps, netns, rtnl, sysctl
+from agent.kernel import dumps, netns, rtnl, rtsocket, sysctl
 from agent.kernel.base import LinkInfo
 from agent.kernel.jobs import AttachFields, BridgeFields, Job
-from agent.kernel.rtnl import NetlinkError, check
+from agent.kernel.rtsocket import NetlinkError, check, map_error, step
 from agent.log import get_logger
 
 log = get_logger("agent.kernel")
 
 _STALE_MASTER = (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP)
-
-
-def _map(exc: NetlinkError, what: str, **data: Any) -> AgentError:
-    """EEXIST -> Conflict, ENODEV -> NotFound, anything else -> KernelError."""
-    text = f"{what}: {exc.strerror}"
-    if exc.errno == errno.EEXIST:
-        return Conflict(text, errno=exc.errno, **data)
-    if exc.errno == errno.ENODEV:
-        return NotFound(text, errno=exc.errno, **data)
-    return KernelError(text, errno=exc.errno, **data)
-
-
-def _step(result: list[bytes] | NetlinkError, what: str, data: dict[str, Any]) -> list[bytes]:
-    """The replies of one step, or its error mapped with a message naming the step."""
-    if isinstance(result, NetlinkError):
-        raise _map(result, f"cannot {what}", **data) from result
-    return result
 
 
 class Ops:
@@ -81,9 +64,9 @@ class Ops:
     """
 
     def __init__(self) -> None:
-        self._rt: rtnl.RtSocket | None = None
+        self._rt: rtsocket.RtSocket | None = None
         self._home = -1  # the owner thread's own namespace, to come back to (socket_visiting)
-        self._reap_rt: rtnl.RtSocket | None = None
+        self._reap_rt: rtsocket.RtSocket | None = None
         self._bridges: dict[str, int] = {}
         self._nsids = netns.NsidCounter()
 
@@ -92,7 +75,7 @@ class Ops:
     def open(self) -> None:
         """The owner thread's socket, and where its namespace ids go on after a restart."""
         self._home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-        self._rt = rtnl.RtSocket()
+        self._rt = rtsocket.RtSocket()
         self._nsids.resume(dumps.nsids(self._rt))
 
     def close(self) -> None:
@@ -103,7 +86,7 @@ class Ops:
             self._home = -1
 
     def open_reaper(self) -> None:
-        self._reap_rt = rtnl.RtSocket()
+        self._reap_rt = rtsocket.RtSocket()
 
     def close_reaper(self) -> None:
         if self._reap_rt is not None:
@@ -124,7 +107,7 @@ class Ops:
             try:
                 self._one(rtnl.new_bridge(name, br.mtu, naming.LINK_GROUP))
             except NetlinkError as exc:
-                raise _map(exc, f"cannot create bridge {name}", bridge=name) from exc
+                raise map_error(exc, f"cannot create bridge {name}", bridge=name) from exc
             if br.address6 is None:  # an IPv4-only network's bridge needs no IPv6 either
                 sysctl.disable_ipv6(name)
             if br.alias:
@@ -132,7 +115,9 @@ class Ops:
                     self._one(rtnl.set_alias(name, br.alias))
                 except NetlinkError as exc:
                     self.detach(name)
-                    raise _map(exc, f"cannot set the alias of bridge {name}", bridge=name) from exc
+                    raise map_error(
+                        exc, f"cannot set the alias of bridge {name}", bridge=name
+                    ) from exc
             link = self._find(name)
             if link is None:
                 raise NotFound(f"bridge {name} vanished right after creation", bridge=name)
@@ -147,14 +132,16 @@ class Ops:
                 self._one(rtnl.new_addr(link.index, br.address))
             except NetlinkError as exc:
                 if exc.errno != errno.EEXIST:
-                    raise _map(exc, f"cannot add {br.address} to {name}", bridge=name) from exc
+                    raise map_error(exc, f"cannot add {br.address} to {name}", bridge=name) from exc
         if br.address6 is not None:
             sysctl.enable_ipv6_without_dad(name)
             try:
                 self._one(rtnl.new_addr6(link.index, br.address6))
             except NetlinkError as exc:
                 if exc.errno != errno.EEXIST:
-                    raise _map(exc, f"cannot add {br.address6} to {name}", bridge=name) from exc
+                    raise map_error(
+                        exc, f"cannot add {br.address6} to {name}", bridge=name
+                    ) from exc
         self._bridges[name] = link.index
         return link.index
 
@@ -170,7 +157,7 @@ class Ops:
         address: str | None,
         address6: str | None,
         retire: bool,
-        rt: rtnl.RtSocket | None,
+        rt: rtsocket.RtSocket | None,
     ) -> bool:
         self._bridges.pop(name, None)
         link = self._find(name, rt)
@@ -213,7 +200,7 @@ class Ops:
         att = AttachFields._make(fields)
         fd = netns.open_netns(att.netns)
         try:
-            ns = rtnl.RtSocket(netns.socket_visiting(fd, self._home))
+            ns = rtsocket.RtSocket(netns.socket_visiting(fd, self._home))
             try:
                 return self._create_and_configure(att, fd, ns)
             finally:
@@ -221,7 +208,7 @@ class Ops:
         finally:
             os.close(fd)
 
-    def _create_and_configure(self, att: AttachFields, fd: int, ns: rtnl.RtSocket) -> bool:
+    def _create_and_configure(self, att: AttachFields, fd: int, ns: rtsocket.RtSocket) -> bool:
         """Create the veth and configure both ends; a failure after the create deletes it."""
         master, peer = self._create_veth(att, fd)
         try:
@@ -232,14 +219,14 @@ class Ops:
             # waits, asleep, if the reaper holds rtnl; the sysctl write right after it would
             # spin instead (addrconf's rtnl_trylock + restart_syscall).
             alias = self._rt.transact([rtnl.set_alias(att.host_ifname, att.alias, hairpin=True)])
-            _step(alias[0], f"set the alias of {att.host_ifname}", where)
+            step(alias[0], f"set the alias of {att.host_ifname}", where)
             sysctl.disable_ipv6(att.host_ifname)
             ipv6 = self._configure_inside(att, ns, peer)
             up, bridge_up = self._rt.transact(
                 [rtnl.set_up(name=att.host_ifname), rtnl.set_up(master)]
             )
-            _step(up, f"set {att.host_ifname} up", where)
-            _step(bridge_up, f"set bridge {att.bridge} up", {"bridge": att.bridge})
+            step(up, f"set {att.host_ifname} up", where)
+            step(bridge_up, f"set bridge {att.bridge} up", {"bridge": att.bridge})
             return ipv6
         except Exception as exc:
             try:
@@ -271,7 +258,7 @@ class Ops:
             results = self._rt.transact([request] if claim is None else [claim, request])
             claim = None
             try:
-                echoed = [rtnl.Link(payload) for payload in check(results[-1])]
+                echoed = [rtsocket.Link(payload) for payload in check(results[-1])]
                 return master, next((e.link for e in echoed if e.name == att.host_ifname), 0)
             except NetlinkError as exc:
                 if cached and exc.errno in _STALE_MASTER:  # bridge recreated behind our back
@@ -279,7 +266,7 @@ class Ops:
                     master, cached = self._bridge_index(att.bridge)
                     continue
                 if exc.errno != errno.EEXIST:
-                    raise _map(exc, f"cannot create veth {att.host_ifname}") from exc
+                    raise map_error(exc, f"cannot create veth {att.host_ifname}") from exc
                 if self._find(att.host_ifname) is not None:
                     raise Conflict(
                         f"host interface {att.host_ifname} already exists", ifname=att.host_ifname
@@ -290,7 +277,7 @@ class Ops:
                     netns=att.netns,
                 ) from exc
 
-    def _configure_inside(self, att: AttachFields, ns: rtnl.RtSocket, index: int) -> bool:
+    def _configure_inside(self, att: AttachFields, ns: rtsocket.RtSocket, index: int) -> bool:
         """Peer up, lo up, address and default route inside the namespace: one round trip
         when the peer's ifindex is known (the creation's echo), else a lookup first. The
         messages go in order in one datagram, so the address exists before the route.
@@ -306,7 +293,7 @@ class Ops:
         where = {"ifname": att.ifname, "netns": att.netns}
         if not index:
             found = ns.transact([rtnl.get_link(att.ifname)])[0]
-            index = rtnl.Link(_step(found, f"find {att.ifname}", where)[0]).index
+            index = rtsocket.Link(step(found, f"find {att.ifname}", where)[0]).index
         steps = [(rtnl.set_up(rtnl.LOOPBACK_IFINDEX), "set lo up")]
         quiet = -1  # the step whose EAFNOSUPPORT only means the link has no IPv6 at all
         if att.address6 is None:
@@ -331,7 +318,7 @@ class Ops:
         for k, ((_, what), result) in enumerate(zip(steps, results, strict=True)):
             no_ipv6 = isinstance(result, NetlinkError) and result.errno == errno.EAFNOSUPPORT
             if (ipv6 or k < first6) and not (k == quiet and no_ipv6):
-                _step(result, what, where)
+                step(result, what, where)
         return ipv6
 
     def detach(self, name: str) -> bool:
@@ -341,7 +328,7 @@ class Ops:
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return False
-            raise _map(exc, f"cannot delete {name}", ifname=name) from exc
+            raise map_error(exc, f"cannot delete {name}", ifname=name) from exc
         return True
 
     def retire(self, name: str) -> bool:
@@ -351,7 +338,7 @@ class Ops:
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return False
-            raise _map(exc, f"cannot retire {name}", ifname=name) from exc
+            raise map_error(exc, f"cannot retire {name}", ifname=name) from exc
         return True
 
     def reap(self, bridges: tuple[tuple[Any, ...], ...]) -> bool:
@@ -370,7 +357,7 @@ class Ops:
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return False
-            raise _map(exc, "cannot delete retired links") from exc
+            raise map_error(exc, "cannot delete retired links") from exc
         return True
 
     def enslave(self, host_ifname: str, bridge: str) -> None:
@@ -381,9 +368,9 @@ class Ops:
             [rtnl.set_master_up(host_ifname, master), rtnl.set_hairpin(host_ifname),
              rtnl.set_up(master)]
         )  # fmt: skip
-        _step(hairpin, f"set hairpin on {host_ifname}", {"ifname": host_ifname})
-        _step(port, f"enslave {host_ifname} to {bridge}", {"ifname": host_ifname})
-        _step(bridge_up, f"set bridge {bridge} up", {"bridge": bridge})
+        step(hairpin, f"set hairpin on {host_ifname}", {"ifname": host_ifname})
+        step(port, f"enslave {host_ifname} to {bridge}", {"ifname": host_ifname})
+        step(bridge_up, f"set bridge {bridge} up", {"bridge": bridge})
 
     # --- observation ---------------------------------------------------------------------------
 
@@ -404,7 +391,7 @@ class Ops:
         """The names of the links inside the namespace at `path`."""
         fd = netns.open_netns(path)
         try:
-            ns = rtnl.RtSocket(netns.socket_visiting(fd, self._home))
+            ns = rtsocket.RtSocket(netns.socket_visiting(fd, self._home))
         finally:
             os.close(fd)
         try:
@@ -420,14 +407,14 @@ class Ops:
 
     # --- helpers -------------------------------------------------------------------------------
 
-    def _one(self, request: rtnl.Request, rt: rtnl.RtSocket | None = None) -> list[bytes]:
+    def _one(self, request: rtnl.Request, rt: rtsocket.RtSocket | None = None) -> list[bytes]:
         rt = rt or self._rt
         assert rt is not None
         return check(rt.transact([request])[0])
 
-    def _find(self, name: str, rt: rtnl.RtSocket | None = None) -> rtnl.Link | None:
+    def _find(self, name: str, rt: rtsocket.RtSocket | None = None) -> rtsocket.Link | None:
         try:
-            return rtnl.Link(self._one(rtnl.get_link(name), rt)[0])
+            return rtsocket.Link(self._one(rtnl.get_link(name), rt)[0])
         except NetlinkError as exc:
             if exc.errno == errno.ENODEV:
                 return None

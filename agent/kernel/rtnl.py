@@ -2,29 +2,16 @@
 
 Theory of operation: pyroute2 spends most of an attach encoding and parsing messages (DESIGN
 section 4: 3.8 ms of a 5.9 ms attach, against ~2 ms of kernel work). The hot path needs only a
-handful of fixed-shape requests, so they are packed here directly. Several requests can travel
-in ONE datagram: the kernel (`netlink_rcv_skb`) processes them in order and answers each one,
-which saves a round trip per step. Errors come back as `NetlinkError` with the errno and the
-kernel's extended-ack message when it gives one.
-
-Replies are read by `Link`, `nsid_of` and `route_dst` (dumps: by the event decoder,
-`agent.accel.nlevents`), their attributes walked by `agent.core.nlattrs`: a payload too short
-for its fixed header, or an attribute that does not fit, raises `ValueError`. What is encoded
-here and what is read are both checked against pyroute2 as an independent oracle
-(tests/shell/test_rtnl.py).
-
-Only the owner thread (or a short-lived namespace thread) uses an `RtSocket`: it is blocking
-and not thread-safe.
+handful of fixed-shape requests, so they are packed here directly; `agent.kernel.rtsocket`
+sends them (several in one datagram) and reads what comes back. What is encoded here is
+checked against pyroute2 as an independent oracle (tests/shell/test_rtnl.py).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import struct
-
-from agent.core.nlattrs import attrs, cstr, exact, s32, u32
 
 NETLINK_ROUTE = 0
 SOL_NETLINK = 270
@@ -60,24 +47,17 @@ RTA_GATEWAY = 5
 RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST = 254, 3, 0, 1
 LOOPBACK_IFINDEX = 1  # the kernel gives lo index 1 in every network namespace
 
-_HDR = struct.Struct("=IHHII")
-_IFINFO = struct.Struct("=BxHiII")
-_IFADDR = struct.Struct("=BBBBi")
-_RTMSG = struct.Struct("=BBBBBBBBI")
+#: the fixed headers of the messages, shared with `rtsocket` (which reads the replies)
+NLMSGHDR = struct.Struct("=IHHII")
+IFINFOMSG = struct.Struct("=BxHiII")
+IFADDRMSG = struct.Struct("=BBBBi")
+RTMSG = struct.Struct("=BBBBBBBBI")
+RTGENMSG = struct.Struct("Bxxx")  # padded to 4
 _RTA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
-_ERR = struct.Struct("=i")
 
 Request = tuple[int, int, bytes]
 """(message type, extra flags, body after the netlink header)."""
-
-
-class NetlinkError(OSError):
-    """The kernel refused a request: `errno` plus the extended-ack text when there is one."""
-
-    def __init__(self, err: int, message: str = "") -> None:
-        super().__init__(err, message or os.strerror(err))
-        self.detail = message
 
 
 def attr(kind: int, payload: bytes) -> bytes:
@@ -97,7 +77,7 @@ def attr_u32(kind: int, value: int) -> bytes:
 def ifinfo(index: int = 0, *, up: bool = False) -> bytes:
     """An `ifinfomsg`; `up=True` sets IFF_UP in both flags and change mask."""
     flag = IFF_UP if up else 0
-    return _IFINFO.pack(socket.AF_UNSPEC, 0, index, flag, flag)
+    return IFINFOMSG.pack(socket.AF_UNSPEC, 0, index, flag, flag)
 
 
 def mac_bytes(mac: str) -> bytes:
@@ -174,7 +154,7 @@ def set_hairpin(name: str) -> Request:
 def retire(name: str, group: int) -> Request:
     """Cut a link off at once: down, out of its bridge (IFLA_MASTER 0), into link group `group`
     (deleted later in one batch by `del_group`: one RCU wait for many links)."""
-    head = _IFINFO.pack(socket.AF_UNSPEC, 0, 0, 0, IFF_UP)  # flags 0 under change mask IFF_UP
+    head = IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, IFF_UP)  # flags 0 under change mask IFF_UP
     body = head + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_MASTER, 0)
     return RTM_NEWLINK, NLM_F_ACK, body + attr_u32(IFLA_GROUP, group)
 
@@ -193,67 +173,24 @@ def del_group(group: int) -> Request:
     return RTM_DELLINK, NLM_F_ACK, ifinfo() + attr_u32(IFLA_GROUP, group)
 
 
-_RTGEN = struct.Struct("Bxxx")  # rtgenmsg, padded to 4
-
-
 def new_nsid(netns_fd: int, nsid: int) -> Request:
     """Give namespace `netns_fd` the id `nsid` in this namespace (EEXIST: it has one, or the id
     is taken)."""
-    body = _RTGEN.pack(socket.AF_UNSPEC) + attr_u32(NETNSA_FD, netns_fd)
+    body = RTGENMSG.pack(socket.AF_UNSPEC) + attr_u32(NETNSA_FD, netns_fd)
     return RTM_NEWNSID, NLM_F_ACK, body + attr(NETNSA_NSID, struct.pack("i", nsid))
 
 
 def dump_nsids() -> Request:
-    return RTM_GETNSID, NLM_F_DUMP, _RTGEN.pack(socket.AF_UNSPEC)
-
-
-def _fixed(header: struct.Struct, payload: bytes, what: str) -> tuple[int, ...]:
-    """The fixed header at the start of a reply payload; ValueError if it is cut short."""
-    if len(payload) < header.size:
-        raise ValueError(f"truncated {what}: {len(payload)} bytes")
-    return header.unpack_from(payload, 0)
-
-
-def nsid_of(payload: bytes) -> int | None:
-    """The NETNSA_NSID of one RTM_NEWNSID message.
-
-    Raises:
-        ValueError: the payload is malformed.
-    """
-    _fixed(_RTGEN, payload, "rtgenmsg")
-    for kind, a, b in attrs(payload, _RTGEN.size, len(payload)):
-        if kind == NETNSA_NSID:
-            return s32(payload, a, b)
-    return None
+    return RTM_GETNSID, NLM_F_DUMP, RTGENMSG.pack(socket.AF_UNSPEC)
 
 
 def dump_addrs() -> Request:
     """Every address of the namespace, IPv4 and IPv6."""
-    return RTM_GETADDR, NLM_F_DUMP, _IFADDR.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
+    return RTM_GETADDR, NLM_F_DUMP, IFADDRMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)
 
 
 def dump_routes() -> Request:
-    return RTM_GETROUTE, NLM_F_DUMP, _RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
-
-
-def route_dst(payload: bytes) -> tuple[int, str, int] | None:
-    """(table, destination CIDR, oif) of an IPv4 RTM_NEWROUTE payload; None if not IPv4.
-
-    Raises:
-        ValueError: the payload is malformed.
-    """
-    family, dst_len, _src, _tos, table, _p, _s, _t, _f = _fixed(_RTMSG, payload, "rtmsg")
-    if family != socket.AF_INET:
-        return None
-    dst, oif = b"\0\0\0\0", 0
-    for kind, a, b in attrs(payload, _RTMSG.size, len(payload)):
-        if kind == RTA_DST:
-            dst = exact(payload, a, b, 4)
-        elif kind == RTA_TABLE:
-            table = u32(payload, a, b)
-        elif kind == RTA_OIF:
-            oif = u32(payload, a, b)
-    return table, f"{socket.inet_ntoa(dst)}/{dst_len}", oif
+    return RTM_GETROUTE, NLM_F_DUMP, RTMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def del_link(name: str) -> Request:
@@ -304,7 +241,7 @@ def new_addr(index: int, cidr: str) -> Request:
     """IPv4 address with broadcast (as Docker's netlink library sets it for prefixes < 31)."""
     iface = ipaddress.IPv4Interface(cidr)
     packed = iface.ip.packed
-    body = _IFADDR.pack(socket.AF_INET, iface.network.prefixlen, 0, 0, index)
+    body = IFADDRMSG.pack(socket.AF_INET, iface.network.prefixlen, 0, 0, index)
     body += attr(IFA_LOCAL, packed) + attr(IFA_ADDRESS, packed)
     if iface.network.prefixlen < 31:
         body += attr(IFA_BROADCAST, iface.network.broadcast_address.packed)
@@ -314,7 +251,7 @@ def new_addr(index: int, cidr: str) -> Request:
 def del_addr(index: int, cidr: str) -> Request:
     """Remove the IPv4 address `cidr` from link `index`."""
     iface = ipaddress.IPv4Interface(cidr)
-    body = _IFADDR.pack(socket.AF_INET, iface.network.prefixlen, 0, 0, index)
+    body = IFADDRMSG.pack(socket.AF_INET, iface.network.prefixlen, 0, 0, index)
     return RTM_DELADDR, NLM_F_ACK, body + attr(IFA_LOCAL, iface.ip.packed)
 
 
@@ -325,7 +262,7 @@ IFA_F_NODAD = 0x02
 def new_addr6(index: int, cidr: str) -> Request:
     """IPv6 address with IFA_F_NODAD: usable at once, no duplicate address detection delay."""
     iface = ipaddress.IPv6Interface(cidr)
-    body = _IFADDR.pack(socket.AF_INET6, iface.network.prefixlen, IFA_F_NODAD, 0, index)
+    body = IFADDRMSG.pack(socket.AF_INET6, iface.network.prefixlen, IFA_F_NODAD, 0, index)
     body += attr(IFA_LOCAL, iface.ip.packed) + attr(IFA_ADDRESS, iface.ip.packed)
     body += attr_u32(IFA_FLAGS, IFA_F_NODAD)
     return RTM_NEWADDR, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
@@ -334,13 +271,13 @@ def new_addr6(index: int, cidr: str) -> Request:
 def del_addr6(index: int, cidr: str) -> Request:
     """Remove the IPv6 address `cidr` from link `index`."""
     iface = ipaddress.IPv6Interface(cidr)
-    body = _IFADDR.pack(socket.AF_INET6, iface.network.prefixlen, 0, 0, index)
+    body = IFADDRMSG.pack(socket.AF_INET6, iface.network.prefixlen, 0, 0, index)
     return RTM_DELADDR, NLM_F_ACK, body + attr(IFA_ADDRESS, iface.ip.packed)
 
 
 def new_default_route6(gateway: str) -> Request:
     """`::/0 via GATEWAY` in the main table."""
-    head = _RTMSG.pack(
+    head = RTMSG.pack(
         socket.AF_INET6, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
     )
     body = head + attr(RTA_GATEWAY, ipaddress.IPv6Address(gateway).packed)
@@ -348,124 +285,8 @@ def new_default_route6(gateway: str) -> Request:
 
 
 def new_default_route(gateway: str) -> Request:
-    head = _RTMSG.pack(
+    head = RTMSG.pack(
         socket.AF_INET, 0, 0, 0, RT_TABLE_MAIN, RTPROT_BOOT, RT_SCOPE_UNIVERSE, RTN_UNICAST, 0
     )
     body = head + attr(RTA_GATEWAY, ipaddress.IPv4Address(gateway).packed)
     return RTM_NEWROUTE, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
-
-
-# --- replies --------------------------------------------------------------------------------
-
-
-class Link:
-    """The few fields of an RTM_NEWLINK reply that the shell needs.
-
-    Raises:
-        ValueError: the payload is malformed.
-    """
-
-    __slots__ = ("alias", "flags", "group", "index", "kind", "link", "master", "name")
-
-    def __init__(self, payload: bytes) -> None:
-        _family, _type, self.index, self.flags, _change = _fixed(_IFINFO, payload, "ifinfomsg")
-        self.name = ""
-        self.kind: str | None = None
-        self.alias: str | None = None
-        self.master = 0
-        self.group = 0
-        self.link = 0  # a veth's peer ifindex (in the peer's namespace)
-        for kind, a, b in attrs(payload, _IFINFO.size, len(payload)):
-            if kind == IFLA_IFNAME:
-                self.name = cstr(payload, a, b)
-            elif kind == IFLA_LINK:
-                self.link = u32(payload, a, b)
-            elif kind == IFLA_IFALIAS:
-                self.alias = cstr(payload, a, b)
-            elif kind == IFLA_MASTER:
-                self.master = u32(payload, a, b)
-            elif kind == IFLA_GROUP:
-                self.group = u32(payload, a, b)
-            elif kind == IFLA_LINKINFO:
-                for sub, c, d in attrs(payload, a, b):
-                    if sub == IFLA_INFO_KIND:
-                        self.kind = cstr(payload, c, d)
-
-
-class RtSocket:
-    """A blocking NETLINK_ROUTE socket bound to the namespace it was created in."""
-
-    def __init__(self, sock: socket.socket | None = None) -> None:
-        if sock is None:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_ROUTE)
-        self.sock = sock
-        try:
-            sock.setsockopt(SOL_NETLINK, NETLINK_EXT_ACK, 1)
-            sock.setsockopt(SOL_NETLINK, NETLINK_CAP_ACK, 1)
-            sock.bind((0, 0))
-        except OSError:
-            sock.close()
-            raise
-        self._seq = 0
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def transact(self, requests: list[Request]) -> list[list[bytes] | NetlinkError]:
-        """Send `requests` in one datagram; per request, its reply payloads or its error.
-
-        Replies of a non-dump request end with its ACK (requests carry NLM_F_ACK) or, for a
-        plain GET, with its single reply; a dump ends with NLMSG_DONE.
-        """
-        first = self._seq + 1
-        chunks = []
-        for offset, (kind, flags, body) in enumerate(requests):
-            chunks.append(_HDR.pack(16 + len(body), kind, NLM_F_REQUEST | flags, first + offset, 0))
-            chunks.append(body)
-        self._seq += len(requests)
-        self.sock.send(b"".join(chunks))
-        results: list[list[bytes] | NetlinkError | None] = [None] * len(requests)
-        partial: list[list[bytes]] = [[] for _ in requests]
-        pending = len(requests)
-        while pending:
-            data = self.sock.recv(1 << 16)
-            pos = 0
-            while pos + 16 <= len(data):
-                size, kind, flags, seq, _pid = _HDR.unpack_from(data, pos)
-                slot = seq - first
-                if size < 16 or not 0 <= slot < len(requests) or results[slot] is not None:
-                    pos += max((size + 3) & ~3, 16)
-                    continue
-                payload = data[pos + 16 : pos + size]
-                done = True
-                if kind == NLMSG_ERROR:
-                    err = _ERR.unpack_from(payload)[0]
-                    outcome = partial[slot] if err == 0 else _error(-err, flags, payload)
-                elif kind == NLMSG_DONE:
-                    outcome = partial[slot]
-                else:
-                    partial[slot].append(payload)
-                    outcome = partial[slot]
-                    done = not requests[slot][1] & (NLM_F_ACK | NLM_F_DUMP)
-                if done:
-                    results[slot] = outcome
-                    pending -= 1
-                pos += (size + 3) & ~3
-        return results  # type: ignore[return-value]
-
-
-def _error(err: int, flags: int, payload: bytes) -> NetlinkError:
-    message = ""
-    if flags & NLM_F_ACK_TLVS:
-        # nlmsgerr: error (4) + the request's header (16; the body is capped by CAP_ACK)
-        for kind, a, b in attrs(payload, 20, len(payload)):
-            if kind == NLMSGERR_ATTR_MSG:
-                message = cstr(payload, a, b)
-    return NetlinkError(err, message)
-
-
-def check(result: list[bytes] | NetlinkError) -> list[bytes]:
-    """The replies of one request, or raise its error."""
-    if isinstance(result, NetlinkError):
-        raise result
-    return result

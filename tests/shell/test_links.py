@@ -22,7 +22,7 @@ from msgspec.structs import astuple
 from agent.core import naming
 from agent.core.attach import Attachment, Bridge
 from agent.core.errors import Conflict, KernelError, NotFound
-from agent.kernel import netns, rtnl
+from agent.kernel import netns, rtnl, rtsocket
 from agent.kernel.client import Kernel, open_kernel
 from agent.kernel.jobs import Job
 from agent.kernel.netns import NSID_FLOOR, NSID_TOP
@@ -243,14 +243,14 @@ async def test_attach_configures_both_ends(kernel, scratch, kind):
 def test_the_creation_echo_names_the_peer_inside(scratch):
     # the namespace side of an attach needs no lookup: the echo carries the peer's ifindex
     ns, host = scratch.ip_netns(), scratch.name("tve")
-    rt = rtnl.RtSocket()
+    rt = rtsocket.RtSocket()
     fd = os.open(ns, os.O_RDONLY)
     try:
         request = rtnl.new_veth(
             name=host, master=0, group=naming.LINK_GROUP, mtu=1500, peer="eth0",
             peer_mac="02:42:ac:12:00:09", netns_fd=fd,
         )  # fmt: skip
-        [echo] = [rtnl.Link(payload) for payload in rtnl.check(rt.transact([request])[0])]
+        [echo] = [rtsocket.Link(payload) for payload in rtsocket.check(rt.transact([request])[0])]
     finally:
         os.close(fd)
         rt.close()

@@ -11,7 +11,7 @@ import pytest
 import trio
 
 from agent.core.errors import Conflict, InvalidArgument, NotFound
-from agent.kernel import netns, rtnl
+from agent.kernel import netns, rtnl, rtsocket
 
 
 def ip_netns_list() -> set[str]:
@@ -127,13 +127,17 @@ async def test_socket_visiting_is_bound_to_the_namespace_and_the_thread_comes_ho
             os.close(fd)
         assert _here() == before
         with sock:
-            rt = rtnl.RtSocket(sock)
-            names = {rtnl.Link(p).name for p in rtnl.check(rt.transact([rtnl.dump_links()])[0])}
+            rt = rtsocket.RtSocket(sock)
+            names = {
+                rtsocket.Link(p).name for p in rtsocket.check(rt.transact([rtnl.dump_links()])[0])
+            }
         assert names == {"lo"}
         # a fresh socket of this thread is the host's again
         with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as mine:
-            rt = rtnl.RtSocket(mine)
-            names = {rtnl.Link(p).name for p in rtnl.check(rt.transact([rtnl.dump_links()])[0])}
+            rt = rtsocket.RtSocket(mine)
+            names = {
+                rtsocket.Link(p).name for p in rtsocket.check(rt.transact([rtnl.dump_links()])[0])
+            }
         assert "tn-home" in names
     finally:
         os.close(home)

@@ -2,8 +2,9 @@
 
 Every message agentd sends: what `rtnl` encodes, pyroute2 decodes to the expected header and
 attributes (nested ones included), and pyroute2 encodes the same message to the same bytes.
-Every reply agentd reads: what pyroute2 encodes like the kernel, `rtnl.Link`, `rtnl.route_dst`,
-`rtnl.nsid_of` and the dump readers (`agent.kernel.dumps`) decode to the same fields. Message
+Every reply agentd reads: what pyroute2 encodes like the kernel, `rtsocket.Link`,
+`rtsocket.route_dst`, `rtsocket.nsid_of` and the dump readers (`agent.kernel.dumps`) decode to
+the same fields. Message
 types and flags are pyroute2's constants, not ours. A reply that does not fit raises
 `ValueError` (the one strict walker, `agent.core.nlattrs`).
 """
@@ -37,7 +38,7 @@ from pyroute2.netlink.rtnl.nsidmsg import nsidmsg
 from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
 from agent.core import naming
-from agent.kernel import dumps, rtnl
+from agent.kernel import dumps, rtnl, rtsocket
 from agent.kernel.base import LinkInfo
 
 SEQ = 7
@@ -335,7 +336,7 @@ def kernel_links(draw: st.DrawFn) -> tuple[bytes, dict]:
 @given(case=kernel_links())
 def test_link_reads_what_pyroute2_encodes(case: tuple[bytes, dict]) -> None:
     data, want = case
-    link = rtnl.Link(data[16:])
+    link = rtsocket.Link(data[16:])
     assert (link.index, link.flags, link.name, link.alias, link.kind) == (
         want["index"], want["flags"], want["name"] or "", want["alias"], want["kind"],
     )  # fmt: skip
@@ -360,7 +361,7 @@ def test_route_dst_reads_what_pyroute2_encodes(
                 attrs.append((nla, value if isinstance(value, int) else str(value)))
     fields = {**route_fields(family), "table": table, "dst_len": dst_len}
     data = encode(rtmsg(), pr.RTM_NEWROUTE, fields, attrs)
-    found = rtnl.route_dst(data[16:])
+    found = rtsocket.route_dst(data[16:])
     if family != socket.AF_INET:
         assert found is None
         return
@@ -375,15 +376,15 @@ def test_nsid_of_reads_what_pyroute2_encodes(nsid: int, extra: bool) -> None:
     if extra:
         attrs.insert(0, ("NETNSA_CURRENT_NSID", 5))
     data = encode(nsidmsg(), pr.RTM_NEWNSID, {"rtgen_family": 0}, attrs)
-    assert rtnl.nsid_of(data[16:]) == nsid  # -1: NETNSA_NSID_NOT_ASSIGNED
-    assert rtnl.nsid_of(encode(nsidmsg(), pr.RTM_NEWNSID, {"rtgen_family": 0}, [])[16:]) is None
+    assert rtsocket.nsid_of(data[16:]) == nsid  # -1: NETNSA_NSID_NOT_ASSIGNED
+    assert rtsocket.nsid_of(encode(nsidmsg(), pr.RTM_NEWNSID, {"rtgen_family": 0}, [])[16:]) is None
 
 
 @given(err=st.integers(1, 4095), text=texts)
 def test_an_extended_ack_message_is_read(err: int, text: str) -> None:
     body = encode(nlmsgerr(), 2, {"error": -err}, [("NLMSGERR_ATTR_MSG", text)])[16:]
     request = struct.pack("=IHHII", 32, pr.RTM_NEWLINK, 5, SEQ, 0)  # echoed back (CAP_ACK)
-    error = rtnl._error(err, rtnl.NLM_F_ACK_TLVS, body[:4] + request + body[4:])
+    error = rtsocket._error(err, rtnl.NLM_F_ACK_TLVS, body[:4] + request + body[4:])
     assert (error.errno, error.detail) == (err, text)
 
 
@@ -436,16 +437,20 @@ _ROUTE = struct.pack("=BBBBBBBBI", 2, 24, 0, 0, 254, 0, 0, 1, 0)
 
 
 MALFORMED: list[tuple[str, Callable[[bytes], object], bytes]] = [
-    ("ifinfomsg cut short", rtnl.Link, b"\0" * 12),
-    ("attribute past the end", rtnl.Link, _link_payload(struct.pack("=HH", 12, 3) + b"eth0")),
-    ("attribute length below 4", rtnl.Link, _link_payload(struct.pack("=HH", 2, 3) + b"\0" * 4)),
-    ("half an attribute header", rtnl.Link, _link_payload(b"\x08\0")),
-    ("short master", rtnl.Link, _link_payload(rtnl.attr(rtnl.IFLA_MASTER, b"\1\0"))),
-    ("nested kind past its nest", rtnl.Link, _link_payload(_OVERRUNNING_KIND)),
-    ("rtmsg cut short", rtnl.route_dst, b"\x02" + b"\0" * 8),
-    ("short destination", rtnl.route_dst, _ROUTE + rtnl.attr(rtnl.RTA_DST, b"\x0a\0")),
-    ("nsid cut short", rtnl.nsid_of, b"\0\0\0\0" + rtnl.attr(rtnl.NETNSA_NSID, b"\1")),
-    ("rtgenmsg cut short", rtnl.nsid_of, b"\0"),
+    ("ifinfomsg cut short", rtsocket.Link, b"\0" * 12),
+    ("attribute past the end", rtsocket.Link, _link_payload(struct.pack("=HH", 12, 3) + b"eth0")),
+    (
+        "attribute length below 4",
+        rtsocket.Link,
+        _link_payload(struct.pack("=HH", 2, 3) + b"\0" * 4),
+    ),
+    ("half an attribute header", rtsocket.Link, _link_payload(b"\x08\0")),
+    ("short master", rtsocket.Link, _link_payload(rtnl.attr(rtnl.IFLA_MASTER, b"\1\0"))),
+    ("nested kind past its nest", rtsocket.Link, _link_payload(_OVERRUNNING_KIND)),
+    ("rtmsg cut short", rtsocket.route_dst, b"\x02" + b"\0" * 8),
+    ("short destination", rtsocket.route_dst, _ROUTE + rtnl.attr(rtnl.RTA_DST, b"\x0a\0")),
+    ("nsid cut short", rtsocket.nsid_of, b"\0\0\0\0" + rtnl.attr(rtnl.NETNSA_NSID, b"\1")),
+    ("rtgenmsg cut short", rtsocket.nsid_of, b"\0"),
 ]
 
 
@@ -463,4 +468,4 @@ def test_a_cut_reply_is_read_or_raises_value_error_never_else(case, cut: int) ->
     data, _ = case
     payload = data[16:-cut] if cut < len(data) - 16 else data[16:17]
     with contextlib.suppress(ValueError):
-        rtnl.Link(payload)
+        rtsocket.Link(payload)
