@@ -71,4 +71,5 @@ async def run_in_fresh_thread(fn: Callable[..., T], *args: Any) -> T:
             target=lambda: report(outcome.capture(fn, *args)), name="netagent-ns", daemon=True
         ).start()
 
-    return await _wait_for(start)
+    result: T = await _wait_for(start)
+    return result
