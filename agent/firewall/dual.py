@@ -34,15 +34,14 @@ class DualFirewall:
         self.v6 = v6
         self.v6_error = "" if v6 is not None else "ip6tables is not configured"
         if v6 is not None:
-            v6.own_pids = v4.own_pids
+            v6.restorer.own_pids = v6.own_pids = v4.own_pids
         self.own_pids = v4.own_pids
         self._networks: list[Network] = []
 
     @classmethod
     def default(cls) -> DualFirewall:
         """iptables-restore/-save and ip6tables-restore/-save, found through PATH."""
-        v6 = IptablesFirewall(restore="ip6tables-restore", save="ip6tables-save", family=6)
-        return cls(IptablesFirewall(), v6)
+        return cls(IptablesFirewall(), IptablesFirewall(family=6))
 
     def _need_v6(self, networks: list[Network]) -> IptablesFirewall | None:
         if self.v6 is None and any(n.ipv6 for n in networks):

@@ -18,7 +18,9 @@ from agent.core import naming, rules
 from agent.core.errors import FirewallApply
 from agent.core.model import Network
 from agent.core.serialize import serialize as pure_serialize
-from agent.firewall.iptables import IptablesFirewall, _discard, parse_save
+from agent.firewall.iptables.applier import IptablesFirewall
+from agent.firewall.iptables.restore import Restorer, discard
+from agent.firewall.iptables.save import parse_save
 
 pytestmark = pytest.mark.kernel
 
@@ -186,13 +188,13 @@ async def test_failing_transaction_raises_and_changes_nothing() -> None:
     assert fw.applied == applied
     assert await fw.sync([good]) == 0  # still in step with the kernel
 
-    broken = IptablesFirewall(restore="false")
+    broken = IptablesFirewall(Restorer(restore="false"))
     await IptablesFirewall().setup([good])
     broken.applied = fw.applied
     with pytest.raises(FirewallApply):
         await broken.sync([good, net(3)])
     assert save() == before
-    missing = IptablesFirewall(save="/nonexistent/iptables-save")
+    missing = IptablesFirewall(Restorer(save="/nonexistent/iptables-save"))
     with pytest.raises(FirewallApply, match="could not run"):
         await missing.setup([good])
     assert save() == before
@@ -275,7 +277,7 @@ async def test_spare_process_applies_transactions_and_reports_failures(nursery) 
     used = []
     for extra in (net(7), net(8, internal=True)):
         await trio.sleep(0.05)  # let the keeper start its spare
-        spare = fw._spare
+        spare = fw.restorer._spare
         assert spare is not None and spare.returncode is None and spare.pid in fw.own_pids
         await fw.sync([good, extra])
         assert await exit_code(spare) == 0  # this transaction ran in the spare
@@ -284,7 +286,7 @@ async def test_spare_process_applies_transactions_and_reports_failures(nursery) 
     assert len(set(used)) == 2  # a new spare for each transaction
     # a failure in a spare is reported exactly as in a process of its own
     await trio.sleep(0.05)
-    assert fw._spare is not None
+    assert fw.restorer._spare is not None
     before, applied = save(), fw.applied
     bad = replace(net(2), bridge="br-" + "x" * 20)
     with pytest.raises(FirewallApply) as info:
@@ -298,27 +300,27 @@ async def test_a_dead_spare_is_replaced_and_the_spare_dies_with_its_keeper() -> 
     async with trio.open_nursery() as nursery:
         await nursery.start(fw.serve)
         await trio.sleep(0.05)
-        spare = fw._spare
+        spare = fw.restorer._spare
         assert spare is not None
         spare.kill()
         await spare.wait()
         await fw.setup([net(1)])  # runs in a process of its own, not in the dead spare
         assert (await fw.observe()).ruleset() == fw.applied == rules.render([net(1)])
         await trio.sleep(0.05)
-        last = fw._spare
+        last = fw.restorer._spare
         assert last is not None and last is not spare and last.returncode is None
         await fw.sync([])  # a deleting commit, whose process exits slowly
         nursery.cancel_scope.cancel()
-    assert last.returncode is not None and fw._spare is None  # no idle process left behind
+    assert last.returncode is not None and fw.restorer._spare is None  # no idle process left behind
     assert restore_children() == set()  # nor one still exiting
 
 
 async def test_no_spare_for_a_legacy_backend(nursery) -> None:
     # a legacy iptables-restore may hold the xtables lock from its start: never keep one idle
-    fw = IptablesFirewall(restore="iptables-legacy-restore")
+    fw = IptablesFirewall(Restorer(restore="iptables-legacy-restore"))
     await nursery.start(fw.serve)
     await trio.sleep(0.1)
-    assert fw._spare is None and fw._want_spare is None
+    assert fw.restorer._spare is None and fw.restorer._want_spare is None
 
 
 def restore_children() -> set[int]:
@@ -354,7 +356,7 @@ async def test_a_transaction_answers_at_its_commit_not_at_its_exit(tmp_path, nur
         'iptables-restore "$@" || exit $?\nexec sleep 30\n'
     )
     slow_exit.chmod(0o755)
-    fw = IptablesFirewall(restore=str(slow_exit))
+    fw = IptablesFirewall(Restorer(restore=str(slow_exit)))
     await nursery.start(fw.serve)
     with trio.fail_after(10):  # far below the 30 s exit
         await fw.setup([net(1)])
@@ -383,21 +385,21 @@ async def test_spares_taken_while_one_starts_leave_exactly_one_behind(nursery) -
     await nursery.start(fw.serve)
     taken = []
     for _ in range(50):  # take as fast as the keeper makes them, often mid-start
-        if (spare := await fw._take_spare()) is not None:
+        if (spare := await fw.restorer._take_spare()) is not None:
             taken.append(spare)
         await trio.sleep(0)
     for spare in taken:
-        await _discard(spare)
+        await discard(spare)
     await trio.sleep(0.2)
-    assert fw._spare is not None
-    assert restore_children() == {fw._spare.pid}
+    assert fw.restorer._spare is not None
+    assert restore_children() == {fw.restorer._spare.pid}
 
 
 async def test_a_hung_restore_is_killed_at_the_timeout(tmp_path) -> None:
     hang = tmp_path / "hang"
     hang.write_text("#!/bin/sh\nexec sleep 30\n")
     hang.chmod(0o755)
-    fw = IptablesFirewall(restore=str(hang), timeout=0.3)
+    fw = IptablesFirewall(Restorer(restore=str(hang), timeout=0.3))
     fw.applied, fw._converged = rules.render([]), True
     with trio.fail_after(5), pytest.raises(FirewallApply, match=r"timed out after 0\.3 s"):
         await fw.sync([net(1)])
