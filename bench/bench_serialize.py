@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 
 from agent.core import rules
-from agent.core import serialize as pure
 from agent.core.model import Network
+from agent.firewall.iptables import serialize as pure
 
 SIZES = (10, 100, 1_000, 10_000)
 

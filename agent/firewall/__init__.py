@@ -1,5 +1,5 @@
-"""Firewall backends: apply the rulesets `agent.core.rules` renders (iptables-restore today)."""
+"""Firewall backends: apply the rulesets `agent.core.rules` renders (iptables-restore today).
 
-from agent.firewall.iptables import IptablesFirewall
-
-__all__ = ["IptablesFirewall"]
+Importing this package imports no backend (`agent.accel` loads the pure serialiser twin from
+`agent.firewall.iptables` early).
+"""

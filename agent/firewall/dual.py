@@ -20,7 +20,7 @@ import trio
 
 from agent.core.errors import FirewallApply
 from agent.core.model import Endpoint, Network
-from agent.firewall.iptables import IptablesFirewall
+from agent.firewall.iptables.applier import IptablesFirewall
 from agent.log import get_logger
 
 log = get_logger("agent.firewall.dual")

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.core import rules
-from agent.core import serialize as pure
 from agent.core.model import Network
+from agent.firewall.iptables import serialize as pure
 
 try:
     fast: ModuleType | None = importlib.import_module("_fast.serialize")

@@ -21,7 +21,7 @@ import pytest
 
 from agent.core import naming, rules
 from agent.core.model import Endpoint, Network, PortMapping
-from agent.core.serialize import serialize
+from agent.firewall.iptables.serialize import serialize
 
 HERE = Path(__file__).parent
 UPDATE = os.environ.get("NETAGENT_UPDATE_GOLDEN") == "1"

@@ -17,10 +17,10 @@ from msgspec.structs import replace
 from agent.core import naming, rules
 from agent.core.errors import FirewallApply
 from agent.core.model import Network
-from agent.core.serialize import serialize as pure_serialize
 from agent.firewall.iptables.applier import IptablesFirewall
 from agent.firewall.iptables.restore import Restorer, discard
 from agent.firewall.iptables.save import parse_save
+from agent.firewall.iptables.serialize import serialize as pure_serialize
 
 pytestmark = pytest.mark.kernel
 

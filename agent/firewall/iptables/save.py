@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from agent.core import naming, rules
-from agent.core.serialize import format_op
+from agent.firewall.iptables.serialize import format_op
 
 
 @dataclass
