@@ -36,7 +36,7 @@ IPTABLES = ROOT / "agent" / "firewall" / "iptables"
 PURE = [
     *sorted((ROOT / "agent" / "core").glob("*.py")),
     ROOT / "agent" / "api" / "protocol.py",
-    *(IPTABLES / f"{name}.py" for name in ("serialize", "save")),
+    *(IPTABLES / f"{name}.py" for name in ("rules", "transaction", "serialize", "save")),
 ]
 PURE_MODULES = {".".join(p.relative_to(ROOT).with_suffix("").parts) for p in PURE}
 

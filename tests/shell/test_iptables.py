@@ -14,9 +14,10 @@ import pytest
 import trio
 from msgspec.structs import replace
 
-from agent.core import naming, rules
+from agent.core import naming, policy
 from agent.core.errors import FirewallApply
 from agent.core.model import Network
+from agent.firewall.iptables import rules, transaction
 from agent.firewall.iptables.applier import IptablesFirewall
 from agent.firewall.iptables.restore import Restorer, discard
 from agent.firewall.iptables.save import parse_save
@@ -35,6 +36,11 @@ def net(i: int, **options: object) -> Network:
         gateway=f"10.{i // 256}.{i % 256}.1",
         **options,
     )
+
+
+def render(networks: list[Network]) -> rules.Ruleset:
+    """The IPv4 ruleset of `networks`, through the policy."""
+    return rules.render(policy.build(networks).v4)
 
 
 def sh(*argv: str) -> None:
@@ -115,11 +121,11 @@ async def test_setup_on_empty_ruleset_gives_exact_lines() -> None:
         f"-A NETAGENT-POSTROUTING -s 10.0.1.0/24 ! -o {b} -j MASQUERADE",
         "COMMIT",
     ]
-    assert fw.applied == rules.render([n])
+    assert fw.applied == render([n])
     assert (await fw.observe()).ruleset() == fw.applied
     assert fw.rule_count() == 11
     # What `agentctl ruleset` shows is exactly what start-up fed iptables-restore.
-    assert fw.text() == pure_serialize(rules.full(rules.render([n])))
+    assert fw.text() == pure_serialize(transaction.full(render([n])))
 
 
 async def test_setup_twice_is_identical_and_keeps_user_rules() -> None:
@@ -168,7 +174,7 @@ async def test_sync_add_then_remove_returns_to_baseline_exactly() -> None:
         assert (
             f"-A NETAGENT-FORWARD -o {extra.bridge} -j {naming.network_chain(extra.id)}" in save()
         )
-        assert (await fw.observe()).ruleset() == fw.applied == rules.render([*base, extra])
+        assert (await fw.observe()).ruleset() == fw.applied == render([*base, extra])
         assert await fw.sync(base) > 0
         assert save() == baseline
         assert (await fw.observe()).ruleset() == fw.applied
@@ -250,7 +256,7 @@ async def test_cancellation_never_lands_inside_a_transaction() -> None:
     with trio.CancelScope() as scope:
         scope.cancel()
         await fw.sync([net(1), net(2)])  # cancelled before it starts: nothing happens
-    assert save() == before and fw.applied == rules.render([net(1)])
+    assert save() == before and fw.applied == render([net(1)])
     for delay in (0.0005, 0.002, 0.005, 0.01):
         wanted = [net(i) for i in range(1, 120)] if fw.applied.rule_count() < 100 else [net(1)]
         with trio.move_on_after(delay):
@@ -266,7 +272,7 @@ async def test_observe_reads_quoted_tokens_back() -> None:
     seen = parse_save("\n".join(save()))
     rule = ("-m", "comment", "--comment", comment, "-j", "ACCEPT")
     assert seen.chains[("filter", "NETAGENT-USER")] == [rule, ("-j", "RETURN")]
-    assert seen.ruleset() == rules.render([])
+    assert seen.ruleset() == render([])
 
 
 async def test_spare_process_applies_transactions_and_reports_failures(nursery) -> None:
@@ -282,7 +288,7 @@ async def test_spare_process_applies_transactions_and_reports_failures(nursery) 
         await fw.sync([good, extra])
         assert await exit_code(spare) == 0  # this transaction ran in the spare
         used.append(spare.pid)
-        assert (await fw.observe()).ruleset() == fw.applied == rules.render([good, extra])
+        assert (await fw.observe()).ruleset() == fw.applied == render([good, extra])
     assert len(set(used)) == 2  # a new spare for each transaction
     # a failure in a spare is reported exactly as in a process of its own
     await trio.sleep(0.05)
@@ -305,7 +311,7 @@ async def test_a_dead_spare_is_replaced_and_the_spare_dies_with_its_keeper() -> 
         spare.kill()
         await spare.wait()
         await fw.setup([net(1)])  # runs in a process of its own, not in the dead spare
-        assert (await fw.observe()).ruleset() == fw.applied == rules.render([net(1)])
+        assert (await fw.observe()).ruleset() == fw.applied == render([net(1)])
         await trio.sleep(0.05)
         last = fw.restorer._spare
         assert last is not None and last is not spare and last.returncode is None
@@ -361,7 +367,7 @@ async def test_a_transaction_answers_at_its_commit_not_at_its_exit(tmp_path, nur
     with trio.fail_after(10):  # far below the 30 s exit
         await fw.setup([net(1)])
         await fw.sync([])  # deletes rules
-    assert (await fw.observe()).ruleset() == fw.applied == rules.render([])
+    assert (await fw.observe()).ruleset() == fw.applied == render([])
     exiting = [pid for pid in restore_children() if comm(pid) == "sleep"]
     assert len(exiting) == 2  # both restores are still on their way out
     for pid in exiting:
@@ -400,7 +406,7 @@ async def test_a_hung_restore_is_killed_at_the_timeout(tmp_path) -> None:
     hang.write_text("#!/bin/sh\nexec sleep 30\n")
     hang.chmod(0o755)
     fw = IptablesFirewall(Restorer(restore=str(hang), timeout=0.3))
-    fw.applied, fw._converged = rules.render([]), True
+    fw.applied, fw._converged = render([]), True
     with trio.fail_after(5), pytest.raises(FirewallApply, match=r"timed out after 0\.3 s"):
         await fw.sync([net(1)])
     assert restore_children() == set() and not fw._converged  # killed; next sync converges

@@ -1,10 +1,10 @@
-"""The per-family iptables applier: render (core) -> serialise (_fast) -> `Restorer.restore`.
+"""The per-family iptables applier: render -> serialise (_fast) -> `Restorer.restore`.
 
 Theory of operation. `applied` is the ruleset the kernel holds, as last applied; the kernel is
 never re-listed on the hot path (`iptables-save` costs ~100 ms at 10k rules). `setup` converges
 from anything at start-up: ONE `iptables-save` finds our chains, the built-in jumps and
-NETAGENT-USER, then ONE restore of `rules.full` rewrites every agent chain. `sync` restores only
-`rules.diff(applied, desired)`.
+NETAGENT-USER, then ONE restore of `transaction.full` rewrites every agent chain. `sync`
+restores only `transaction.diff(applied, desired)`.
 
 iptables-restore commits each `*table` section separately (measured with 1.8.9 nf_tables: a
 failure in `*nat` leaves the `*filter` section applied). A failed transaction is therefore
@@ -32,10 +32,11 @@ from collections.abc import Callable, Iterable
 import trio
 
 from agent import accel
-from agent.core import rules
+from agent.core import policy
 from agent.core.errors import FirewallApply
 from agent.core.model import Endpoint, Network, PortMapping
 from agent.firewall import conntrack
+from agent.firewall.iptables import rules, transaction
 from agent.firewall.iptables.restore import Restorer, RestoreTimeout, sections
 from agent.firewall.iptables.save import Observed, drift, parse_save
 from agent.log import get_logger
@@ -60,14 +61,14 @@ class IptablesFirewall:
         restorer: runs the family's iptables-restore and iptables-save (a new one for
             iptables, or ip6tables with `family=6`, if None).
         serialize: `Script -> str`; the Cython accelerator when built.
-        family: 4 (iptables) or 6 (ip6tables: `rules.render(..., family=6)`).
+        family: 4 (iptables) or 6 (ip6tables: the policy's `v6`).
     """
 
     def __init__(
         self,
         restorer: Restorer | None = None,
         *,
-        serialize: Callable[[rules.Script], str] = accel.serialize.serialize,
+        serialize: Callable[[transaction.Script], str] = accel.serialize.serialize,
         family: int = 4,
     ) -> None:
         if restorer is None:
@@ -88,7 +89,8 @@ class IptablesFirewall:
     ) -> tuple[rules.Ruleset, list[Network], tuple[Endpoint, ...]]:
         networks = list(networks)
         eps = self._endpoints if endpoints is None else tuple(endpoints)
-        return rules.render(networks, eps, family=self.family), networks, eps
+        family = policy.build(networks, eps).family(self.family)
+        return rules.render(family), networks, eps
 
     async def _ports_applied(self, networks: list[Network], eps: tuple[Endpoint, ...]) -> None:
         """route_localnet on bridges with ports; conntrack flush of the mappings that went away."""
@@ -100,7 +102,7 @@ class IptablesFirewall:
             for ep in self._endpoints
             if ep.network_id in usable and (ip := ep.ip if v4 else ep.ip6)
             for m in ep.ports
-            if rules.mapped_for(m, self.family)
+            if policy.mapped_for(m, self.family)
         }
         for bridge in sorted({b for b, _, _ in now - self._published}) if v4 else ():
             conntrack.route_localnet(bridge)
@@ -139,7 +141,7 @@ class IptablesFirewall:
             if not self._converged:
                 count = await self._converge(new)
             else:
-                script = rules.diff(self.applied, new)
+                script = transaction.diff(self.applied, new)
                 count = len(script)
                 if script:
                     await self._apply_diff(script, new)
@@ -154,7 +156,7 @@ class IptablesFirewall:
 
     def text(self) -> str:
         """The ruleset as iptables-restore would be fed it from scratch (`agentctl ruleset`)."""
-        return self.serialize(rules.full(self.applied))
+        return self.serialize(transaction.full(self.applied))
 
     def rule_count(self) -> int:
         """Rules in the agent's chains (built-in jumps and NETAGENT-USER not counted)."""
@@ -191,7 +193,7 @@ class IptablesFirewall:
     async def _converge(self, new: rules.Ruleset) -> int:
         self._converged = False
         seen = await self.observe()
-        stale = rules.stale(seen.chains, new)
+        stale = transaction.stale(seen.chains, new)
         if (
             not stale
             and seen.user_chain_exists()
@@ -201,7 +203,7 @@ class IptablesFirewall:
             self.applied = new
             self._converged = True
             return 0
-        script = rules.full(
+        script = transaction.full(
             new,
             missing_jumps=seen.missing_jumps(),
             user_chain_exists=seen.user_chain_exists(),
@@ -213,7 +215,7 @@ class IptablesFirewall:
         self._converged = True
         return len(script)
 
-    async def _apply_diff(self, script: rules.Script, new: rules.Ruleset) -> None:
+    async def _apply_diff(self, script: transaction.Script, new: rules.Ruleset) -> None:
         try:
             await self._restore(script)
         except FirewallApply as exc:
@@ -231,7 +233,7 @@ class IptablesFirewall:
     async def _rollback(self, partial: rules.Ruleset, exc: FirewallApply) -> None:
         """Undo the sections that committed before the failing one."""
         try:
-            await self._restore(rules.diff(partial, self.applied))
+            await self._restore(transaction.diff(partial, self.applied))
         except FirewallApply as again:
             log.error("firewall.rollback.failed", stderr=again.data.get("stderr"))
             self.applied = partial
@@ -240,7 +242,7 @@ class IptablesFirewall:
             raise exc from again
         log.warning("firewall.rollback.complete", line=exc.data.get("line"))
 
-    async def _restore(self, script: rules.Script) -> None:
+    async def _restore(self, script: transaction.Script) -> None:
         text = self.serialize(script)
         start = time.perf_counter()
         try:

@@ -15,8 +15,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agent.core import naming, rules
+from agent.core import naming
+from agent.firewall.iptables import rules
 from agent.firewall.iptables.serialize import format_op
+from agent.firewall.iptables.transaction import stale
 
 
 @dataclass
@@ -108,7 +110,7 @@ def drift(seen: Observed, new: rules.Ruleset) -> list[str]:
             problems.append(f"chain {table}/{chain} recreated")
         elif not _same_rules(have, want, head):
             problems.append(f"chain {table}/{chain} rewritten")
-    problems += [f"chain {t}/{c} removed" for t, c in sorted(rules.stale(seen.chains, new))]
+    problems += [f"chain {t}/{c} removed" for t, c in sorted(stale(seen.chains, new))]
     return problems
 
 
