@@ -21,9 +21,9 @@ from agent import __version__, accel
 from agent.adopt import adopt
 from agent.api import protocol as p
 from agent.api.server import Handler, InFlight, Stream, serve_api
-from agent.core import ipam, naming
+from agent.core import ipam, naming, policy
 from agent.core.topology import Topology
-from agent.firewall.dual import DualFirewall
+from agent.firewall import create
 from agent.firewall.monitor import serve_nft_changes
 from agent.kernel import netns
 from agent.kernel.events import serve_link_events
@@ -143,8 +143,8 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 state=state, topo=topo, kernel=kernel, owned_links=owned, ns=ns, store=store
             )
             phases["adopt"] = time.monotonic() - started
-            firewall = DualFirewall.default()
-            await firewall.setup(list(topo.networks.values()), list(topo.endpoints.values()))
+            firewall = create("iptables")
+            await firewall.setup(policy.build(topo.networks.values(), topo.with_ports()))
             await nursery.start(firewall.serve)
             phases["firewall"] = time.monotonic() - started
             svc = Service(

@@ -5,9 +5,9 @@ Theory of operation. Two event streams feed this module:
   namespace that is deleted takes its veth end with it, and the kernel then deletes the host
   end too: its RTM_DELLINK is how a vanished namespace is noticed (no polling).
 - nftables notifications (`agent.firewall.monitor`): every iptables change here (nft backend)
-  ends with a NEWGEN message naming the process. Changes by the agent's own iptables-restore
-  (known pids) are ignored; any other change to the ip filter/nat tables triggers one drift check
-  (`IptablesFirewall.repair`: one iptables-save, compare, converge), after a short debounce so
+  ends with a NEWGEN message naming the process. Changes the firewall backend judges foreign
+  (`Firewall.foreign`: not its own processes, tables it uses) trigger one drift check
+  (`Firewall.repair`: one iptables-save, compare, converge), after a short debounce so
   that a burst of foreign commands costs one check.
 
 Every reaction takes the service's topology lock exclusively and re-checks under it: an event
@@ -23,7 +23,7 @@ from typing import Any
 
 import trio
 
-from agent.core import naming
+from agent.core import naming, policy
 from agent.core.errors import AgentError
 from agent.core.model import Network
 from agent.log import get_logger
@@ -31,10 +31,6 @@ from agent.service import Service, gateway6_cidr
 
 log = get_logger("agent.reconcile")
 
-NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
-WATCHED_TABLES = {
-    (family, table) for family in (NFPROTO_IPV4, NFPROTO_IPV6) for table in ("filter", "nat")
-}
 DEBOUNCE = 0.05  # seconds: a burst of foreign iptables commands costs one drift check
 
 
@@ -179,7 +175,7 @@ class Reconciler:
         async for change in receive:
             if type(change).__name__ == "Overflow":
                 self._firewall_dirty.set()
-            elif change.pid not in self.firewall.own_pids and change.tables & WATCHED_TABLES:
+            elif self.firewall.foreign(change):
                 log.info("firewall.drift.suspected", pid=change.pid, comm=change.comm)
                 self._firewall_dirty.set()
 
@@ -202,7 +198,7 @@ class Reconciler:
             with trio.CancelScope(shield=True):
                 topo = self.svc.topo
                 problems = await self.firewall.repair(
-                    list(topo.networks.values()), list(topo.endpoints.values())
+                    policy.build(topo.networks.values(), topo.with_ports())
                 )
         return [self._repaired("firewall", "iptables", p) for p in problems]
 

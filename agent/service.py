@@ -18,14 +18,14 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import msgspec
 import trio
 
 from agent.api import protocol as p
-from agent.core import ipam, ipam6, naming
+from agent.core import ipam, ipam6, naming, policy
 from agent.core.errors import AgentError, Busy, Conflict, InvalidArgument, NotFound, PoolExhausted
 from agent.core.model import Endpoint, Network, Sandbox
 from agent.core.topology import Topology
@@ -82,9 +82,7 @@ class KernelOps(Protocol):
 
 
 class FirewallOps(Protocol):
-    async def sync(
-        self, networks: Iterable[Network], endpoints: Iterable[Endpoint] | None = None
-    ) -> int: ...
+    async def apply(self, policy: policy.Policy) -> int: ...
     def text(self) -> str: ...
     def rule_count(self) -> int: ...
 
@@ -223,7 +221,9 @@ class Service(PortsMixin):
                 await self.kernel.set_ip6_forward()
 
         async def rules() -> None:
-            await self.firewall.sync([*self.topo.networks.values(), net])
+            await self.firewall.apply(
+                policy.build([*self.topo.networks.values(), net], self.topo.with_ports())
+            )
             synced.append(True)
 
         async def step(fn: Any) -> None:
@@ -248,7 +248,9 @@ class Service(PortsMixin):
                     failed.append(exc)
             if failed:
                 if synced:
-                    await self.firewall.sync(self.topo.networks.values())
+                    await self.firewall.apply(
+                        policy.build(self.topo.networks.values(), self.topo.with_ports())
+                    )
                 if made:
                     await self.kernel.delete_bridge(
                         net.bridge, _gateway_cidr(net), gateway6_cidr(net)
@@ -294,13 +296,15 @@ class Service(PortsMixin):
         gone = {net.id for net in nets}
         remaining = [n for n in self.topo.networks.values() if n.id not in gone]
         with trio.CancelScope(shield=True):
-            await self.firewall.sync(remaining)
+            await self.firewall.apply(policy.build(remaining, self.topo.with_ports()))
             try:
                 with self.store.transaction() as w:
                     for net in nets:
                         w.delete_network(net.id)
             except BaseException:
-                await self.firewall.sync(self.topo.networks.values())
+                await self.firewall.apply(
+                    policy.build(self.topo.networks.values(), self.topo.with_ports())
+                )
                 raise
         for net in nets:
             self.topo.remove_network(net.id)

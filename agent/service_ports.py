@@ -13,7 +13,7 @@ import msgspec
 import trio
 
 from agent.api import protocol as p
-from agent.core import ports
+from agent.core import policy, ports
 from agent.core.errors import InvalidArgument, NotFound
 from agent.core.model import Endpoint, Network, PortMapping
 from agent.log import get_logger
@@ -51,7 +51,7 @@ class PortsMixin:
 
     async def _sync_ports(self: Service, endpoints: Iterable[Endpoint]) -> None:
         """Apply the rules of `endpoints` (those that publish ports matter)."""
-        await self.firewall.sync(self.topo.networks.values(), [e for e in endpoints if e.ports])
+        await self.firewall.apply(policy.build(self.topo.networks.values(), endpoints))
 
     def _endpoint_of(self: Service, req: p.PortChange) -> Endpoint:
         key = self.ns.netns_key(self.ns.resolve(req.netns))

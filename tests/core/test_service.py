@@ -23,7 +23,10 @@ from agent.core.errors import (
     NotFound,
     PoolExhausted,
 )
+from agent.core.policy import EMPTY as EMPTY_POLICY
+from agent.core.policy import Policy
 from agent.core.topology import Topology
+from agent.firewall.monitor import NftChange
 from agent.service import Service
 from agent.store.sqlite import open_store
 
@@ -81,23 +84,48 @@ class FakeKernel:
 
 
 class FakeFirewall:
-    def __init__(self) -> None:
-        self.networks: list = []
-        self.fail = False
-        self.syncs = 0
+    """A `Firewall` (agent.firewall.base) that keeps the last policy applied, or fails."""
 
-    async def sync(self, networks, endpoints=None) -> int:
-        self.syncs += 1
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.policy = EMPTY_POLICY
+        self.fail = False
+        self.applies = 0
+
+    async def setup(self, policy: Policy) -> None:
+        self.policy = policy
+
+    async def apply(self, policy: Policy) -> int:
+        self.applies += 1
         if self.fail:
             raise FirewallApply("restore failed on purpose", line="-A X")
-        self.networks = sorted(n.name for n in networks)
+        self.policy = policy
         return 1
+
+    async def repair(self, policy: Policy) -> list[str]:
+        return []
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+
+    def foreign(self, change: NftChange) -> bool:
+        return False
+
+    def bridge_recreated(self, bridge: str) -> None:
+        pass
 
     def text(self) -> str:
         return ""
 
     def rule_count(self) -> int:
         return 0
+
+
+def firewalled(svc: Service) -> list[str]:
+    """The names of the networks whose rules the fake firewall holds (ids if unknown)."""
+    names = {n.id: n.name for n in svc.topo.networks.values()}
+    return sorted(names.get(n.id, n.id) for n in svc.firewall.policy.v4.networks)
 
 
 class FakeNamespaces:
@@ -162,7 +190,7 @@ async def test_bridge_failure_takes_the_new_rules_back(svc) -> None:
     svc.kernel.fail_bridge = True  # the rules are applied meanwhile, then must go again
     with pytest.raises(Conflict):
         await svc.create_network(p.NetworkCreate(name="b", subnet="10.2.0.0/24"))
-    assert svc.firewall.networks == ["a"]
+    assert firewalled(svc) == ["a"]
     assert [n.name for n in svc.topo.networks.values()] == ["a"]
     assert [n.name for n in svc.store.load().networks] == ["a"]
 
@@ -280,7 +308,7 @@ async def test_rm_hands_the_bridge_to_the_reaper_and_a_same_subnet_create_waits(
     old = svc.topo.find_network("a").bridge
     svc.kernel.reap_gate = trio.Event()  # hold the batch that deletes the old bridge
     await svc.remove_network(p.NetworkRemove(network="a"))
-    assert svc.topo.networks == {} and svc.firewall.networks == []  # rules gone at once
+    assert svc.topo.networks == {} and firewalled(svc) == []  # rules gone at once
     assert old in svc.kernel.bridges  # the device is still there, with 10.1.0.1/24
     made: list = []
 
@@ -310,7 +338,7 @@ async def test_rm_store_failure_keeps_the_network_and_its_rules(svc, monkeypatch
     with pytest.raises(OSError):
         await svc.remove_network(p.NetworkRemove(network="a"))
     assert svc.topo.find_network("a") is net
-    assert svc.firewall.networks == ["a"]  # the rules were put back
+    assert firewalled(svc) == ["a"]  # the rules were put back
     assert net.bridge in svc.kernel.bridges and svc.reaper.backlog == 0
 
 
@@ -319,11 +347,11 @@ async def test_prune_removes_every_unused_network_in_one_firewall_transaction(sv
     for name, subnet in (("a", "10.1.0.0/24"), ("b", "10.2.0.0/24"), ("c", "10.3.0.0/24")):
         await svc.create_network(p.NetworkCreate(name=name, subnet=subnet))
     await svc.connect(p.EndpointConnect(network="b", netns="ok1"))
-    before = svc.firewall.syncs
+    before = svc.firewall.applies
     removed = await svc.prune_networks(p.NetworkFilter())
     assert sorted(removed.removed) == ["a", "c"]  # the default and the used one stay
-    assert svc.firewall.syncs == before + 1
-    assert svc.firewall.networks == ["b", "bridge"]
+    assert svc.firewall.applies == before + 1
+    assert firewalled(svc) == ["b", "bridge"]
     assert sorted(n.name for n in svc.store.load().networks) == ["b", "bridge"]
     await svc.reaper.wait_idle()
     assert sorted(svc.kernel.bridges.values()) == ["10.2.0.1/24", "172.17.0.1/16"]

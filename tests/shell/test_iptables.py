@@ -1,4 +1,5 @@
-"""IptablesFirewall against the real iptables (nf_tables) of the private test namespace.
+"""FamilyApplier (and the backend over it) against the real iptables (nf_tables) of the private
+test namespace.
 
 Checked with `iptables-save`, independently of the applier's own state. Every test starts and
 ends with empty filter and nat tables (the tests share one namespace).
@@ -18,7 +19,7 @@ from agent.core import naming, policy
 from agent.core.errors import FirewallApply
 from agent.core.model import Network
 from agent.firewall.iptables import rules, transaction
-from agent.firewall.iptables.applier import IptablesFirewall
+from agent.firewall.iptables.applier import FamilyApplier
 from agent.firewall.iptables.restore import Restorer, discard
 from agent.firewall.iptables.save import parse_save
 from agent.firewall.iptables.serialize import serialize as pure_serialize
@@ -83,8 +84,8 @@ def add_foreign() -> list[str]:
 async def test_setup_on_empty_ruleset_gives_exact_lines() -> None:
     n = net(1)
     b, c = n.bridge, naming.network_chain(n.id)
-    fw = IptablesFirewall()
-    await fw.setup([n])
+    fw = FamilyApplier()
+    await fw.setup(render([n]))
     assert save() == [
         "*filter",
         ":INPUT ACCEPT [0:0]",
@@ -130,91 +131,91 @@ async def test_setup_on_empty_ruleset_gives_exact_lines() -> None:
 
 async def test_setup_twice_is_identical_and_keeps_user_rules() -> None:
     networks = [net(1), net(2, internal=True), net(3, icc=False, masquerade=False)]
-    await IptablesFirewall().setup(networks)
+    await FamilyApplier().setup(render(networks))
     sh("iptables", "-I", "NETAGENT-USER", "-s", "10.1.1.1/32", "-j", "ACCEPT")
     first = save()
-    fw = IptablesFirewall()  # a restart: nothing known in memory
-    await fw.setup(networks)
+    fw = FamilyApplier()  # a restart: nothing known in memory
+    await fw.setup(render(networks))
     assert save() == first
     assert first.count("-A FORWARD -m comment --comment netagent -j NETAGENT-FORWARD") == 1
     assert "-A NETAGENT-USER -s 10.1.1.1/32 -j ACCEPT" in first
-    assert await fw.sync(networks) == 0
+    assert await fw.apply(render(networks)) == 0
 
 
 async def test_foreign_rules_survive_every_operation() -> None:
     foreign = add_foreign()
-    fw = IptablesFirewall()
+    fw = FamilyApplier()
 
     def check() -> None:
         lines = save()
         assert all(lines.count(line) == 1 for line in foreign), lines
 
-    await fw.setup([net(1)])
+    await fw.setup(render([net(1)]))
     check()
     assert save().index(
         "-A FORWARD -m comment --comment netagent -j NETAGENT-FORWARD"
     ) < save().index("-A FORWARD -s 10.9.9.9/32 -j DROP")  # our jump is inserted at the top
-    await fw.sync([net(1), net(2)])
+    await fw.apply(render([net(1), net(2)]))
     check()
-    await fw.sync([])
+    await fw.apply(render([]))
     check()
-    await IptablesFirewall().setup([net(3)])
+    await FamilyApplier().setup(render([net(3)]))
     check()
 
 
 async def test_sync_add_then_remove_returns_to_baseline_exactly() -> None:
     add_foreign()
-    fw = IptablesFirewall()
+    fw = FamilyApplier()
     base = [net(1), net(2, icc=False)]
-    await fw.setup(base)
+    await fw.setup(render(base))
     baseline = save()
     for extra in (net(7), net(8, internal=True), net(9, masquerade=False)):
-        assert await fw.sync([*base, extra]) > 0
+        assert await fw.apply(render([*base, extra])) > 0
         assert save() != baseline
         assert (
             f"-A NETAGENT-FORWARD -o {extra.bridge} -j {naming.network_chain(extra.id)}" in save()
         )
         assert (await fw.observe()).ruleset() == fw.applied == render([*base, extra])
-        assert await fw.sync(base) > 0
+        assert await fw.apply(render(base)) > 0
         assert save() == baseline
         assert (await fw.observe()).ruleset() == fw.applied
 
 
 async def test_failing_transaction_raises_and_changes_nothing() -> None:
-    fw = IptablesFirewall()
+    fw = FamilyApplier()
     good = net(1)
-    await fw.setup([good])
+    await fw.setup(render([good]))
     before, applied = save(), fw.applied
     bad = replace(net(2), bridge="br-" + "x" * 20)  # longer than IFNAMSIZ: iptables refuses it
     with pytest.raises(FirewallApply) as info:
-        await fw.sync([good, bad])
+        await fw.apply(render([good, bad]))
     assert info.value.data["line"] is not None and bad.bridge in info.value.data["line"]
     assert "IFNAMSIZ" in info.value.data["stderr"]
     assert save() == before
     assert fw.applied == applied
-    assert await fw.sync([good]) == 0  # still in step with the kernel
+    assert await fw.apply(render([good])) == 0  # still in step with the kernel
 
-    broken = IptablesFirewall(Restorer(restore="false"))
-    await IptablesFirewall().setup([good])
+    broken = FamilyApplier(Restorer(restore="false"))
+    await FamilyApplier().setup(render([good]))
     broken.applied = fw.applied
     with pytest.raises(FirewallApply):
-        await broken.sync([good, net(3)])
+        await broken.apply(render([good, net(3)]))
     assert save() == before
-    missing = IptablesFirewall(Restorer(save="/nonexistent/iptables-save"))
+    missing = FamilyApplier(Restorer(save="/nonexistent/iptables-save"))
     with pytest.raises(FirewallApply, match="could not run"):
-        await missing.setup([good])
+        await missing.setup(render([good]))
     assert save() == before
 
 
 async def test_failure_in_a_later_table_rolls_back_the_committed_one() -> None:
-    fw = IptablesFirewall()
+    fw = FamilyApplier()
     a, b = net(1), net(2)
-    await fw.setup([a, b])
+    await fw.setup(render([a, b]))
     masq = f"-s {b.subnet} ! -o {b.bridge} -j MASQUERADE"
     sh("iptables", "-t", "nat", "-D", "NETAGENT-POSTROUTING", *masq.split())  # drift
     before, applied = save(), fw.applied
     with pytest.raises(FirewallApply) as info:
-        await fw.sync([a])  # filter commits, then nat's -D fails
+        await fw.apply(render([a]))  # filter commits, then nat's -D fails
     assert info.value.data["line"] == f"-D NETAGENT-POSTROUTING {masq}"
     assert info.value.data["rolled_back"] is True
     assert save() == before
@@ -222,24 +223,24 @@ async def test_failure_in_a_later_table_rolls_back_the_committed_one() -> None:
 
 
 async def test_one_more_network_after_200_is_a_small_transaction() -> None:
-    fw = IptablesFirewall()
+    fw = FamilyApplier()
     many = [net(i) for i in range(200)]
-    await fw.setup(many)
-    assert await fw.sync([*many, net(200)]) == 10
+    await fw.setup(render(many))
+    assert await fw.apply(render([*many, net(200)])) == 10
     lines = save()
     assert sum(line.startswith(":NETAGENT-N-") for line in lines) == 201
     assert sum(line.startswith("-A NETAGENT-POSTROUTING ") for line in lines) == 201
-    assert await fw.sync([*many[1:], net(200)]) == 7
+    assert await fw.apply(render([*many[1:], net(200)])) == 7
 
 
 async def test_setup_removes_a_crash_leftover_chain() -> None:
-    await IptablesFirewall().setup([net(1), net(2)])
+    await FamilyApplier().setup(render([net(1), net(2)]))
     sh("iptables", "-N", "NETAGENT-N-deadbeefdead")
     sh("iptables", "-A", "NETAGENT-N-deadbeefdead", "-j", "DROP")
     sh("iptables", "-N", "NETAGENT-N-feedfeedfeed")
     sh("iptables", "-A", "INPUT", "-j", "NETAGENT-N-feedfeedfeed")  # a foreign jump to it
-    fw = IptablesFirewall()
-    await fw.setup([net(1)])
+    fw = FamilyApplier()
+    await fw.setup(render([net(1)]))
     lines = save()
     assert ":NETAGENT-N-deadbeefdead - [0:0]" not in lines
     assert naming.network_chain(net(2).id) not in "\n".join(lines)
@@ -250,23 +251,23 @@ async def test_setup_removes_a_crash_leftover_chain() -> None:
 
 
 async def test_cancellation_never_lands_inside_a_transaction() -> None:
-    fw = IptablesFirewall()
-    await fw.setup([net(1)])
+    fw = FamilyApplier()
+    await fw.setup(render([net(1)]))
     before = save()
     with trio.CancelScope() as scope:
         scope.cancel()
-        await fw.sync([net(1), net(2)])  # cancelled before it starts: nothing happens
+        await fw.apply(render([net(1), net(2)]))  # cancelled before it starts: nothing happens
     assert save() == before and fw.applied == render([net(1)])
     for delay in (0.0005, 0.002, 0.005, 0.01):
         wanted = [net(i) for i in range(1, 120)] if fw.applied.rule_count() < 100 else [net(1)]
         with trio.move_on_after(delay):
-            await fw.sync(wanted)
+            await fw.apply(render(wanted))
         # Whatever the moment, the kernel holds exactly what `applied` says.
         assert (await fw.observe()).ruleset() == fw.applied
 
 
 async def test_observe_reads_quoted_tokens_back() -> None:
-    await IptablesFirewall().setup([])
+    await FamilyApplier().setup(render([]))
     comment = 'say "hi" it\'s'
     sh("iptables", "-I", "NETAGENT-USER", "-m", "comment", "--comment", comment, "-j", "ACCEPT")
     seen = parse_save("\n".join(save()))
@@ -276,16 +277,16 @@ async def test_observe_reads_quoted_tokens_back() -> None:
 
 
 async def test_spare_process_applies_transactions_and_reports_failures(nursery) -> None:
-    fw = IptablesFirewall()
+    fw = FamilyApplier()
     await nursery.start(fw.serve)
     good = net(1)
-    await fw.setup([good])
+    await fw.setup(render([good]))
     used = []
     for extra in (net(7), net(8, internal=True)):
         await trio.sleep(0.05)  # let the keeper start its spare
         spare = fw.restorer._spare
-        assert spare is not None and spare.returncode is None and spare.pid in fw.own_pids
-        await fw.sync([good, extra])
+        assert spare is not None and spare.returncode is None and spare.pid in fw.restorer.own_pids
+        await fw.apply(render([good, extra]))
         assert await exit_code(spare) == 0  # this transaction ran in the spare
         used.append(spare.pid)
         assert (await fw.observe()).ruleset() == fw.applied == render([good, extra])
@@ -296,13 +297,13 @@ async def test_spare_process_applies_transactions_and_reports_failures(nursery) 
     before, applied = save(), fw.applied
     bad = replace(net(2), bridge="br-" + "x" * 20)
     with pytest.raises(FirewallApply) as info:
-        await fw.sync([good, net(8, internal=True), bad])
+        await fw.apply(render([good, net(8, internal=True), bad]))
     assert bad.bridge in info.value.data["line"] and "IFNAMSIZ" in info.value.data["stderr"]
     assert save() == before and fw.applied == applied
 
 
 async def test_a_dead_spare_is_replaced_and_the_spare_dies_with_its_keeper() -> None:
-    fw = IptablesFirewall()
+    fw = FamilyApplier()
     async with trio.open_nursery() as nursery:
         await nursery.start(fw.serve)
         await trio.sleep(0.05)
@@ -310,12 +311,12 @@ async def test_a_dead_spare_is_replaced_and_the_spare_dies_with_its_keeper() -> 
         assert spare is not None
         spare.kill()
         await spare.wait()
-        await fw.setup([net(1)])  # runs in a process of its own, not in the dead spare
+        await fw.setup(render([net(1)]))  # runs in a process of its own, not in the dead spare
         assert (await fw.observe()).ruleset() == fw.applied == render([net(1)])
         await trio.sleep(0.05)
         last = fw.restorer._spare
         assert last is not None and last is not spare and last.returncode is None
-        await fw.sync([])  # a deleting commit, whose process exits slowly
+        await fw.apply(render([]))  # a deleting commit, whose process exits slowly
         nursery.cancel_scope.cancel()
     assert last.returncode is not None and fw.restorer._spare is None  # no idle process left behind
     assert restore_children() == set()  # nor one still exiting
@@ -323,7 +324,7 @@ async def test_a_dead_spare_is_replaced_and_the_spare_dies_with_its_keeper() -> 
 
 async def test_no_spare_for_a_legacy_backend(nursery) -> None:
     # a legacy iptables-restore may hold the xtables lock from its start: never keep one idle
-    fw = IptablesFirewall(Restorer(restore="iptables-legacy-restore"))
+    fw = FamilyApplier(Restorer(restore="iptables-legacy-restore"))
     await nursery.start(fw.serve)
     await trio.sleep(0.1)
     assert fw.restorer._spare is None and fw.restorer._want_spare is None
@@ -362,11 +363,11 @@ async def test_a_transaction_answers_at_its_commit_not_at_its_exit(tmp_path, nur
         'iptables-restore "$@" || exit $?\nexec sleep 30\n'
     )
     slow_exit.chmod(0o755)
-    fw = IptablesFirewall(Restorer(restore=str(slow_exit)))
+    fw = FamilyApplier(Restorer(restore=str(slow_exit)))
     await nursery.start(fw.serve)
     with trio.fail_after(10):  # far below the 30 s exit
-        await fw.setup([net(1)])
-        await fw.sync([])  # deletes rules
+        await fw.setup(render([net(1)]))
+        await fw.apply(render([]))  # deletes rules
     assert (await fw.observe()).ruleset() == fw.applied == render([])
     exiting = [pid for pid in restore_children() if comm(pid) == "sleep"]
     assert len(exiting) == 2  # both restores are still on their way out
@@ -377,7 +378,7 @@ async def test_a_transaction_answers_at_its_commit_not_at_its_exit(tmp_path, nur
     # a failure is still reported: the marker never comes
     bad = replace(net(2), bridge="br-" + "x" * 20)
     with pytest.raises(FirewallApply, match="IFNAMSIZ"):
-        await fw.sync([bad])
+        await fw.apply(render([bad]))
     assert (await fw.observe()).ruleset() == fw.applied
 
 
@@ -387,7 +388,7 @@ def comm(pid: int) -> str:
 
 
 async def test_spares_taken_while_one_starts_leave_exactly_one_behind(nursery) -> None:
-    fw = IptablesFirewall()
+    fw = FamilyApplier()
     await nursery.start(fw.serve)
     taken = []
     for _ in range(50):  # take as fast as the keeper makes them, often mid-start
@@ -405,8 +406,8 @@ async def test_a_hung_restore_is_killed_at_the_timeout(tmp_path) -> None:
     hang = tmp_path / "hang"
     hang.write_text("#!/bin/sh\nexec sleep 30\n")
     hang.chmod(0o755)
-    fw = IptablesFirewall(Restorer(restore=str(hang), timeout=0.3))
+    fw = FamilyApplier(Restorer(restore=str(hang), timeout=0.3))
     fw.applied, fw._converged = render([]), True
     with trio.fail_after(5), pytest.raises(FirewallApply, match=r"timed out after 0\.3 s"):
-        await fw.sync([net(1)])
+        await fw.apply(render([net(1)]))
     assert restore_children() == set() and not fw._converged  # killed; next sync converges
