@@ -2,7 +2,7 @@
 test namespace.
 
 Checked with `iptables-save`, independently of the applier's own state. Every test starts and
-ends with empty filter and nat tables (the tests share one namespace).
+ends with empty filter and nat tables, IPv4 and IPv6 (the tests share one namespace).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from agent.core.errors import FirewallApply
 from agent.core.model import Network
 from agent.firewall.iptables import rules, transaction
 from agent.firewall.iptables.applier import FamilyApplier
+from agent.firewall.iptables.backend import IptablesFirewall
 from agent.firewall.iptables.restore import Restorer, discard
 from agent.firewall.iptables.save import parse_save
 from agent.firewall.iptables.serialize import serialize as pure_serialize
@@ -49,14 +50,15 @@ def sh(*argv: str) -> None:
 
 
 def reset() -> None:
-    for table in ("filter", "nat"):
-        sh("iptables", "-t", table, "-F")
-        sh("iptables", "-t", table, "-X")
+    for tool in ("iptables", "ip6tables"):
+        for table in ("filter", "nat"):
+            sh(tool, "-t", table, "-F")
+            sh(tool, "-t", table, "-X")
 
 
-def save() -> list[str]:
-    """`iptables-save` without its timestamp comments."""
-    out = subprocess.run(["iptables-save"], check=True, capture_output=True, text=True).stdout
+def save(tool: str = "iptables-save") -> list[str]:
+    """`iptables-save` (or `tool`) without its timestamp comments."""
+    out = subprocess.run([tool], check=True, capture_output=True, text=True).stdout
     return [line for line in out.splitlines() if not line.startswith("#")]
 
 
@@ -411,3 +413,30 @@ async def test_a_hung_restore_is_killed_at_the_timeout(tmp_path) -> None:
     with trio.fail_after(5), pytest.raises(FirewallApply, match=r"timed out after 0\.3 s"):
         await fw.apply(render([net(1)]))
     assert restore_children() == set() and not fw._converged  # killed; next sync converges
+
+
+def dual_stack(i: int) -> Network:
+    return replace(net(i), ipv6=True, subnet6=f"fd00:{i}::/64", gateway6=f"fd00:{i}::1")
+
+
+async def test_backend_puts_ipv4_back_when_ipv6_fails() -> None:
+    fw = IptablesFirewall.default()
+    a, b = dual_stack(1), dual_stack(2)
+    await fw.setup(policy.build([a, b]))
+    assert f"-A NETAGENT-POSTROUTING -s fd00:2::/64 ! -o {b.bridge} -j MASQUERADE" in save(
+        "ip6tables-save"
+    )
+    assert "# ip6tables-restore" in fw.text() and fw.rule_count() == 2 * 20
+    # drift: b's IPv6 masquerade is gone, so removing b fails in ip6tables' nat section
+    masq = f"-s fd00:2::/64 ! -o {b.bridge} -j MASQUERADE"
+    sh("ip6tables", "-t", "nat", "-D", "NETAGENT-POSTROUTING", *masq.split())
+    before4, before6 = save(), save("ip6tables-save")
+    with pytest.raises(FirewallApply) as info:
+        await fw.apply(policy.build([a]))
+    assert info.value.data["line"] == f"-D NETAGENT-POSTROUTING {masq}"
+    assert save() == before4  # IPv4 had removed b: it is back
+    assert save("ip6tables-save") == before6  # IPv6 rolled its filter section back itself
+    assert fw.policy == policy.build([a, b])
+    assert await fw.repair(fw.policy) == ["ip6 chain nat/NETAGENT-POSTROUTING rewritten"]
+    assert await fw.apply(policy.build([a])) > 0
+    assert naming.network_chain(b.id) not in "\n".join(save() + save("ip6tables-save"))

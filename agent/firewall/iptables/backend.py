@@ -91,6 +91,11 @@ class IptablesFirewall:
         v6 = FamilyApplier(Restorer("ip6tables-restore", "ip6tables-save", own_pids=own))
         return cls(v4, v6, own_pids=own)
 
+    @property
+    def policy(self) -> Policy:
+        """The last policy applied to both families (the one IPv4 is put back to)."""
+        return self._policy
+
     def _need_v6(self, policy: Policy) -> Applier | None:
         if self.v6 is None and policy.needs_ipv6:
             raise FirewallApply(
