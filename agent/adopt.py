@@ -8,7 +8,7 @@ while the agent was down:
 - an endpoint whose namespace is gone (or whose path now names another namespace) is released;
   one whose namespace still exists but whose veth is missing is re-attached with the same
   address and MAC, so a container keeps its address across agent restarts.
-Firewall convergence happens afterwards, in one transaction (`IptablesFirewall.setup`).
+Firewall convergence happens afterwards, in one transaction (`Firewall.setup`).
 """
 
 from __future__ import annotations

@@ -96,7 +96,7 @@ def agent_view(kernel: dict) -> rules.Ruleset:
 
 
 def converge(kernel: dict, networks: list[Network]) -> rules.Ruleset:
-    """What IptablesFirewall.setup does, against the model."""
+    """What FamilyApplier.setup does, against the model."""
     new = render(networks)
     existing = {(t, c) for t, cs in kernel.items() for c in cs}
     present = {(t, c, r) for t, cs in kernel.items() for c, rs in cs.items() for r in rs}
