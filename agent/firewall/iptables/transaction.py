@@ -91,20 +91,27 @@ def _dispatch_delta(
     return deletes, adds
 
 
+def _heads(ruleset: Ruleset, table: str) -> dict[str, int]:
+    """Chain -> head length of the dispatch chains of `table` (a dict lookup per chain beats a
+    `Ruleset.head` call: thousands of chains per diff at 1,000 networks)."""
+    return {chain: head for (t, chain), head in ruleset.heads.items() if t == table}
+
+
 def _diff_table(old: Ruleset, new: Ruleset, table: str) -> TableScript:
     before, after = old.chains(table), new.chains(table)
+    old_heads, new_heads = _heads(old, table), _heads(new, table)
     declares: list[str] = []
     deletes: list[Op] = []
     adds: list[Op] = []
     for chain in sorted(after):
-        rules, head = after[chain], new.head(table, chain)
-        same_head = head is not None and head == old.head(table, chain)
+        rules, head = after[chain], new_heads.get(chain)
+        same_head = head is not None and head == old_heads.get(chain)
         if chain in before and same_head and rules[:head] == before[chain][:head]:
             dels, ads = _dispatch_delta(chain, head, before[chain], rules)
             deletes += dels
             adds += ads
             continue
-        if chain in before and rules == before[chain] and head == old.head(table, chain):
+        if chain in before and rules == before[chain] and head == old_heads.get(chain):
             continue
         declares.append(chain)
         adds += _appends(chain, rules)
