@@ -1,7 +1,7 @@
 """Build the optional Cython accelerators in `_fast/`.
 
 The extensions are optional: when Cython or a compiler is missing the package still installs
-and `agent/core` falls back to its pure-Python twins (see `agent/core/accel.py`).
+and the agent falls back to their pure-Python twins (see `agent/accel.py`).
 """
 
 import os

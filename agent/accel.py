@@ -1,6 +1,9 @@
-"""Choose the Cython accelerators in `_fast/` or their pure-Python twins in `agent/core`.
+"""Choose the Cython accelerators in `_fast/` or their pure-Python twins.
 
-The twins give identical results (tests/core/test_*_twins.py); the extension is optional and
+Twins: `agent/core/bitmap.py`, `agent/core/nlevents.py`, `agent/firewall/iptables/serialize.py`.
+
+The twins give identical results (the Cython-vs-pure tests in tests/core: test_bitmap,
+test_range_allocator, test_serialize, test_nlevents); the extension is optional and
 `NETAGENT_PURE=1` forces the twins (for tests and benchmarks).
 """
 
@@ -11,7 +14,7 @@ from types import ModuleType
 
 from agent.core import bitmap as pure_bitmap
 from agent.core import nlevents as pure_nlevents
-from agent.core import serialize as pure_serialize
+from agent.firewall.iptables import serialize as pure_serialize
 
 
 def _load(name: str, fallback: ModuleType) -> tuple[ModuleType, bool]:

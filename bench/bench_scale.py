@@ -47,7 +47,7 @@ def timed(client: Any, method: str, params: Any) -> float:
 def create_remove(client: Any, trials: int) -> dict[str, Any]:
     """Back to back, then removals 0.1 s apart (`remove_spaced`): a removal's firewall commit
     waits for the previous one's grace period when they follow closely (see
-    agent/firewall/iptables.py)."""
+    agent/firewall/iptables/restore.py)."""
     create = [
         timed(client, "network.create", p.NetworkCreate(name=f"cr{i}")) for i in range(trials)
     ]

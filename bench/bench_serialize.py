@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench_serialize.py [--json out.json] [--repeats 21]
 
-The script is `rules.full` of rendered networks (each network gives ~9 rules plus a chain
+The script is `transaction.full` of rendered networks (each network gives ~9 rules plus a chain
 declaration), trimmed to exactly N ops, so the text is the one the agent really feeds to
 iptables-restore. Prints a table and, with --json, machine-readable results (median of repeats).
 """
@@ -16,14 +16,15 @@ import sys
 import time
 from collections.abc import Callable
 
-from agent.core import rules
-from agent.core import serialize as pure
+from agent.core import policy
 from agent.core.model import Network
+from agent.firewall.iptables import rules, transaction
+from agent.firewall.iptables import serialize as pure
 
 SIZES = (10, 100, 1_000, 10_000)
 
 
-def script_of(n_rules: int) -> rules.Script:
+def script_of(n_rules: int) -> transaction.Script:
     """A realistic transaction holding exactly `n_rules` rule lines (declarations aside)."""
     networks = [
         Network(
@@ -36,14 +37,16 @@ def script_of(n_rules: int) -> rules.Script:
         for i in range(n_rules // 9 + 1)
     ]
     sections, left = [], n_rules
-    for section in rules.full(rules.render(networks)).tables:
+    for section in transaction.full(rules.render(policy.build(networks).v4)).tables:
         ops = section.ops[:left]
         left -= len(ops)
         sections.append(section._replace(ops=ops))
-    return rules.Script(tuple(sections))
+    return transaction.Script(tuple(sections))
 
 
-def measure(fn: Callable[[rules.Script], str], script: rules.Script, repeats: int) -> float:
+def measure(
+    fn: Callable[[transaction.Script], str], script: transaction.Script, repeats: int
+) -> float:
     """Median wall time of one call, in milliseconds."""
     fn(script)  # warm up
     loops = max(1, 2_000 // max(1, sum(len(s.ops) for s in script.tables)))

@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
 .venv/bin/ruff check agent tests bench
+.venv/bin/ruff format --check agent tests bench
+.venv/bin/mypy
 mkdir -p /run/netns
 # the kernel-test guard (tests/conftest.py) checks that tests run outside this namespace
 export NETAGENT_HOST_NETNS=$(readlink /proc/self/ns/net)

@@ -59,14 +59,16 @@ def u32(buf: Buffer, start: int, end: int) -> int:
     """
     if end - start < 4:
         raise ValueError(f"short u32 attribute at offset {start}")
-    return _U32.unpack_from(buf, start)[0]
+    value: int = _U32.unpack_from(buf, start)[0]
+    return value
 
 
 def s32(buf: Buffer, start: int, end: int) -> int:
     """The payload as a host-order signed 32-bit integer (see `u32`)."""
     if end - start < 4:
         raise ValueError(f"short s32 attribute at offset {start}")
-    return _S32.unpack_from(buf, start)[0]
+    value: int = _S32.unpack_from(buf, start)[0]
+    return value
 
 
 def exact(buf: Buffer, start: int, end: int, size: int) -> bytes:

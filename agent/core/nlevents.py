@@ -118,6 +118,7 @@ def decode(
         if size < NLMSG_HDRLEN or size > end - pos:
             raise ValueError(f"bad netlink message length {size} at offset {pos}")
         body = pos + NLMSG_HDRLEN
+        event: Event | None
         if kind in (RTM_NEWLINK, RTM_DELLINK):
             event = _link(view, body, pos + size, kind, filtered, group, indexes)
         elif kind in (RTM_NEWADDR, RTM_DELADDR):

@@ -1,5 +1,38 @@
-"""Firewall backends: apply the rulesets `agent.core.rules` renders (iptables-restore today)."""
+"""Firewall backends behind one protocol (`base.Firewall`), chosen by name (`agentd --firewall`).
 
-from agent.firewall.iptables import IptablesFirewall
+Layout:
+    base.py       the `Firewall` protocol the service and the reconciler use
+    iptables/     the iptables backend (iptables-restore, ip6tables-restore)
+    conntrack.py  published ports' kernel side effects, shared by backends
+    monitor.py    nf_tables change notifications (what `Firewall.foreign` judges)
 
-__all__ = ["IptablesFirewall"]
+Importing this package imports no backend: `create` does, for the one it is asked for (and
+`agent.accel` loads the pure serialiser twin from `agent.firewall.iptables` early).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from agent.core.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from agent.firewall.base import Firewall
+
+#: The backends `create` knows, by name; the first is the default.
+BACKENDS = ("iptables",)
+
+
+def create(kind: str) -> Firewall:
+    """A new backend of kind `kind` (see `BACKENDS`), not yet set up.
+
+    Raises:
+        InvalidArgument: `kind` is not a known backend.
+    """
+    if kind == "iptables":
+        from agent.firewall.iptables.backend import IptablesFirewall
+
+        return IptablesFirewall.default()
+    raise InvalidArgument(
+        f"unknown firewall backend {kind!r} (known: {', '.join(BACKENDS)})", firewall=kind
+    )

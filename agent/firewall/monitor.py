@@ -130,7 +130,8 @@ class NftDecoder:
 def _be32(view: memoryview, start: int, end: int) -> int:
     if end - start < 4:
         raise ValueError(f"short u32 attribute at offset {start}")
-    return _BE32.unpack_from(view, start)[0]
+    value: int = _BE32.unpack_from(view, start)[0]
+    return value
 
 
 async def serve_nft_changes(

@@ -16,6 +16,7 @@ import trio
 from agent.core.attach import Attachment, Bridge
 from agent.core.errors import Conflict, FirewallApply, KernelError, NotFound
 from agent.core.policy import Policy
+from agent.firewall.monitor import NftChange
 from agent.kernel.base import LinkInfo
 
 
@@ -128,7 +129,7 @@ class FakeFirewall:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
 
-    def foreign(self, change: object) -> bool:
+    def foreign(self, change: NftChange) -> bool:
         return False
 
     def bridge_recreated(self, bridge: str) -> None:

@@ -30,14 +30,16 @@ PURE_PACKAGES = ("agent.core",)
 PURE_MODULES = (
     "agent.frontends.jsonrpc.protocol",
     "agent.firewall.iptables.rules",
+    "agent.firewall.iptables.transaction",
     "agent.firewall.iptables.serialize",
+    "agent.firewall.iptables.save",
 )
 
 #: module prefix -> the agent modules it may import (besides itself and its own package)
 LAYERS: dict[str, tuple[str, ...]] = {
     "agent.core": ("agent.core",),
     "agent.log": (),
-    "agent.accel": ("agent.core",),
+    "agent.accel": ("agent.core", "agent.firewall.iptables.serialize"),  # pure twins
     "agent.store": ("agent.core",),
     "agent.kernel": ("agent.core", "agent.accel", "agent.log", "agent.kernel"),
     # the nftables monitor shares the kernel's non-blocking netlink reader (`kernel.events`)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from agent.core import naming, ports, rules
+from agent.core import naming, policy, ports
 from agent.core.errors import Conflict, InvalidArgument
 from agent.core.model import Endpoint, Network, PortMapping
+from agent.firewall.iptables import rules, transaction
 
 NET_ID = "ab" * 32
 NET = Network(
@@ -95,10 +96,15 @@ def endpoint(ip: str, *mappings: PortMapping) -> Endpoint:
     )
 
 
+def render(networks: list[Network], endpoints: list[Endpoint] | tuple[()] = ()) -> rules.Ruleset:
+    """The IPv4 ruleset, through the policy as the backend renders it."""
+    return rules.render(policy.build(networks, endpoints).v4)
+
+
 def test_render_published_ports() -> None:
     b = NET.bridge
     ep = endpoint("172.18.0.3", pm(8080, 80), pm(9090, 90, "udp", "127.0.0.1"))
-    rs = rules.render([NET], [ep])
+    rs = render([NET], [ep])
     p_chain, h_chain = f"NETAGENT-P-{NET_ID[:12]}", f"NETAGENT-H-{NET_ID[:12]}"
     assert rs.chains("nat")["NETAGENT-DNAT"] == (("-j", p_chain),)
     assert rs.chains("nat")[p_chain] == (
@@ -121,16 +127,16 @@ def test_render_published_ports() -> None:
                        "--dport", "80", "-m", "conntrack", "--ctstate", "DNAT",
                        "-j", "ACCEPT")  # fmt: skip
     # without ports, or on an internal network, nothing of this is rendered
-    plain = rules.render([NET])
-    assert rules.render([NET], [endpoint("172.18.0.3")]) == plain
-    internal = rules.render([NET.__replace__(internal=True)], [ep])
+    plain = render([NET])
+    assert render([NET], [endpoint("172.18.0.3")]) == plain
+    internal = render([NET.__replace__(internal=True)], [ep])
     assert p_chain not in internal.chains("nat")
 
 
 def test_port_churn_touches_only_the_networks_chains() -> None:
     ep1 = endpoint("172.18.0.3", pm(8080, 80))
     ep2 = endpoint("172.18.0.3", pm(8080, 80), pm(8081, 81))
-    script = rules.diff(rules.render([NET], [ep1]), rules.render([NET], [ep2]))
+    script = transaction.diff(render([NET], [ep1]), render([NET], [ep2]))
     touched = {chain for t in script.tables for chain in t.declares}
     assert touched == {
         naming.network_chain(NET_ID),
@@ -139,6 +145,6 @@ def test_port_churn_touches_only_the_networks_chains() -> None:
     }
     assert all(op == "-A" for t in script.tables for op, _, _ in t.ops)
     # the last port going away removes both nat chains and their jumps
-    gone = rules.diff(rules.render([NET], [ep1]), rules.render([NET]))
+    gone = transaction.diff(render([NET], [ep1]), render([NET]))
     ops = [(op, chain) for t in gone.tables for op, chain, _ in t.ops]
     assert ("-D", "NETAGENT-DNAT") in ops and ("-X", naming.ports_chain(NET_ID)) in ops

@@ -1,4 +1,5 @@
-"""agent.core.rules: rendering per option, and transactions checked by a tiny iptables model."""
+"""The iptables renderer and its transactions (agent.firewall.iptables.rules, .transaction):
+rendering per option, and transactions checked by a tiny iptables model."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from msgspec.structs import replace
 
-from agent.core import naming, rules
+from agent.core import naming, policy
 from agent.core.model import Endpoint, Network, PortMapping
+from agent.firewall.iptables import rules, transaction
 
 VERDICTS = {"ACCEPT", "DROP", "RETURN", "MASQUERADE"}
 BUILTINS = {
@@ -32,6 +34,11 @@ def net(i: int, **options: object) -> Network:
     )
 
 
+def render(networks: list[Network], endpoints: list[Endpoint] | tuple[()] = ()) -> rules.Ruleset:
+    """The IPv4 ruleset of `networks`, through the policy as the backend renders it."""
+    return rules.render(policy.build(networks, endpoints).v4)
+
+
 # --- a tiny model of iptables-restore --noflush, strict where the kernel is ------------------
 
 
@@ -43,7 +50,7 @@ def fresh_kernel() -> dict[str, dict[str, list[tuple[str, ...]]]]:
     return {table: {chain: [] for chain in chains} for table, chains in BUILTINS.items()}
 
 
-def run(kernel: dict, script: rules.Script) -> None:
+def run(kernel: dict, script: transaction.Script) -> None:
     """Apply `script` to `kernel` in place, table by table, failing like iptables would."""
     for table, declares, ops in script.tables:
         chains = kernel.setdefault(table, {})
@@ -89,12 +96,12 @@ def agent_view(kernel: dict) -> rules.Ruleset:
 
 
 def converge(kernel: dict, networks: list[Network]) -> rules.Ruleset:
-    """What IptablesFirewall.setup does, against the model."""
-    new = rules.render(networks)
+    """What FamilyApplier.setup does, against the model."""
+    new = render(networks)
     existing = {(t, c) for t, cs in kernel.items() for c in cs}
     present = {(t, c, r) for t, cs in kernel.items() for c, rs in cs.items() for r in rs}
     missing = [j for j in rules.builtin_jumps() if j not in present]
-    script = rules.full(
+    script = transaction.full(
         new,
         existing_chains=existing,
         missing_jumps=missing,
@@ -108,13 +115,13 @@ def converge(kernel: dict, networks: list[Network]) -> rules.Ruleset:
 
 
 def chain_of(network: Network) -> tuple[tuple[str, ...], ...]:
-    return rules.render([network]).chains("filter")[naming.network_chain(network.id)]
+    return render([network]).chains("filter")[naming.network_chain(network.id)]
 
 
 def test_render_default_network() -> None:
     n = net(1)
     b, c = n.bridge, naming.network_chain(n.id)
-    ruleset = rules.render([n])
+    ruleset = render([n])
     assert ruleset.chains("filter") == {
         "NETAGENT-FORWARD": (
             ("-j", "NETAGENT-USER"),
@@ -158,22 +165,22 @@ def test_render_internal_network() -> None:
             ("-i", b, "-j", "DROP"),
             ("-o", b, "-j", "DROP"),
         )
-        assert rules.render([n]).chains("nat") == NO_NAT
+        assert render([n]).chains("nat") == NO_NAT
 
 
 def test_render_masquerade_off() -> None:
     n = net(4, masquerade=False)
-    assert rules.render([n]).chains("nat") == NO_NAT
+    assert render([n]).chains("nat") == NO_NAT
     assert chain_of(n) == chain_of(net(4))
 
 
 def test_render_canonical_subnet_and_ipv4_only() -> None:
     n = replace(net(5), subnet="10.9.0.77/16")
-    assert rules.render([n]).chains("nat")["NETAGENT-POSTROUTING"][0][1] == "10.9.0.0/16"
+    assert render([n]).chains("nat")["NETAGENT-POSTROUTING"][0][1] == "10.9.0.0/16"
     with pytest.raises(ValueError):
-        rules.render([replace(net(5), subnet="fd00::/64")])
+        render([replace(net(5), subnet="fd00::/64")])
     with pytest.raises(ValueError, match="collide"):
-        rules.render([net(6), replace(net(6), id=net(6).id[:12] + "cd" * 26)])
+        render([net(6), replace(net(6), id=net(6).id[:12] + "cd" * 26)])
 
 
 def test_builtin_jumps_are_tagged() -> None:
@@ -197,13 +204,25 @@ def test_render_is_deterministic() -> None:
     networks = [net(i, icc=i % 2 == 0, internal=i % 3 == 0) for i in range(30)]
     shuffled = networks[:]
     random.Random(7).shuffle(shuffled)
-    a, b = rules.render(networks), rules.render(shuffled)
+    a, b = render(networks), render(shuffled)
     assert a == b
     assert list(a.items()) == list(b.items())  # same order too, not only equal
 
 
+def test_rendering_a_thousand_networks_again_renders_none_anew() -> None:
+    """A sync re-renders every network: an unchanged one must cost a cache hit, keyed by its
+    (memoised) NetworkPolicy, whatever Network object or policy it came from."""
+    many = [net(i) for i in range(1000)]
+    render(many)
+    before = rules._network_parts.cache_info()
+    render([replace(n) for n in many])  # equal networks, new objects; a new policy
+    after = rules._network_parts.cache_info()
+    assert (after.hits - before.hits, after.misses - before.misses) == (1000, 0)
+    assert rules._network_parts.cache_info().maxsize >= 2 * 1000  # both families fit
+
+
 def test_ruleset_is_immutable_and_ignores_dispatch_tail_order() -> None:
-    a = rules.render([net(1), net(2)])
+    a = render([net(1), net(2)])
     with pytest.raises(AttributeError):
         a.tables = {}  # type: ignore[misc]
     with pytest.raises(TypeError):
@@ -241,8 +260,8 @@ def test_diff_applied_to_old_yields_new(old: list[Network], new: list[Network]) 
     kernel = fresh_kernel()
     before = converge(kernel, old)
     assert agent_view(kernel) == before
-    run(kernel, rules.diff(before, rules.render(new)))
-    assert agent_view(kernel) == rules.render(new)
+    run(kernel, transaction.diff(before, render(new)))
+    assert agent_view(kernel) == render(new)
     assert kernel["filter"][rules.USER] == [("-j", "RETURN")]
     assert len(kernel["filter"]["FORWARD"]) == 1 and len(kernel["nat"]["POSTROUTING"]) == 1
 
@@ -250,9 +269,9 @@ def test_diff_applied_to_old_yields_new(old: list[Network], new: list[Network]) 
 @settings(max_examples=60, deadline=None)
 @given(networks=network_sets)
 def test_diff_of_equal_rulesets_is_empty(networks: list[Network]) -> None:
-    ruleset = rules.render(networks)
-    assert len(rules.diff(ruleset, ruleset)) == 0
-    assert rules.diff(ruleset, rules.render(list(reversed(networks)))).tables == ()
+    ruleset = render(networks)
+    assert len(transaction.diff(ruleset, ruleset)) == 0
+    assert transaction.diff(ruleset, render(list(reversed(networks)))).tables == ()
 
 
 @settings(max_examples=60, deadline=None)
@@ -270,7 +289,7 @@ def test_full_converges_from_anything_and_is_idempotent(
     once = {t: {c: list(rs) for c, rs in cs.items()} for t, cs in kernel.items()}
     converge(kernel, new)
     assert kernel == once
-    assert agent_view(kernel) == rules.render(new)
+    assert agent_view(kernel) == render(new)
     assert kernel["filter"]["FORWARD"] == [
         rules.builtin_jumps()[0][2],
         ("-s", "10.9.9.9/32", "-j", "DROP"),
@@ -283,8 +302,8 @@ def test_full_flushes_but_keeps_stale_chain_a_foreign_rule_jumps_to() -> None:
     kernel = fresh_kernel()
     kernel["filter"]["NETAGENT-N-old000000000"] = [("-j", "DROP")]
     kernel["filter"]["INPUT"].append(("-j", "NETAGENT-N-old000000000"))
-    script = rules.full(
-        rules.render([]),
+    script = transaction.full(
+        render([]),
         stale_chains={("filter", "NETAGENT-N-old000000000")},
         flush_only={("filter", "NETAGENT-N-old000000000")},
     )
@@ -295,7 +314,7 @@ def test_full_flushes_but_keeps_stale_chain_a_foreign_rule_jumps_to() -> None:
 def test_removing_a_network_removes_exactly_its_rules() -> None:
     others = [net(i) for i in range(5)]
     gone = net(9, icc=False)
-    script = rules.diff(rules.render([*others, gone]), rules.render(others))
+    script = transaction.diff(render([*others, gone]), render(others))
     chain = naming.network_chain(gone.id)
     ops = [(t.table, op, c, r) for t in script.tables for op, c, r in t.ops]
     assert [t.declares for t in script.tables] == [(), ()]
@@ -319,7 +338,7 @@ def test_removing_a_network_removes_exactly_its_rules() -> None:
 
 def test_sections_stay_filter_then_nat_unless_that_order_waits() -> None:
     # only additions: no commit deletes, so the order stays
-    script = rules.diff(rules.render([net(1)]), rules.render([net(1), net(2)]))
+    script = transaction.diff(render([net(1)]), render([net(1), net(2)]))
     assert [t.table for t in script.tables] == ["filter", "nat"]
     # publishing rewrites the filter chain (a flush) and makes nat load DNAT: nat goes first
     eps = [
@@ -329,16 +348,16 @@ def test_sections_stay_filter_then_nat_unless_that_order_waits() -> None:
             ports=(PortMapping(protocol="tcp", host_port=8080, container_port=80),),
         )
     ]  # fmt: skip
-    script = rules.diff(rules.render([net(1)]), rules.render([net(1)], eps))
+    script = transaction.diff(render([net(1)]), render([net(1)], eps))
     assert [t.table for t in script.tables] == ["nat", "filter"]
     # unpublishing: nat only deletes (no extension to load after filter's flush): order stays
-    script = rules.diff(rules.render([net(1)], eps), rules.render([net(1)]))
+    script = transaction.diff(render([net(1)], eps), render([net(1)]))
     assert [t.table for t in script.tables] == ["filter", "nat"]
 
 
 def test_changed_network_rewrites_only_its_chain() -> None:
     a, b = net(1), net(2)
-    script = rules.diff(rules.render([a, b]), rules.render([a, replace(b, icc=False)]))
+    script = transaction.diff(render([a, b]), render([a, replace(b, icc=False)]))
     chain = naming.network_chain(b.id)
     assert script.tables[0].declares == (chain,)
     assert [op[:2] for op in script.tables[0].ops] == [("-A", chain)] * 4
@@ -347,11 +366,11 @@ def test_changed_network_rewrites_only_its_chain() -> None:
 
 def test_adding_one_network_to_a_thousand_is_small() -> None:
     many = [net(i) for i in range(1000)]
-    old = rules.render(many)
-    script = rules.diff(old, rules.render([*many, net(1000)]))
+    old = render(many)
+    script = transaction.diff(old, render([*many, net(1000)]))
     # declare C + 4 rules in C + 2 dispatch + 2 isolation + 1 masquerade
     assert len(script) == 10
-    assert len(rules.diff(old, rules.render(many[1:]))) == 7
+    assert len(transaction.diff(old, render(many[1:]))) == 7
 
 
 @given(
@@ -363,7 +382,7 @@ def test_dispatch_delta_is_the_multiset_difference(old: list[str], new: list[str
     head = (("-j", "HEAD"),)
     before = head + tuple(("-j", r) for r in old)
     after = head + tuple(("-j", r) for r in new)
-    deletes, adds = rules._dispatch_delta("C", 1, before, after)
+    deletes, adds = transaction._dispatch_delta("C", 1, before, after)
     tail = list(before[1:])
     for _, chain, rule in deletes:  # apply: -D removes the first match, -A appends
         assert chain == "C"

@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.core import rules
-from agent.core import serialize as pure
+from agent.core import policy
 from agent.core.model import Network
+from agent.firewall.iptables import rules, transaction
+from agent.firewall.iptables import serialize as pure
 
 try:
     fast: ModuleType | None = importlib.import_module("_fast.serialize")
@@ -58,9 +59,9 @@ def test_unrepresentable_tokens_are_refused(impl: ModuleType, bad: str) -> None:
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_serialize_exact_text(impl: ModuleType) -> None:
-    script = rules.Script(
+    script = transaction.Script(
         (
-            rules.TableScript(
+            transaction.TableScript(
                 "filter",
                 ("NETAGENT-N-1",),
                 (
@@ -70,7 +71,9 @@ def test_serialize_exact_text(impl: ModuleType) -> None:
                     ("-X", "NETAGENT-N-2", ()),
                 ),
             ),
-            rules.TableScript("nat", (), (("-D", "P", ("-s", "10.0.0.0/8", "-j", "MASQUERADE")),)),
+            transaction.TableScript(
+                "nat", (), (("-D", "P", ("-s", "10.0.0.0/8", "-j", "MASQUERADE")),)
+            ),
         )
     )
     assert impl.serialize(script) == (
@@ -86,7 +89,7 @@ def test_serialize_exact_text(impl: ModuleType) -> None:
         "COMMIT\n"
     )
     assert impl.serialize(script.tables) == impl.serialize(script)  # the plain structure
-    assert impl.serialize(rules.Script()) == ""
+    assert impl.serialize(transaction.Script()) == ""
 
 
 # Tokens: mostly ordinary, often with the characters that need quoting, sometimes forbidden.
@@ -148,7 +151,7 @@ def test_cython_matches_pure_on_a_rendered_ruleset() -> None:
         )
         for i in range(300)
     ]
-    script = rules.full(rules.render(networks))
+    script = transaction.full(rules.render(policy.build(networks).v4))
     assert fast.serialize(script) == pure.serialize(script)
     assert (
         fast.serialize(script).count("\n-A ") == len(script) - 306 - 4

@@ -1,6 +1,6 @@
 """Golden rulesets: the exact iptables-restore text for every network option combination.
 
-Each file holds `rules.full` of two networks sharing one combination of internal x icc x
+Each file holds `transaction.full` of two networks sharing one combination of internal x icc x
 masquerade (`ports_*`: with published ports, TCP and UDP, any and one host address),
 serialised (what `agentctl ruleset` shows and what start-up feeds iptables-restore), plus diff
 transactions (network add/remove, port publish/unpublish). Regenerate after an intended change with:
@@ -19,9 +19,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from agent.core import naming, rules
+from agent.core import naming, policy
 from agent.core.model import Endpoint, Network, PortMapping
-from agent.core.serialize import serialize
+from agent.firewall.iptables import rules, transaction
+from agent.firewall.iptables.serialize import serialize
 
 HERE = Path(__file__).parent
 UPDATE = os.environ.get("NETAGENT_UPDATE_GOLDEN") == "1"
@@ -42,6 +43,13 @@ def network(n: int, *, internal: bool, icc: bool, masquerade: bool) -> Network:
     )
 
 
+def render(
+    networks: list[Network], endpoints: list[Endpoint] | tuple[()] = (), family: int = 4
+) -> rules.Ruleset:
+    """The ruleset of one family, as the backend renders it: topology -> policy -> rules."""
+    return rules.render(policy.build(networks, endpoints).family(family))
+
+
 def check(name: str, text: str) -> None:
     path = HERE / name
     if UPDATE:
@@ -55,16 +63,14 @@ def test_full_ruleset(internal: bool, icc: bool, masquerade: bool) -> None:
     options = {"internal": internal, "icc": icc, "masquerade": masquerade}
     nets = [network(n, **options) for n in (1, 2)]
     name = f"full_internal-{int(internal)}_icc-{int(icc)}_masq-{int(masquerade)}.rules"
-    check(name, serialize(rules.full(rules.render(nets))))
+    check(name, serialize(transaction.full(render(nets))))
 
 
 def test_diff_add_and_remove_network() -> None:
     base = [network(1, internal=False, icc=True, masquerade=True)]
     more = [*base, network(2, internal=False, icc=False, masquerade=True)]
-    check("diff_add_network.rules", serialize(rules.diff(rules.render(base), rules.render(more))))
-    check(
-        "diff_remove_network.rules", serialize(rules.diff(rules.render(more), rules.render(base)))
-    )
+    check("diff_add_network.rules", serialize(transaction.diff(render(base), render(more))))
+    check("diff_remove_network.rules", serialize(transaction.diff(render(more), render(base))))
 
 
 def published(net: Network, ip: str, *specs: tuple[str, int, int, str]) -> Endpoint:
@@ -94,17 +100,17 @@ def test_full_ruleset_with_ports(internal: bool, icc: bool, masquerade: bool) ->
         published(nets[1], "172.19.0.2", ("tcp", 8081, 80, "")),
     ]
     name = f"ports_internal-{int(internal)}_icc-{int(icc)}_masq-{int(masquerade)}.rules"
-    check(name, serialize(rules.full(rules.render(nets, eps))))
+    check(name, serialize(transaction.full(render(nets, eps))))
 
 
 def test_diff_publish_and_unpublish() -> None:
     net = network(1, internal=False, icc=True, masquerade=True)
     one = [published(net, "172.18.0.2", ("tcp", 8080, 80, ""))]
     two = [published(net, "172.18.0.2", ("tcp", 8080, 80, ""), ("udp", 5353, 53, "10.0.0.1"))]
-    check("diff_publish.rules", serialize(rules.diff(rules.render([net], one),
-                                                     rules.render([net], two))))  # fmt: skip
-    check("diff_unpublish_last.rules", serialize(rules.diff(rules.render([net], one),
-                                                            rules.render([net]))))  # fmt: skip
+    check("diff_publish.rules", serialize(transaction.diff(render([net], one), render([net], two))))
+    check(
+        "diff_unpublish_last.rules", serialize(transaction.diff(render([net], one), render([net])))
+    )
 
 
 def dual_stack(n: int, **options: bool) -> Network:
@@ -130,8 +136,8 @@ def test_full_ipv6_ruleset_with_ports(internal: bool, icc: bool, masquerade: boo
         published(nets[2], "172.20.0.2", ("tcp", 8082, 80, "")),  # IPv4-only network
     ]
     name = f"ipv6_internal-{int(internal)}_icc-{int(icc)}_masq-{int(masquerade)}.rules"
-    check(name, serialize(rules.full(rules.render(nets, eps, family=6))))
-    v4 = serialize(rules.full(rules.render(nets, eps)))
+    check(name, serialize(transaction.full(render(nets, eps, family=6))))
+    v4 = serialize(transaction.full(render(nets, eps)))
     assert "fd00::1" not in v4 and "fd12" not in v4 and ("8080" in v4) != internal
 
 
