@@ -39,7 +39,7 @@ SO_RCVBUFFORCE = 33  # socket.SO_RCVBUFFORCE is missing from some Python builds
 RCVBUF = 4 << 20
 RECV_SIZE = 1 << 16  # one datagram: the kernel's notifications are under NLMSG_GOODSIZE
 
-log = structlog.get_logger("netagent.events")
+log = structlog.get_logger("agent.kernel.events")
 
 
 class Outbox:

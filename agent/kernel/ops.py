@@ -16,8 +16,8 @@ Theory of operation (DESIGN sections 3-4):
   comes up: every notification about the host end costs the kernel a linear scan of the host's
   namespace ids (`__peernet2id`, one id per container namespace), and changes to a down link
   send none, so an attach makes five. A disconnect only retires a veth (`retire`); `reap`, in
-  the reaper thread, deletes every retired link at once (see `agent.reaper`). The in-namespace
-  steps use a socket the owner thread opens there, stepping into the namespace for the
+  the reaper thread, deletes every retired link at once (see `agent.service.reaper`). The
+  in-namespace steps use a socket the owner thread opens there, stepping into the namespace for the
   `socket()` call only (`netns.socket_visiting`); the create's echo names the peer's ifindex,
   so they are one datagram.
 - Each namespace gets, with its first veth, an id below every earlier one, in the same

@@ -2,8 +2,8 @@
 
 Under churn every attach and disconnect sends the event socket ten to twenty notifications,
 and each one costs agentd's event loop a wake-up, a `recv` and a decode, though the reconciler
-(`agent.reconcile`) acts on none of them: it ignores links going up, new addresses, the bridge
-(AF_BRIDGE) view of ports, and links in the dying group (retired by the agent itself). This
+(`agent.service.reconcile`) acts on none of them: it ignores links going up, new addresses, the
+bridge (AF_BRIDGE) view of ports, and links in the dying group (retired by the agent itself). This
 classic BPF program drops exactly those in the kernel; what passes is what `keeps` says, which
 the kernel test checks against the same notifications read unfiltered.
 
@@ -22,7 +22,7 @@ import sys
 from agent.core import naming
 from agent.log import get_logger
 
-log = get_logger("agent.events")
+log = get_logger("agent.kernel.repair_filter")
 
 RTM_NEWLINK, RTM_DELLINK, RTM_NEWADDR = 16, 17, 20
 AF_BRIDGE = 7

@@ -29,7 +29,7 @@ from agent.kernel.base import Kernel, LinkInfo, Namespaces
 from agent.log import get_logger
 from agent.store.sqlite import State, Store
 
-log = get_logger("agent.adopt")
+log = get_logger("agent.service.adopt")
 
 
 @dataclass

@@ -30,7 +30,7 @@ from agent.core.errors import AgentError
 from agent.kernel.base import Kernel
 from agent.log import get_logger
 
-log = get_logger("agent.reaper")
+log = get_logger("agent.service.reaper")
 
 RETRY_DELAY = 1.0  # seconds before retrying a failed batch delete
 
