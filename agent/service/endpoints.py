@@ -8,8 +8,9 @@ CreateEndpoint/Join split is the same in two requests: `reserve` takes the addre
 records the endpoint without a namespace, `attach` gives it one.
 
 Requests confined to one namespace run concurrently: the topology lock in shared mode (the
-exclusive mode when ports are published, since they are checked against every other one) and
-a per-namespace lock, so each namespace's requests keep their order.
+exclusive mode when the endpoint publishes ports, connecting or going: a mapping is checked
+against every other one, and each port transaction must see the others' results) and a
+per-namespace lock, so each namespace's requests keep their order.
 
 A disconnect is all or nothing too, and crash-safe: the store record goes first (a crash after
 it leaves a veth that start-up adoption deletes as a leftover), then the port rules, then the
@@ -20,6 +21,7 @@ addresses go back to the pool once the veth is really gone.
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 
 import msgspec
 import trio
@@ -184,12 +186,12 @@ class Endpoints:
             key: str | None = s.ns.netns_key(path)
         except NotFound:  # the namespace is gone: find its endpoint by the path it was given
             key = None
-        async with s.netns_locks.hold(key or path), s.lock.shared():
+
+        def find() -> Endpoint | None:
             net = s.topo.find_network(network)
             matches = s.topo.endpoints_in(key) if key else s.topo.endpoints_of(net.id)
             for ep in matches:
                 if ep.network_id == net.id and (key is not None or ep.netns == path):
-                    await self.release(ep)
                     return ep
             if force:
                 return None
@@ -199,24 +201,45 @@ class Endpoints:
                 netns=netns,
             )
 
+        async with s.netns_locks.hold(key or path):
+            return await self._release_found(find)
+
     async def remove(self, ref: str, *, force: bool = False) -> Endpoint | None:
         """Disconnect (or give up the reservation of) the endpoint `ref`: its id, a unique id
         prefix or its attachment key. With `force`, an unknown endpoint is not an error."""
         s = self.s
-        try:
-            ep = s.topo.find_endpoint(ref)
-        except NotFound:
-            if force:
-                return None
-            raise
-        async with s.netns_locks.hold(ep.netns_key or ep.id), s.lock.shared():
-            now = s.topo.endpoints.get(ep.id)  # it may have gone while we waited
-            if now is None:
+
+        def find() -> Endpoint | None:
+            try:
+                return s.topo.find_endpoint(ref)
+            except NotFound:
                 if force:
                     return None
-                raise NotFound(f"endpoint {ref!r} not found", endpoint=ref)
-            await self.release(now)
-            return now
+                raise
+
+        first = find()
+        if first is None:
+            return None
+        async with s.netns_locks.hold(first.netns_key or first.id):
+            return await self._release_found(find)
+
+    async def _release_found(self, find: Callable[[], Endpoint | None]) -> Endpoint | None:
+        """Release what `find` names under the topology lock: shared, or exclusive when the
+        endpoint publishes ports (its rules change, and each port transaction must see every
+        other one's result: two shared ones would each put back the other's rules)."""
+        s = self.s
+        while True:
+            peek = find()
+            if peek is None:
+                return None
+            async with s.lock if peek.ports else s.lock.shared():
+                ep = find()
+                if ep is None:
+                    return None
+                if ep.ports and not peek.ports:
+                    continue  # it published ports meanwhile: again, exclusively
+                await self.release(ep)
+                return ep
 
     async def release(self, ep: Endpoint, *, action: str = "disconnected") -> None:
         """Store record, port rules, then the veth cut off; all or nothing (see the module

@@ -117,6 +117,7 @@ class FakeFirewall:
         self.policy = policy
 
     async def apply(self, policy: Policy) -> int:
+        await trio.lowlevel.checkpoint()  # a transaction takes time: others may interleave
         self.applies += 1
         if self.fail:
             raise FirewallApply("restore failed on purpose", line="-A X")

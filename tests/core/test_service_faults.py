@@ -196,3 +196,15 @@ async def test_a_request_cancelled_while_waiting_for_the_lock_leaves_it_usable(s
     with pytest.raises(FirewallApply):
         svc.shared.firewall.fail = True
         await svc.networks.create(NetworkSpec(name="e", subnet="10.4.0.0/24"))
+
+
+async def test_concurrent_disconnects_with_ports_leave_no_rule_behind(svc) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    for i in range(4):
+        ports = (PortMapping(protocol="tcp", host_port=8080 + i, container_port=80),)
+        await svc.endpoints.connect(EndpointSpec(network="a", netns=f"ok{i}", ports=ports))
+    assert svc.shared.firewall.forwards == 4
+    async with trio.open_nursery() as nursery:
+        for i in range(4):
+            nursery.start_soon(svc.endpoints.disconnect, "a", f"ok{i}")
+    assert svc.shared.firewall.forwards == 0  # each saw the others' removals

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
+
 from agent.core import plan, ports
 from agent.frontends.jsonrpc import protocol as p
 from agent.frontends.jsonrpc.server import Handler, Stream
@@ -38,16 +40,20 @@ def endpoint_spec(
     params: p.EndpointConnect | p.EndpointReserve | p.SandboxRun,
 ) -> plan.EndpointSpec:
     """The core's spec of a `endpoint.connect|reserve` or `sandbox.run` request."""
-    return plan.EndpointSpec(
+    spec = plan.EndpointSpec(
         network=params.network,
-        netns=getattr(params, "netns", None),
         ip=params.ip,
         ip6=params.ip6,
         mac=params.mac,
         ports=tuple(ports.parse_all(params.ports)),
-        ifname=getattr(params, "ifname", None),
-        attachment=getattr(params, "attachment", ""),
     )
+    if isinstance(params, p.EndpointConnect):
+        return msgspec.structs.replace(
+            spec, netns=params.netns, ifname=params.ifname, attachment=params.attachment
+        )
+    if isinstance(params, p.EndpointReserve):
+        return msgspec.structs.replace(spec, attachment=params.attachment)
+    return spec
 
 
 def build(svc: Service, reconciler: Reconciler, info: Callable[[], p.Info]) -> dict[str, Handler]:
