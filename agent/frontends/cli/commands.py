@@ -34,7 +34,10 @@ if TYPE_CHECKING:  # `typing` costs ~2 ms at run time; annotations are strings h
 
 def _create_options(opts: list[str], mtu: int | None) -> dict[str, str]:
     """`--opt KEY=VALUE` flags (and `--mtu`) as the request's options, checked here against
-    the core's table (`agent.core.options`): a bad one is a usage error."""
+    the core's table (`agent.core.options`, imported only when there is something to check):
+    a bad one is a usage error."""
+    if not opts and mtu is None:
+        return {}
     from agent.core import options as table
     from agent.core.errors import InvalidArgument
 
