@@ -115,3 +115,9 @@ def test_plan_network_refuses_taken_names_ids_and_bridges() -> None:
         _plan(topo, plan.NetworkSpec(name="b", mtu=20), new_id="cd" * 32)
     given_id = "ef" * 32  # an engine's own id (Docker's NetworkID) is used as is
     assert _plan(topo, plan.NetworkSpec(name="c", id=given_id)).network.id == given_id
+
+
+@pytest.mark.parametrize("name", ["x\n", "bad name", "", "-x", "x" * 65])
+def test_network_names_are_checked_whole(name: str) -> None:
+    with pytest.raises(InvalidArgument, match="network name"):
+        _plan(_topo(), plan.NetworkSpec(name=name))
