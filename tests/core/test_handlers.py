@@ -10,15 +10,11 @@ import json
 
 import pytest
 
-from agent.core.bitmap import RangeAllocator
-from agent.core.topology import Topology
 from agent.frontends.jsonrpc import handlers
 from agent.frontends.jsonrpc import protocol as p
 from agent.frontends.jsonrpc.server import dispatch
 from agent.service import Service
 from agent.service.reconcile import Reconciler
-from agent.store.sqlite import open_store
-from tests.core.fakes import FakeFirewall, FakeKernel, FakeNamespaces
 
 
 def _info() -> p.Info:
@@ -27,14 +23,8 @@ def _info() -> p.Info:
 
 
 @pytest.fixture
-async def table(tmp_path, nursery):
-    with open_store(tmp_path) as store:
-        svc = Service(
-            topo=Topology(RangeAllocator), kernel=FakeKernel(), firewall=FakeFirewall(),
-            namespaces=FakeNamespaces(), store=store,
-        )  # fmt: skip
-        await nursery.start(svc.reaper.serve)
-        yield handlers.build(svc, Reconciler(svc), _info)
+def table(svc: Service) -> dict:
+    return handlers.build(svc, Reconciler(svc), _info)
 
 
 async def call(table, method: str, **params) -> dict:

@@ -3,31 +3,14 @@ to do, through the service's public methods only."""
 
 from __future__ import annotations
 
-import pytest
 import trio
 
 from agent.core import naming
-from agent.core.bitmap import RangeAllocator
 from agent.core.nlevents import AddrEvent, LinkEvent, Overflow
 from agent.core.plan import EndpointSpec, NetworkSpec
-from agent.core.topology import Topology
 from agent.firewall.monitor import NftChange
 from agent.kernel.base import LinkInfo
-from agent.service import Service
 from agent.service.reconcile import Reconciler
-from agent.store.sqlite import open_store
-from tests.core.fakes import FakeFirewall, FakeKernel, FakeNamespaces
-
-
-@pytest.fixture
-async def svc(tmp_path, nursery):
-    with open_store(tmp_path) as store:
-        service = Service(
-            topo=Topology(RangeAllocator), kernel=FakeKernel(), firewall=FakeFirewall(),
-            namespaces=FakeNamespaces(), store=store,
-        )  # fmt: skip
-        await nursery.start(service.reaper.serve)
-        yield service
 
 
 def _link(action: str, name: str, *, up: bool = False, alias: str | None = None) -> LinkEvent:

@@ -11,7 +11,6 @@ import ipaddress
 import pytest
 import trio
 
-from agent.core.bitmap import RangeAllocator
 from agent.core.errors import (
     AgentError,
     Busy,
@@ -23,29 +22,12 @@ from agent.core.errors import (
     PoolExhausted,
 )
 from agent.core.plan import EndpointSpec, NetworkSpec
-from agent.core.topology import Topology
 from agent.service import Service
-from agent.store.sqlite import open_store
-from tests.core.fakes import FakeFirewall, FakeKernel, FakeNamespaces
 
 
 def bridges(svc: Service, *names: str) -> list[str]:
     """The bridges of the networks `names`, sorted (what the fake firewall reports)."""
     return sorted(svc.topo.find_network(n).bridge for n in names)
-
-
-@pytest.fixture
-async def svc(tmp_path, nursery):
-    with open_store(tmp_path) as store:
-        service = Service(
-            topo=Topology(RangeAllocator),
-            kernel=FakeKernel(),
-            firewall=FakeFirewall(),
-            namespaces=FakeNamespaces(),
-            store=store,
-        )
-        await nursery.start(service.reaper.serve)
-        yield service
 
 
 async def test_create_picks_docker_pools_in_order_and_skips_routes(svc) -> None:

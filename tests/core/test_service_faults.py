@@ -6,30 +6,12 @@ from __future__ import annotations
 import pytest
 import trio
 
-from agent.core.bitmap import RangeAllocator
 from agent.core.errors import Conflict, FirewallApply, InvalidArgument, KernelError, NotFound
 from agent.core.model import PortMapping
 from agent.core.plan import EndpointSpec, NetworkSpec
-from agent.core.topology import Topology
 from agent.service import Service
-from agent.store.sqlite import open_store
-from tests.core.fakes import FakeFirewall, FakeKernel, FakeNamespaces
 
 WEB = (PortMapping(protocol="tcp", host_port=8080, container_port=80),)
-
-
-@pytest.fixture
-async def svc(tmp_path, nursery):
-    with open_store(tmp_path) as store:
-        service = Service(
-            topo=Topology(RangeAllocator),
-            kernel=FakeKernel(),
-            firewall=FakeFirewall(),
-            namespaces=FakeNamespaces(),
-            store=store,
-        )
-        await nursery.start(service.reaper.serve)
-        yield service
 
 
 def _broken_store(monkeypatch, svc: Service) -> None:
