@@ -29,6 +29,7 @@ Buffer = bytes | bytearray | memoryview
 _NLA = struct.Struct("=HH")
 _U32 = struct.Struct("=I")
 _S32 = struct.Struct("=i")
+_BE32 = struct.Struct(">I")
 
 
 def attrs(buf: Buffer, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
@@ -50,6 +51,13 @@ def attrs(buf: Buffer, pos: int, end: int) -> Iterator[tuple[int, int, int]]:
         pos += (size + 3) & ~3
 
 
+def _int32(fmt: struct.Struct, what: str, buf: Buffer, start: int, end: int) -> int:
+    if end - start < 4:
+        raise ValueError(f"short {what} attribute at offset {start}")
+    value: int = fmt.unpack_from(buf, start)[0]
+    return value
+
+
 def u32(buf: Buffer, start: int, end: int) -> int:
     """The payload as a host-order u32 (bytes past the first four are ignored, as the kernel's
     `nla_get_u32` does).
@@ -57,18 +65,17 @@ def u32(buf: Buffer, start: int, end: int) -> int:
     Raises:
         ValueError: the payload is shorter than 4 bytes.
     """
-    if end - start < 4:
-        raise ValueError(f"short u32 attribute at offset {start}")
-    value: int = _U32.unpack_from(buf, start)[0]
-    return value
+    return _int32(_U32, "u32", buf, start, end)
 
 
 def s32(buf: Buffer, start: int, end: int) -> int:
     """The payload as a host-order signed 32-bit integer (see `u32`)."""
-    if end - start < 4:
-        raise ValueError(f"short s32 attribute at offset {start}")
-    value: int = _S32.unpack_from(buf, start)[0]
-    return value
+    return _int32(_S32, "s32", buf, start, end)
+
+
+def be32(buf: Buffer, start: int, end: int) -> int:
+    """The payload as a big-endian u32 (nf_tables attributes; see `u32`)."""
+    return _int32(_BE32, "u32", buf, start, end)
 
 
 def exact(buf: Buffer, start: int, end: int, size: int) -> bytes:

@@ -32,6 +32,7 @@ import msgspec
 import trio
 
 from agent.core.nlattrs import attrs as _attrs  # the one checked attribute walk
+from agent.core.nlattrs import be32
 from agent.core.nlattrs import cstr as _cstr
 from agent.kernel.events import Outbox, open_netlink, pump
 
@@ -51,7 +52,6 @@ NFTA_TABLE = 1  # NFTA_TABLE_NAME and every NFTA_<object>_TABLE
 NFTA_GEN_ID, NFTA_GEN_PROC_PID, NFTA_GEN_PROC_NAME = 1, 2, 3
 
 _HDR = struct.Struct("=IH")
-_BE32 = struct.Struct(">I")
 
 
 class NftChange(msgspec.Struct, frozen=True):
@@ -117,21 +117,14 @@ class NftDecoder:
         comm = ""
         for kind, a, b in _attrs(view, start + NFGENMSG_LEN, end):
             if kind == NFTA_GEN_ID:
-                genid = _be32(view, a, b)
+                genid = be32(view, a, b)
             elif kind == NFTA_GEN_PROC_PID:
-                pid = _be32(view, a, b)
+                pid = be32(view, a, b)
             elif kind == NFTA_GEN_PROC_NAME:
                 comm = _cstr(view, a, b)
         change = NftChange(genid, pid, comm, frozenset(self._tables))
         self._tables = set()
         return change
-
-
-def _be32(view: memoryview, start: int, end: int) -> int:
-    if end - start < 4:
-        raise ValueError(f"short u32 attribute at offset {start}")
-    value: int = _BE32.unpack_from(view, start)[0]
-    return value
 
 
 async def serve_nft_changes(

@@ -81,8 +81,10 @@ def test_fixed_size_payloads() -> None:
     assert nlattrs.u32(buf, 0, 4) == 7 and nlattrs.u32(buf, 0, 8) == 7
     assert nlattrs.s32(buf, 4, 8) == -1
     assert nlattrs.exact(buf, 8, 12, 4) == b"\x0a\0\0\1"
+    assert nlattrs.be32(buf, 8, 12) == 0x0A000001  # nf_tables' big-endian attributes
     for call in (
         lambda: nlattrs.u32(buf, 0, 3),
+        lambda: nlattrs.be32(buf, 9, 12),
         lambda: nlattrs.s32(buf, 9, 12),
         lambda: nlattrs.exact(buf, 8, 11, 4),
         lambda: nlattrs.exact(buf, 0, 12, 4),
