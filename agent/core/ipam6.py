@@ -18,12 +18,11 @@ Theory of operation (the IPv6 half of `agent.core.ipam`, split off to keep both 
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Sequence
 from ipaddress import IPv6Address, IPv6Network
 
 from agent.core.errors import Conflict, InvalidArgument, NotFound, PoolExhausted
-from agent.core.pools import IPAddress, Pool, choose_subnet
+from agent.core.pools import IPAddress, Pool, choose_subnet, parse_network
 
 #: Longest IPv6 prefix a network may have; /120 = 256 addresses.
 MAX_PREFIX_V6 = 120
@@ -42,21 +41,7 @@ def ula48(random40: int) -> IPv6Network:
 
 def parse_subnet6(text: str) -> IPv6Network:
     """Parse an IPv6 CIDR strictly; InvalidArgument (with a hint) when it is not one."""
-    text = text.strip()
-    try:
-        net = ipaddress.ip_network(text, strict=True)
-    except ValueError as exc:
-        try:
-            loose = ipaddress.ip_network(text, strict=False)
-        except ValueError:
-            raise InvalidArgument(
-                f"invalid IPv6 subnet {text!r}: expected a CIDR such as fd00:1::/64", value=text
-            ) from exc
-        raise InvalidArgument(
-            f"invalid IPv6 subnet {text}: host bits are set; did you mean {loose}?",
-            value=text,
-            hint=str(loose),
-        ) from exc
+    net = parse_network(text, "IPv6 subnet", "fd00:1::/64")
     if not isinstance(net, IPv6Network):
         raise InvalidArgument(f"subnet {net} is not an IPv6 subnet", subnet=str(net))
     if not MIN_PREFIX_V6 <= net.prefixlen <= MAX_PREFIX_V6:

@@ -30,8 +30,9 @@ IPAddress = IPv4Address | IPv6Address
 MAX_PREFIX_V4 = 30
 
 
-def parse_network(text: str, what: str) -> IPNetwork:
-    """Parse a CIDR strictly; host bits set or garbage -> InvalidArgument with a hint."""
+def parse_network(text: str, what: str, example: str = "10.1.0.0/24") -> IPNetwork:
+    """Parse a CIDR strictly; host bits set or garbage -> InvalidArgument with a hint (a
+    malformed one is shown `example`)."""
     text = text.strip()
     try:
         return ipaddress.ip_network(text, strict=True)
@@ -40,7 +41,7 @@ def parse_network(text: str, what: str) -> IPNetwork:
             loose = ipaddress.ip_network(text, strict=False)
         except ValueError:
             raise InvalidArgument(
-                f"invalid {what} {text!r}: expected a CIDR such as 10.1.0.0/24", value=text
+                f"invalid {what} {text!r}: expected a CIDR such as {example}", value=text
             ) from exc
         raise InvalidArgument(
             f"invalid {what} {text}: host bits are set; did you mean {loose}?",
