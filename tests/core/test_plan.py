@@ -50,7 +50,13 @@ def test_bad_options_are_invalid_arguments(given: dict, words: str) -> None:
         options.parse(given)
 
 
-@given(st.dictionaries(st.text(max_size=40), st.text(max_size=10), max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(sorted(options.BY_KEY)) | st.text(max_size=40),
+        st.sampled_from(["true", "No", "0", "1400", "br0", ""]) | st.text(max_size=10),
+        max_size=4,
+    )
+)
 def test_any_options_parse_or_raise_our_error(given: dict) -> None:
     """Parse, or raise InvalidArgument, never anything else; what parses is known keys only,
     each giving a value of its field's type."""
