@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import msgspec
 
-TYPES = ("network", "endpoint", "repair")
-
 
 class Event(msgspec.Struct, kw_only=True, frozen=True):
     """One notification, like a `docker events` line."""

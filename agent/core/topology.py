@@ -9,12 +9,13 @@ one.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from agent.core import ipam, ipam6
 from agent.core.bitmap import RangeAllocator
 from agent.core.errors import InvalidArgument, NotFound
 from agent.core.model import Endpoint, Network, Sandbox
+from agent.core.pools import IPAddress
 
 
 class Topology:
@@ -145,15 +146,27 @@ class Topology:
         ep_id = self._by_attachment.get(key)
         return None if ep_id is None else self.endpoints[ep_id]
 
+    def addresses(
+        self, network_id: str, ip: str | None, ip6: str | None = None
+    ) -> Iterator[tuple[ipam.Allocator, IPAddress]]:
+        """(allocator, address) of each of an endpoint's addresses whose network (and family)
+        still has an allocator: both families alike."""
+        for table, text in ((self.allocators, ip), (self.allocators6, ip6)):
+            alloc: ipam.Allocator | None = table.get(network_id)
+            if text and alloc is not None:
+                yield alloc, ipaddress.ip_address(text)
+
+    def reserve_addresses(self, ep: Endpoint) -> None:
+        """Take an endpoint's addresses again (adoption after a restart)."""
+        for alloc, addr in self.addresses(ep.network_id, ep.ip, ep.ip6):
+            alloc.reserve(addr)
+
     def release_addresses(self, network_id: str, ip: str | None, ip6: str | None = None) -> None:
         """Give an endpoint's addresses back, if its network still exists (a forced rm may
         have gone first) and they are still taken."""
-        alloc = self.allocators.get(network_id)
-        if ip and alloc is not None and alloc.is_allocated(ipaddress.IPv4Address(ip)):
-            alloc.release(ipaddress.IPv4Address(ip))
-        alloc6 = self.allocators6.get(network_id)
-        if ip6 and alloc6 is not None and alloc6.is_allocated(ipaddress.IPv6Address(ip6)):
-            alloc6.release(ipaddress.IPv6Address(ip6))
+        for alloc, addr in self.addresses(network_id, ip, ip6):
+            if alloc.is_allocated(addr):
+                alloc.release(addr)
 
     def endpoints_of(self, network_id: str) -> list[Endpoint]:
         return list(self._of_network.get(network_id, {}).values())

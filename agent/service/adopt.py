@@ -153,9 +153,7 @@ async def adopt(
 
 def _reserve(topo: Topology, ep: Endpoint) -> None:
     """Take the endpoint's addresses again and put it in the topology."""
-    topo.allocators[ep.network_id].reserve(ipaddress.IPv4Address(ep.ip))
-    if ep.ip6 and ep.network_id in topo.allocators6:
-        topo.allocators6[ep.network_id].reserve(ipaddress.IPv6Address(ep.ip6))
+    topo.reserve_addresses(ep)
     topo.add_endpoint(ep)
 
 
