@@ -77,6 +77,14 @@ class FirewallApply(AgentError):
     kind = "firewall"
 
 
+class StorageError(AgentError):
+    """The state database could not be written (disk full, I/O error, lost and not rewritable):
+    the request changed nothing. Reads are still answered from memory."""
+
+    code = 520
+    kind = "storage"
+
+
 ERRORS_BY_KIND: dict[str, type[AgentError]] = {
     cls.kind: cls
     for cls in (
@@ -88,5 +96,6 @@ ERRORS_BY_KIND: dict[str, type[AgentError]] = {
         PoolExhausted,
         KernelError,
         FirewallApply,
+        StorageError,
     )
 }

@@ -24,7 +24,7 @@ EXITS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (5, "invalid argument", ("invalid_argument",)),
     (6, "pool exhausted", ("pool_exhausted",)),
     (7, "busy", ("busy",)),
-    (8, "kernel or firewall failure", ("kernel", "firewall")),
+    (8, "kernel, firewall or storage failure", ("kernel", "firewall", "storage")),
     (9, "agentd unavailable", ("unavailable",)),
     (10, "protocol error", ("protocol",)),
 )
