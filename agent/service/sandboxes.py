@@ -1,7 +1,11 @@
 """Agent-managed named namespaces: `run` makes one and connects it, `rm` undoes both.
 
 A sandbox is recorded in the store before its endpoint, so that a crash in between leaves a
-record that adoption checks against the namespace file, never a namespace nobody knows.
+record that adoption checks against the namespace file, never a namespace nobody knows. `rm`
+deletes the record first (a full disk then fails before anything changed), then releases the
+endpoints and deletes the namespace, putting the record back if either fails. A crash after
+the record went leaves endpoints that still name their sandbox (`Endpoint.sandbox`), from
+which a rebuild restores it.
 Both requests take the topology lock exclusively.
 """
 
@@ -12,7 +16,7 @@ import trio
 from agent.core import naming, plan
 from agent.core.errors import AgentError, Conflict, NotFound
 from agent.core.model import Endpoint, Sandbox
-from agent.service.context import Shared
+from agent.service.context import Shared, undo
 from agent.service.endpoints import Endpoints
 
 
@@ -57,12 +61,21 @@ class Sandboxes:
             sb = s.topo.sandboxes.get(name)
             if sb is None:
                 raise NotFound(f"sandbox {name!r} not found", name=name)
-            for ep in s.topo.endpoints_in(sb.netns_key):
-                await self.endpoints.release(ep)
-            with trio.CancelScope(shield=True):
-                await s.ns.delete_named(sb.name)
+
+            async def record_back() -> None:
                 with s.store.transaction() as w:
+                    w.put_sandbox(sb)
+
+            with trio.CancelScope(shield=True):
+                with s.store.transaction() as w:  # first: a full disk fails here, unchanged
                     w.delete_sandbox(sb.name)
+                try:
+                    for ep in s.topo.endpoints_in(sb.netns_key):
+                        await self.endpoints.release(ep)
+                    await s.ns.delete_named(sb.name)
+                except BaseException as exc:
+                    await undo(exc, [record_back])
+                    raise
             del s.topo.sandboxes[sb.name]
             return sb
 

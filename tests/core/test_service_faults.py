@@ -3,13 +3,24 @@ and reports its first error even when a rollback step fails too."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import trio
 
-from agent.core.errors import Conflict, FirewallApply, InvalidArgument, KernelError, NotFound
+from agent.core.errors import (
+    Conflict,
+    FirewallApply,
+    InvalidArgument,
+    KernelError,
+    NotFound,
+    StorageError,
+)
 from agent.core.model import PortMapping
 from agent.core.plan import EndpointSpec, NetworkSpec
+from agent.frontends.cli.output import EXIT_CODES
 from agent.service import Service
+from agent.store.sqlite import open_store
 
 WEB = (PortMapping(protocol="tcp", host_port=8080, container_port=80),)
 
@@ -190,3 +201,87 @@ async def test_concurrent_disconnects_with_ports_leave_no_rule_behind(svc) -> No
         for i in range(4):
             nursery.start_soon(svc.endpoints.disconnect, "a", f"ok{i}")
     assert svc.shared.firewall.forwards == 0  # each saw the others' removals
+
+
+def _full_disk(monkeypatch, svc: Service) -> None:
+    """Every store write fails as sqlite fails on a full disk (a real one: tests/core/
+    test_store_faults.py and tests/e2e/test_state_faults.py)."""
+
+    def full(_ops):
+        raise StorageError("cannot write the state database: database or disk is full")
+
+    monkeypatch.setattr(svc.shared.store, "_commit", full)
+
+
+async def test_sandbox_rm_with_a_full_disk_changes_nothing(svc, monkeypatch) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    await svc.sandboxes.run("okbox", EndpointSpec(network="a"))
+    await svc.endpoints.disconnect("a", "okbox")  # a sandbox with no endpoint left
+    _full_disk(monkeypatch, svc)
+    with pytest.raises(StorageError):
+        await svc.sandboxes.remove("okbox")
+    assert svc.shared.ns.named == {"okbox"}  # the namespace is still there
+    assert "okbox" in svc.topo.sandboxes
+    monkeypatch.undo()
+    assert [sb.name for sb in svc.shared.store.load().sandboxes] == ["okbox"]
+    await svc.sandboxes.remove("okbox")  # and with room again it goes
+    assert svc.shared.ns.named == set() and svc.shared.store.load().sandboxes == []
+
+
+async def test_sandbox_rm_whose_namespace_deletion_fails_keeps_its_record(svc, monkeypatch) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    await svc.sandboxes.run("okbox", EndpointSpec(network="a"))
+
+    async def broken(_name):
+        raise KernelError("cannot unmount")
+
+    monkeypatch.setattr(svc.shared.ns, "delete_named", broken)
+    with pytest.raises(KernelError):
+        await svc.sandboxes.remove("okbox")
+    assert [sb.name for sb in svc.shared.store.load().sandboxes] == ["okbox"]
+    assert "okbox" in svc.topo.sandboxes
+
+
+async def test_every_mutation_with_a_full_disk_fails_as_storage_and_changes_nothing(
+    svc, monkeypatch
+) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    ep = await svc.endpoints.connect(EndpointSpec(network="a", netns="ok1", ports=WEB))
+    kernel, firewall, store = svc.shared.kernel, svc.shared.firewall, svc.shared.store
+    before = (set(kernel.bridges), set(kernel.veths), firewall.forwards, store.snapshot())
+    _full_disk(monkeypatch, svc)
+    more = [PortMapping(protocol="udp", host_port=5353, container_port=53)]
+    attempts = [
+        svc.networks.create(NetworkSpec(name="b", subnet="10.2.0.0/24")),
+        svc.networks.remove("a", force=True),
+        svc.endpoints.connect(EndpointSpec(network="a", netns="ok2")),
+        svc.endpoints.disconnect("a", "ok1"),
+        svc.endpoints.remove(ep.id),
+        svc.ports.publish("ok1", more),
+        svc.ports.unpublish("ok1", list(WEB)),
+        svc.sandboxes.run("okbox", EndpointSpec(network="a")),
+    ]
+    for attempt in attempts:
+        with pytest.raises(StorageError) as caught:
+            await attempt
+        assert caught.value.kind == "storage" and EXIT_CODES["storage"] == 8
+        assert (set(kernel.bridges), set(kernel.veths), firewall.forwards) == before[:3]
+        assert not kernel.dying and svc.shared.ns.named == set()
+    assert svc.topo.find_network("a").name == "a" and svc.topo.endpoints[ep.id] == ep
+    assert svc.networks.filter() and svc.endpoints.filter() == [ep]  # reads still served
+    monkeypatch.undo()
+    assert store.load() == before[3]
+
+
+async def test_a_database_deleted_while_running_loses_no_acknowledged_change(svc) -> None:
+    store = svc.shared.store
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    for suffix in ("", "-wal", "-shm"):  # `rm -f netagent.db*` while agentd runs
+        Path(f"{store.path}{suffix}").unlink(missing_ok=True)
+    ep = await svc.endpoints.connect(EndpointSpec(network="a", netns="ok1", ports=WEB))
+    await svc.networks.create(NetworkSpec(name="b", subnet="10.2.0.0/24"))
+    with open_store(store.path.parent) as restarted:  # what a restart would read
+        state = restarted.load()
+    assert {n.name for n in state.networks} == {"a", "b"}
+    assert state.endpoints == [ep]
+    assert state.meta["cursor:" + ep.network_id]
