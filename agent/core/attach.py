@@ -14,7 +14,7 @@ import ipaddress
 
 import msgspec
 
-from agent.core import naming
+from agent.core import marks, naming
 from agent.core.errors import InvalidArgument
 from agent.core.ipam import validate_mac
 from agent.core.model import Endpoint, Network
@@ -66,7 +66,7 @@ class Bridge(msgspec.Struct, frozen=True):
     """A bridge as the kernel shell makes, adopts, repairs or deletes it.
 
     `address`/`address6` are the gateway CIDRs the agent adds (and, for a user's bridge, the
-    only things it removes); `alias` is the ownership tag (`naming.bridge_alias`). A bridge
+    only things it removes); `alias` is the ownership mark (`marks.network_mark`). A bridge
     known by name only (a leftover to delete) has neither.
     """
 
@@ -93,7 +93,7 @@ class Attachment(msgspec.Struct, frozen=True):
     netns: str  # path of the namespace file
     bridge: str
     host_ifname: str  # host end, a port of `bridge`
-    alias: str  # ownership tag of the host end (`naming.veth_alias`)
+    alias: str  # ownership mark of the host end (`marks.endpoint_mark`)
     ifname: str  # name inside the namespace
     mac: str
     mtu: int
@@ -120,7 +120,7 @@ def bridge_of(net: Network) -> Bridge:
     """The bridge of `net`, with its gateways and ownership alias."""
     return Bridge(
         name=net.bridge,
-        alias=naming.bridge_alias(net.id),
+        alias=marks.network_mark(net),
         address=gateway_cidr(net, 4),
         address6=gateway_cidr(net, 6),
         mtu=net.mtu,
@@ -134,7 +134,7 @@ def attachment_of(net: Network, ep: Endpoint) -> Attachment:
         netns=ep.netns,
         bridge=net.bridge,
         host_ifname=ep.host_ifname,
-        alias=naming.veth_alias(ep.id),
+        alias=marks.endpoint_mark(ep),
         ifname=ep.ifname,
         mac=ep.mac,
         mtu=net.mtu,

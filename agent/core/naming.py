@@ -76,10 +76,12 @@ def veth_alias(endpoint_id: str) -> str:
 
 
 def parse_alias(alias: str | None) -> tuple[str, str] | None:
-    """`("net"|"ep", id)` for an alias this agent wrote, else None (not ours)."""
+    """`("net"|"ep", id)` for an alias this agent wrote, else None (not ours). What follows
+    the id after a `:` is the mark's payload (`agent.core.marks`)."""
     if not alias or not alias.startswith(ALIAS_PREFIX):
         return None
-    kind, _, ident = alias[len(ALIAS_PREFIX) :].partition(":")
+    kind, _, rest = alias[len(ALIAS_PREFIX) :].partition(":")
+    ident = rest.partition(":")[0]
     if kind not in ("net", "ep") or not _HEX_ID.fullmatch(ident):
         return None
     return kind, ident
