@@ -67,6 +67,10 @@ class Kernel(Protocol):
         """Make `host_ifname` an up port of `bridge`, and the bridge up."""
         ...
 
+    async def set_alias(self, name: str, alias: str) -> None:
+        """Rewrite the ownership mark (`agent.core.marks`) of our link `name`."""
+        ...
+
     async def link_state(self, name: str) -> tuple[bool, int] | None:
         """(up, master ifindex) of link `name` now; None if it does not exist."""
         ...

@@ -23,7 +23,7 @@ from msgspec.structs import astuple
 
 from agent.core import naming
 from agent.core.attach import Attachment, Bridge
-from agent.core.errors import KernelError
+from agent.core.errors import InvalidArgument, KernelError
 from agent.kernel.base import LinkInfo
 from agent.kernel.connection import WorkerConnection, start
 from agent.kernel.jobs import Job
@@ -116,6 +116,12 @@ class Kernel:
         await self._call(
             Job.ENSLAVE, naming.validate_ifname(host_ifname), naming.validate_ifname(bridge)
         )
+
+    async def set_alias(self, name: str, alias: str) -> None:
+        """Rewrite the ownership mark of our link `name` (an endpoint's ports changed)."""
+        if len(alias.encode()) > 255:
+            raise InvalidArgument(f"alias of {name} longer than 255 bytes", field="alias")
+        await self._call(Job.SET_ALIAS, naming.validate_ifname(name), alias)
 
     async def link_state(self, name: str) -> tuple[bool, int] | None:
         """(up, master ifindex) of link `name` now, or None if it does not exist (one lean

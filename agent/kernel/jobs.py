@@ -34,6 +34,7 @@ class Job(StrEnum):
     DETACH = "detach"
     RETIRE = "retire"
     ENSLAVE = "enslave"
+    SET_ALIAS = "set_alias"
     LINK_STATE = "link_state"
     OWNED_LINKS = "owned_links"
     HOST_ROUTES = "host_routes"

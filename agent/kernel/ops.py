@@ -372,6 +372,12 @@ class Ops:
         step(port, f"enslave {host_ifname} to {bridge}", {"ifname": host_ifname})
         step(bridge_up, f"set bridge {bridge} up", {"bridge": bridge})
 
+    def set_alias(self, name: str, alias: str) -> None:
+        """Rewrite the ownership mark (`agent.core.marks`) of our link `name`."""
+        assert self._rt is not None
+        reply = self._rt.transact([rtnl.set_alias(name, alias)])[0]
+        step(reply, f"set the alias of {name}", {"ifname": name})
+
     # --- observation ---------------------------------------------------------------------------
 
     def link_state(self, name: str) -> tuple[bool, int] | None:
@@ -431,6 +437,7 @@ JOBS: dict[Job, Callable[..., Any]] = {
     Job.DETACH: Ops.detach,
     Job.RETIRE: Ops.retire,
     Job.ENSLAVE: Ops.enslave,
+    Job.SET_ALIAS: Ops.set_alias,
     Job.LINK_STATE: Ops.link_state,
     Job.OWNED_LINKS: Ops.owned_links,
     Job.HOST_ROUTES: Ops.host_routes,

@@ -3,7 +3,9 @@ decided with the endpoint (`plan.reserve_endpoint`).
 
 The port rules live in each network's own chains, so publishing rewrites only that network's
 part of the ruleset; the whole request takes the topology lock exclusively, since a mapping is
-checked against every other one. All or nothing: the rules are put back if the store fails.
+checked against every other one. All or nothing: rules, then the veth's ownership mark (which
+carries the ports for a rebuild from the kernel), then the store; each put back if a later
+step fails.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import msgspec
 import trio
 
-from agent.core import plan, ports
+from agent.core import marks, plan, ports
 from agent.core.errors import InvalidArgument, NotFound
 from agent.core.model import Endpoint, PortMapping
 from agent.log import get_logger
@@ -74,13 +76,20 @@ class Ports:
         async def rules_back() -> None:
             await s.apply_firewall(endpoints=[*others, ep])
 
+        async def mark_back() -> None:
+            await s.kernel.set_alias(ep.host_ifname, marks.endpoint_mark(ep))
+
         with trio.CancelScope(shield=True):
             await s.apply_firewall(endpoints=[*others, updated])
+            done = [rules_back]
             try:
+                if ep.joined:  # the veth's mark carries the ports, for a rebuild
+                    await s.kernel.set_alias(ep.host_ifname, marks.endpoint_mark(updated))
+                    done.insert(0, mark_back)
                 with s.store.transaction() as w:
                     w.put_endpoint(updated)
             except BaseException as exc:
-                await undo(exc, [rules_back])
+                await undo(exc, done)
                 raise
         s.topo.add_endpoint(updated)
         log.info("endpoint.ports.complete", endpoint_id=ep.id, ports=len(new))

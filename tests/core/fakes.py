@@ -37,6 +37,8 @@ class FakeKernel:
         self.states: dict[str, tuple[bool, int]] = {}  # link_state answers
         self.enslaved: list[str] = []
         self.links: list[LinkInfo] = []  # owned_links answers
+        self.aliases: dict[str, str] = {}  # set_alias calls: link -> its latest mark
+        self.fail_alias = False
 
     async def ensure_bridge(self, bridge: Bridge) -> int:
         await trio.sleep(0)
@@ -56,6 +58,13 @@ class FakeKernel:
 
     async def detach(self, host_ifname: str) -> bool:
         return self.veths.pop(host_ifname, None) is not None
+
+    async def set_alias(self, name: str, alias: str) -> None:
+        if self.fail_alias:
+            raise KernelError("set alias failed on purpose")
+        if name not in self.veths and name not in self.bridges:
+            raise NotFound(f"no link {name}")
+        self.aliases[name] = alias
 
     async def retire(self, host_ifname: str) -> bool:
         if self.fail_retire:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from agent.core import marks
 from agent.core.errors import (
     Conflict,
     FirewallApply,
@@ -285,3 +286,25 @@ async def test_a_database_deleted_while_running_loses_no_acknowledged_change(svc
     assert {n.name for n in state.networks} == {"a", "b"}
     assert state.endpoints == [ep]
     assert state.meta["cursor:" + ep.network_id]
+
+
+async def test_publish_rewrites_the_veth_mark_and_puts_it_back_if_the_store_fails(
+    svc, monkeypatch
+) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    ep = await svc.endpoints.connect(EndpointSpec(network="a", netns="ok1", ports=WEB))
+    kernel = svc.shared.kernel
+    assert marks.decode(kernel.veths[ep.host_ifname].alias)[2].ports  # set at creation
+    more = [PortMapping(protocol="udp", host_port=5353, container_port=53)]
+    published = await svc.ports.publish("ok1", more)
+    mark = marks.decode(kernel.aliases[ep.host_ifname])[2]
+    assert marks.endpoint_of(ep.id, ep.network_id, ep.host_ifname, mark) == published
+    _full_disk(monkeypatch, svc)
+    with pytest.raises(StorageError):
+        await svc.ports.unpublish("ok1", list(WEB))
+    assert kernel.aliases[ep.host_ifname] == marks.endpoint_mark(published)  # put back
+    monkeypatch.undo()
+    kernel.fail_alias = True
+    with pytest.raises(KernelError):
+        await svc.ports.unpublish("ok1", list(WEB))
+    assert svc.shared.firewall.forwards == 2 and svc.topo.endpoints[ep.id] == published

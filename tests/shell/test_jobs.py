@@ -64,6 +64,7 @@ CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
     ("reap", (), {}),
     ("reap", ([BRIDGE, Bridge("br-x")],), {}),
     ("enslave", ("na0123456789abc", "br-0123456789ab"), {}),
+    ("set_alias", ("na0123456789abc", "netagent:ep:" + "ab" * 32), {}),
     ("link_state", ("br-0123456789ab",), {}),
     ("owned_links", (), {}),
     ("host_routes", (), {}),
