@@ -10,6 +10,7 @@ stay in place, like Docker's; the next start adopts them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import sys
@@ -20,6 +21,7 @@ import trio
 
 from agent import __version__, accel, firewall
 from agent.core import naming, plan, pools
+from agent.core.errors import StorageError
 from agent.core.topology import Topology
 from agent.firewall.monitor import serve_nft_changes
 from agent.frontends.jsonrpc import handlers
@@ -29,10 +31,10 @@ from agent.kernel import netns
 from agent.kernel.client import open_kernel
 from agent.kernel.events import serve_link_events
 from agent.log import configure, get_logger
-from agent.service import Service
+from agent.service import Service, rebuild
 from agent.service.adopt import adopt
 from agent.service.reconcile import Reconciler
-from agent.store.sqlite import open_store
+from agent.store.sqlite import Store, open_store
 
 log = get_logger("agent.daemon")
 
@@ -42,6 +44,7 @@ SHUTDOWN_GRACE = 5.0  # seconds for in-flight answers to be sent after the last 
 # kernel events buffered for the reconciler (a few hundred bytes each); past it: Overflow,
 # then a full resync. Sized for bursts of thousands of attaches at once.
 EVENT_QUEUE = 65536
+STORE_CHECK_INTERVAL = 1.0  # seconds between checks that the database file is still ours
 
 
 class Namespaces:
@@ -86,9 +89,13 @@ async def run_daemon(args: argparse.Namespace) -> None:
             ns = Namespaces()
             owned = await kernel.owned_links()
             phases["dump"] = time.monotonic() - started
+            rebuilt = rebuild.needed(store.opened, state, owned)  # the store was lost
+            if rebuilt:
+                state, _ = rebuild.rebuild(store, owned)
             await adopt(
-                state=state, topo=topo, kernel=kernel, owned_links=owned, ns=ns, store=store
-            )
+                state=state, topo=topo, kernel=kernel, owned_links=owned, ns=ns, store=store,
+                keep_unknown=rebuilt,
+            )  # fmt: skip
             phases["adopt"] = time.monotonic() - started
             fw = firewall.create(args.firewall)
             svc = Service(
@@ -98,6 +105,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
             await nursery.start(fw.serve)
             phases["firewall"] = time.monotonic() - started
             await nursery.start(svc.reaper.serve)
+            nursery.start_soon(_check_store, store)
             if not any(n.is_default for n in topo.networks.values()):
                 await svc.networks.create(
                     plan.NetworkSpec(name=naming.DEFAULT_NETWORK, is_default=True)
@@ -133,6 +141,15 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 nursery.cancel_scope.cancel()
                 break
     log.info("agentd.stopped")
+
+
+async def _check_store(store: Store) -> None:
+    """A database deleted or damaged while no request writes is rewritten within a second
+    too (each write also checks it, before and after its commit)."""
+    while True:
+        await trio.sleep(STORE_CHECK_INTERVAL)
+        with contextlib.suppress(StorageError):  # logged; every write fails until it works
+            store.verify()
 
 
 def _info(svc: Service, args: argparse.Namespace, started: float) -> p.Info:

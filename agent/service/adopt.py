@@ -10,6 +10,10 @@ while the agent was down:
   address and MAC, so a container keeps its address across agent restarts.
 - an endpoint reserved but not joined (Docker's CreateEndpoint before Join) keeps its
   addresses; it has nothing in the kernel.
+- a link whose ownership mark (`agent.core.marks`) is not its record's (written by an older
+  agentd, or stale) gets it rewritten, so that a later rebuild from the kernel finds it;
+- after a rebuild from the kernel (`agent.service.rebuild`: the store was lost), links with
+  our alias but no record are kept (`keep_unknown`): they may be live.
 Firewall convergence happens afterwards, in one transaction (`Firewall.setup`).
 """
 
@@ -20,7 +24,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from agent.core import naming
+from agent.core import marks, naming
 from agent.core.attach import Bridge, attachment_of, bridge_of, gateway_cidr
 from agent.core.errors import AgentError
 from agent.core.model import Endpoint
@@ -41,6 +45,8 @@ class AdoptReport:
     endpoints_released: list[str] = field(default_factory=list)
     endpoints_reattached: list[str] = field(default_factory=list)
     sandboxes_forgotten: list[str] = field(default_factory=list)
+    unknown_kept: list[str] = field(default_factory=list)  # ours, no record, kept (rebuild)
+    marks_refreshed: list[str] = field(default_factory=list)
 
 
 async def adopt(
@@ -51,8 +57,11 @@ async def adopt(
     owned_links: list[LinkInfo],
     ns: Namespaces,
     store: Store,
+    keep_unknown: bool = False,
 ) -> AdoptReport:
-    """Fill `topo` from `state` and repair the kernel's links to match it."""
+    """Fill `topo` from `state` and repair the kernel's links to match it. With
+    `keep_unknown` (after a rebuild from the kernel), links with our alias that `state` does
+    not know are kept, not deleted: only their records are missing."""
     report = AdoptReport()
     for net in state.networks:
         topo.add_network(net)
@@ -75,7 +84,9 @@ async def adopt(
             report.leftovers_deleted.append(link.name)
             continue
         kind, ident = owner
-        if kind == "net" and ident not in topo.networks:
+        if keep_unknown and ident not in (topo.networks if kind == "net" else stored):
+            report.unknown_kept.append(link.name)
+        elif kind == "net" and ident not in topo.networks:
             await kernel.delete_bridge(Bridge(link.name))
             report.leftovers_deleted.append(link.name)
         elif kind == "ep" and ident not in stored:
@@ -95,6 +106,8 @@ async def adopt(
             and not net.ipv6
         ):  # intact (the dump says so): no netlink round trip per network at start-up
             bridges[net.id] = found.index
+            if found.alias != (mark := marks.network_mark(net)):  # a mark from an older agentd
+                await _refresh_mark(kernel, net.bridge, mark, report)
             continue
         bridges[net.id] = await kernel.ensure_bridge(bridge_of(net))
         if found is None:
@@ -121,9 +134,12 @@ async def adopt(
                 continue
             ep = reattached
             report.endpoints_reattached.append(ep.id)
-        elif present[ep.id].master != bridges[ep.network_id] or not present[ep.id].up:
-            # its bridge was deleted (ports are released) and recreated, or it was set down
-            await kernel.enslave(ep.host_ifname, topo.networks[ep.network_id].bridge)
+        else:
+            if present[ep.id].master != bridges[ep.network_id] or not present[ep.id].up:
+                # its bridge was deleted (ports are released) and recreated, or it was set down
+                await kernel.enslave(ep.host_ifname, topo.networks[ep.network_id].bridge)
+            if present[ep.id].alias != (mark := marks.endpoint_mark(ep)):
+                await _refresh_mark(kernel, ep.host_ifname, mark, report)  # older, or stale
         _reserve(topo, ep)
 
     for net_id, alloc in topo.allocators.items():
@@ -147,8 +163,20 @@ async def adopt(
         leftovers=len(report.leftovers_deleted),
         released=len(report.endpoints_released),
         reattached=len(report.endpoints_reattached),
+        unknown_kept=report.unknown_kept,
+        marks_refreshed=len(report.marks_refreshed),
     )
     return report
+
+
+async def _refresh_mark(kernel: Kernel, name: str, mark: str, report: AdoptReport) -> None:
+    """Rewrite a link's mark; a failure only costs a later rebuild that link's details."""
+    try:
+        await kernel.set_alias(name, mark)
+    except AgentError as exc:
+        log.warning("adopt.mark.failed", link=name, error=str(exc))
+        return
+    report.marks_refreshed.append(name)
 
 
 def _reserve(topo: Topology, ep: Endpoint) -> None:

@@ -40,7 +40,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "agent.core": ("agent.core",),
     "agent.log": (),
     "agent.accel": ("agent.core", "agent.firewall.iptables.serialize"),  # pure twins
-    "agent.store": ("agent.core", "agent.log"),
+    "agent.store": ("agent.core", "agent.log", "agent.store"),
     "agent.kernel": ("agent.core", "agent.accel", "agent.log", "agent.kernel"),
     # the nftables monitor shares the kernel's non-blocking netlink reader (`kernel.events`)
     "agent.firewall": (
