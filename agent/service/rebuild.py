@@ -89,8 +89,9 @@ def state_from_links(owned: list[LinkInfo]) -> tuple[State, RebuildReport]:
     report.sandboxes = sorted(sandboxes)
     meta: dict[str, str] = {}
     chosen = [n for n in nets.values() if n.ip_range is None and not n.is_default]
-    if chosen:  # where the next automatic subnet choice continues
-        meta["last_subnet"] = max(chosen, key=lambda n: n.created).subnet
+    if chosen:  # where the next automatic subnet choice continues (a cursor: any is safe)
+        last = max(chosen, key=lambda n: (n.created, ipaddress.ip_network(n.subnet)))
+        meta["last_subnet"] = last.subnet
     state = State(
         networks=list(nets.values()), endpoints=eps, sandboxes=list(sandboxes.values()), meta=meta
     )
