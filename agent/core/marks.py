@@ -165,6 +165,11 @@ def endpoint_mark(ep: Endpoint) -> str:
     return _fit(naming.veth_alias(ep.id), candidates)
 
 
+def has_payload(alias: str | None) -> bool:
+    """Whether an alias of ours carries a record (cheap: no decoding)."""
+    return alias is not None and alias.count(":") >= 3
+
+
 def decode(alias: str | None) -> tuple[str, str, NetMark | EpMark | None] | None:
     """(kind, id, mark) of an alias of ours; the mark is None when the alias has no payload
     (or one that does not decode). None for an alias that is not ours."""

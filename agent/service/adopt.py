@@ -10,8 +10,9 @@ while the agent was down:
   address and MAC, so a container keeps its address across agent restarts.
 - an endpoint reserved but not joined (Docker's CreateEndpoint before Join) keeps its
   addresses; it has nothing in the kernel.
-- a link whose ownership mark (`agent.core.marks`) is not its record's (written by an older
-  agentd, or stale) gets it rewritten, so that a later rebuild from the kernel finds it;
+- a link whose ownership alias has no record in it (`agent.core.marks`: written by an older
+  agentd) gets its mark, so that a later rebuild from the kernel finds it (a cheap check: a
+  mark is computed only for those);
 - after a rebuild from the kernel (`agent.service.rebuild`: the store was lost), links with
   our alias but no record are kept (`keep_unknown`): they may be live.
 Firewall convergence happens afterwards, in one transaction (`Firewall.setup`).
@@ -106,8 +107,8 @@ async def adopt(
             and not net.ipv6
         ):  # intact (the dump says so): no netlink round trip per network at start-up
             bridges[net.id] = found.index
-            if found.alias != (mark := marks.network_mark(net)):  # a mark from an older agentd
-                await _refresh_mark(kernel, net.bridge, mark, report)
+            if not marks.has_payload(found.alias):  # a mark from an older agentd
+                await _refresh_mark(kernel, net.bridge, marks.network_mark(net), report)
             continue
         bridges[net.id] = await kernel.ensure_bridge(bridge_of(net))
         if found is None:
@@ -127,7 +128,7 @@ async def adopt(
             report.endpoints_released.append(ep.id)
             continue
         if ep.id not in present:
-            reattached = await _reattach(kernel, topo, ep, store)
+            reattached = await _reattach(kernel, topo, ep, store, report)
             if reattached is None:
                 _forget_endpoint(store, ep)
                 report.endpoints_released.append(ep.id)
@@ -138,8 +139,8 @@ async def adopt(
             if present[ep.id].master != bridges[ep.network_id] or not present[ep.id].up:
                 # its bridge was deleted (ports are released) and recreated, or it was set down
                 await kernel.enslave(ep.host_ifname, topo.networks[ep.network_id].bridge)
-            if present[ep.id].alias != (mark := marks.endpoint_mark(ep)):
-                await _refresh_mark(kernel, ep.host_ifname, mark, report)  # older, or stale
+            if not marks.has_payload(present[ep.id].alias):  # an older agentd's mark
+                await _refresh_mark(kernel, ep.host_ifname, marks.endpoint_mark(ep), report)
         _reserve(topo, ep)
 
     for net_id, alloc in topo.allocators.items():
@@ -201,7 +202,9 @@ def _forget_endpoint(store: Store, ep: Endpoint) -> None:
         w.delete_endpoint(ep.id)
 
 
-async def _reattach(kernel: Kernel, topo: Topology, ep: Endpoint, store: Store) -> Endpoint | None:
+async def _reattach(
+    kernel: Kernel, topo: Topology, ep: Endpoint, store: Store, report: AdoptReport
+) -> Endpoint | None:
     """The endpoint re-attached with its addresses and MAC, or None if that failed. If its
     namespace has disabled IPv6 since, it keeps IPv4 only, on record too (so that no IPv6
     rule names an address that is not configured)."""
@@ -215,4 +218,5 @@ async def _reattach(kernel: Kernel, topo: Topology, ep: Endpoint, store: Store) 
         ep = msgspec.structs.replace(ep, ip6=None)
         with store.transaction() as w:
             w.put_endpoint(ep)
+        await _refresh_mark(kernel, ep.host_ifname, marks.endpoint_mark(ep), report)
     return ep

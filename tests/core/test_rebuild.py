@@ -8,7 +8,7 @@ import msgspec
 import pytest
 
 from agent.core import marks, naming
-from agent.core.attach import attachment_of
+from agent.core.attach import attachment_of, gateway_cidr
 from agent.core.bitmap import RangeAllocator
 from agent.core.model import PortMapping
 from agent.core.plan import EndpointSpec, NetworkSpec
@@ -29,7 +29,8 @@ def _links(svc: Service) -> list[LinkInfo]:
     for i, net in enumerate(topo.networks.values(), start=1):
         index[net.id] = i
         out.append(LinkInfo(index=i, name=net.bridge, kind="bridge", alias=marks.network_mark(net),
-                            master=0, up=True, addresses=(), group=naming.LINK_GROUP))  # fmt: skip
+                            master=0, up=True, addresses=(gateway_cidr(net),),
+                            group=naming.LINK_GROUP))  # fmt: skip
     for j, ep in enumerate(topo.endpoints.values(), start=100):
         alias = svc.shared.kernel.aliases.get(ep.host_ifname)
         att = svc.shared.kernel.veths[ep.host_ifname]
@@ -128,3 +129,27 @@ async def test_adoption_after_a_rebuild_keeps_marked_links_it_cannot_read(tmp_pa
             assert report.unknown_kept == ["na-old"] and report.leftovers_deleted == []
         else:
             assert report.leftovers_deleted == ["na-old"]
+
+
+async def test_adoption_gives_links_of_an_older_agentd_their_marks(tmp_path, svc) -> None:
+    await svc.networks.create(NetworkSpec(name="a", subnet="10.1.0.0/24"))
+    ep = await svc.endpoints.connect(EndpointSpec(network="a", netns="ok1", ports=WEB))
+    net = svc.topo.find_network("a")
+    old = [
+        msgspec.structs.replace(link, alias=link.alias.rsplit(":", 1)[0]) for link in _links(svc)
+    ]  # what an agentd before marks wrote: `netagent:net:<id>`, `netagent:ep:<id>`
+    assert not any(marks.has_payload(link.alias) for link in old)
+    kernel = FakeKernel()
+    kernel.veths[ep.host_ifname] = attachment_of(net, ep)
+    report = await adopt(state=svc.shared.store.load(), topo=Topology(RangeAllocator),
+                         kernel=kernel, owned_links=old, ns=FakeNamespaces(),
+                         store=svc.shared.store)  # fmt: skip
+    assert sorted(report.marks_refreshed) == sorted([net.bridge, ep.host_ifname])
+    state, _ = rebuild.state_from_links(
+        [msgspec.structs.replace(link, alias=kernel.aliases[link.name]) for link in old]
+    )
+    assert state.endpoints == [ep] and [n.id for n in state.networks] == [net.id]
+    again = await adopt(state=svc.shared.store.load(), topo=Topology(RangeAllocator),
+                        kernel=kernel, owned_links=_links(svc), ns=FakeNamespaces(),
+                        store=svc.shared.store)  # fmt: skip
+    assert again.marks_refreshed == []  # marks with a record are left alone
