@@ -64,7 +64,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
         open_store(args.state_dir) as store,
         trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals,
     ):
-        state = store.load()
+        state = store.snapshot()  # read at open (the mirror): not decoded twice
         async with (
             open_kernel(args.log_level, args.log_format) as kernel,
             trio.open_nursery() as nursery,
