@@ -13,7 +13,10 @@ Usage: .venv/bin/python bench/bench_store.py [--endpoints 10000] [--networks 100
 - rewrite: the database deleted under an open store holding N endpoints and M networks, then
   `Store.verify()` (a new file written from the mirror), milliseconds;
 - rebuild: `rebuild.state_from_links` over the links of that state (decode every mark),
-  milliseconds.
+  milliseconds;
+- open: what agentd's start pays to read that state: `open_store` (`PRAGMA quick_check`, every
+  record decoded once into the mirror) against a bare connection reading the same records,
+  alternated, median of 5, milliseconds.
 
 No kernel object is made: everything runs in a temporary directory. Prints a table and, with
 `--json`, writes one dict.
@@ -40,7 +43,7 @@ from agent.core import marks, naming
 from agent.core.model import Endpoint, Network, PortMapping
 from agent.kernel.base import LinkInfo
 from agent.service import rebuild
-from agent.store.sqlite import _SCHEMA, open_store
+from agent.store.sqlite import _SCHEMA, _load, open_store
 
 
 def network(i: int) -> Network:
@@ -146,6 +149,17 @@ def bench_recoveries(tmp: Path, networks: int, endpoints: int) -> dict[str, floa
         assert store.verify() == "deleted"
         rewrite = time.perf_counter() - t0
         size = os.path.getsize(store.path)
+    guarded, bare = [], []
+    for _ in range(5):  # alternated: the start-up read, with the checks and the mirror, and bare
+        t0 = time.perf_counter()
+        with open_store(tmp / "big") as store:
+            guarded.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        conn = sqlite3.connect(tmp / "big" / "netagent.db")
+        conn.execute("PRAGMA journal_mode=WAL")
+        _load(conn)
+        bare.append(time.perf_counter() - t0)
+        conn.close()
     index = {net.id: i for i, net in enumerate(nets, start=1)}
     links = [
         LinkInfo(index=index[n.id], name=n.bridge, kind="bridge", alias=marks.network_mark(n),
@@ -160,7 +174,13 @@ def bench_recoveries(tmp: Path, networks: int, endpoints: int) -> dict[str, floa
     state, _ = rebuild.state_from_links(links)
     rebuilt = time.perf_counter() - t0
     assert len(state.endpoints) == endpoints and len(state.networks) == networks
-    return {"rewrite_ms": rewrite * 1e3, "db_bytes": size, "rebuild_ms": rebuilt * 1e3}
+    return {
+        "rewrite_ms": rewrite * 1e3,
+        "db_bytes": size,
+        "rebuild_ms": rebuilt * 1e3,
+        "open_ms": statistics.median(guarded) * 1e3,
+        "bare_open_ms": statistics.median(bare) * 1e3,
+    }
 
 
 def main() -> None:
