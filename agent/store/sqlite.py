@@ -229,6 +229,7 @@ class Store:
         self._conn = conn
         self._mirror = _Mirror(state)
         self._lost: str | None = None  # why the file must be rewritten before the next write
+        self._failure = ""  # the last rewrite's error, logged once (agentd retries each second)
         self._stamp = files.stamp(path)
 
     def load(self) -> State:
@@ -321,12 +322,15 @@ class Store:
         except (sqlite3.Error, OSError) as exc:
             if conn is not None:
                 conn.close()
-            log.error("store.recover.failed", reason=reason, error=str(exc))
+            if str(exc) != self._failure:
+                log.error("store.recover.failed", reason=reason, error=str(exc))
+                self._failure = str(exc)
             raise StorageError(
                 f"the state database was {reason} and cannot be rewritten: {exc}", reason=reason
             ) from exc
         self._conn = conn
         self._lost = None
+        self._failure = ""
         self._stamp = files.stamp(self.path)
         self.recoveries.append((reason, copy))
         log.warning(

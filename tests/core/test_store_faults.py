@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from agent.core.errors import StorageError
 from agent.core.model import Endpoint, Network
@@ -16,17 +19,25 @@ from agent.store.sqlite import DB_NAME, open_store
 
 def _net(i: int) -> Network:
     return Network(
-        id=f"{i:064x}", name=f"n{i}", bridge=f"br-{i:012x}", subnet=f"10.{i}.0.0/24",
+        id=f"{i:064x}",
+        name=f"n{i}",
+        bridge=f"br-{i:012x}",
+        subnet=f"10.{i}.0.0/24",
         gateway=f"10.{i}.0.1",
-    )  # fmt: skip
+    )
 
 
 def _ep(i: int, net: Network) -> Endpoint:
     return Endpoint(
-        id=f"{i + 100:064x}", network_id=net.id, netns=f"/run/netns/c{i}", netns_key=f"4:{i}",
-        ifname="eth0", host_ifname=f"na{i:013x}", ip=f"10.{net.name[1:]}.0.{i + 2}",
+        id=f"{i + 100:064x}",
+        network_id=net.id,
+        netns=f"/run/netns/c{i}",
+        netns_key=f"4:{i}",
+        ifname="eth0",
+        host_ifname=f"na{i:013x}",
+        ip=f"10.{net.name[1:]}.0.{i + 2}",
         mac="02:42:0a:00:00:02",
-    )  # fmt: skip
+    )
 
 
 def _on_disk(state_dir: Path) -> tuple[set[str], set[str]]:
@@ -197,3 +208,59 @@ def test_a_lost_database_on_a_full_disk_refuses_writes_until_it_can_be_rewritten
         filler.unlink()
         _put(store, b)
     assert _on_disk(tiny_tmpfs)[0] == {a.id, b.id}
+
+
+FAULTS = ("none", "delete", "delete_all", "replace", "garbage")
+
+
+def _fault(db: Path, fault: str) -> None:
+    if fault in ("delete", "delete_all"):
+        for suffix in ("", "-wal", "-shm") if fault == "delete_all" else ("",):
+            Path(f"{db}{suffix}").unlink(missing_ok=True)
+    elif fault == "replace":
+        db.unlink(missing_ok=True)
+        db.write_bytes(b"someone else's file")
+    elif fault == "garbage" and db.exists():
+        with open(db, "r+b") as f:
+            f.write(b"\x5a" * 4096)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(("put_net", "del_net", "put_ep", "del_ep")),
+            st.integers(1, 4),
+            st.sampled_from(FAULTS),
+        ),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_no_acknowledged_write_is_lost_whatever_happens_to_the_file(steps) -> None:
+    """A model of what was acknowledged against what a restart reads, after every step."""
+    with tempfile.TemporaryDirectory() as d:
+        nets: dict[str, Network] = {}
+        eps: dict[str, Endpoint] = {}
+        with open_store(d) as store:
+            for op, i, fault in steps:
+                _fault(Path(d) / DB_NAME, fault)
+                net = _net(i)
+                with store.transaction() as w:
+                    if op == "put_net":
+                        w.put_network(net)
+                        nets[net.id] = net
+                    elif op == "del_net":
+                        w.delete_network(net.id)
+                        nets.pop(net.id, None)
+                        eps = {k: e for k, e in eps.items() if e.network_id != net.id}
+                    elif op == "put_ep" and net.id in nets:
+                        w.put_endpoint(_ep(i, net))
+                        eps[_ep(i, net).id] = _ep(i, net)
+                    elif op == "del_ep":
+                        w.delete_endpoint(_ep(i, net).id)
+                        eps.pop(_ep(i, net).id, None)
+                assert _on_disk(Path(d)) == (set(nets), set(eps))
+                snap = store.snapshot()
+                assert {n.id for n in snap.networks} == set(nets)
+                assert {e.id for e in snap.endpoints} == set(eps)
