@@ -23,6 +23,7 @@ run() {
 }
 run bench_ipam --json "$OUT/ipam.json"
 run bench_serialize --json "$OUT/serialize.json"
+run bench_store --json "$OUT/store.json"
 run bench_attach $QUICK
 run bench_churn $QUICK
 run bench_scale $QUICK $SIZES
