@@ -37,7 +37,7 @@ from typing import Any
 
 from agent.core import naming
 from agent.core.errors import AgentError, Conflict, KernelError, NotFound
-from agent.kernel import dumps, netns, rtnl, rtsocket, sysctl
+from agent.kernel import dumps, hostveth, netns, rtnl, rtsocket, sysctl
 from agent.kernel.base import LinkInfo
 from agent.kernel.jobs import AttachFields, BridgeFields, Job
 from agent.kernel.rtsocket import NetlinkError, check, map_error, step
@@ -428,6 +428,7 @@ JOBS: dict[Job, Callable[..., Any]] = {
     Job.ENSURE_BRIDGE: Ops.ensure_bridge,
     Job.DELETE_BRIDGE: Ops.delete_bridge,
     Job.ATTACH: Ops.attach,
+    Job.ATTACH_HOST: hostveth.attach_host,  # Docker's Join: both ends in the host namespace
     Job.DETACH: Ops.detach,
     Job.RETIRE: Ops.retire,
     Job.ENSLAVE: Ops.enslave,

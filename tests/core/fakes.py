@@ -54,6 +54,12 @@ class FakeKernel:
         self.veths[att.host_ifname] = att
         return att.netns not in self.ipv6_disabled
 
+    async def attach_host(self, att: Attachment) -> bool:
+        if self.fail_attach:
+            raise KernelError("attach failed on purpose")
+        self.veths[att.host_ifname] = att
+        return True
+
     async def detach(self, host_ifname: str) -> bool:
         return self.veths.pop(host_ifname, None) is not None
 
