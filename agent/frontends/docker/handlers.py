@@ -84,10 +84,10 @@ class DockerPlugin:
         try:
             blank = body.strip() in (b"", b"null")  # Activate and friends may send no body
             req = msgspec.json.decode(b"{}" if blank else body, type=kind)
+        except msgspec.ValidationError as exc:  # a subclass of DecodeError: first
+            return 400, {"Err": f"{path}: invalid request: {exc}"}
         except msgspec.DecodeError as exc:
             return 400, {"Err": f"{path}: invalid JSON: {exc}"}
-        except msgspec.ValidationError as exc:
-            return 400, {"Err": f"{path}: invalid request: {exc}"}
         try:
             return 200, await call(req)
         except AgentError as exc:
