@@ -37,6 +37,7 @@ class FakeKernel:
         self.states: dict[str, tuple[bool, int]] = {}  # link_state answers
         self.enslaved: list[str] = []
         self.links: list[LinkInfo] = []  # owned_links answers
+        self.in_host: set[str] = set()  # veths made by attach_host (both ends here)
 
     async def ensure_bridge(self, bridge: Bridge) -> int:
         await trio.sleep(0)
@@ -58,6 +59,7 @@ class FakeKernel:
         if self.fail_attach:
             raise KernelError("attach failed on purpose")
         self.veths[att.host_ifname] = att
+        self.in_host.add(att.host_ifname)
         return True
 
     async def detach(self, host_ifname: str) -> bool:

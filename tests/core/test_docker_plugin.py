@@ -159,7 +159,8 @@ async def test_endpoint_lifecycle(plugin: DockerPlugin, svc: Service) -> None:
     ep = svc.topo.endpoint_of_attachment(EP)
     assert ep is not None and ep.joined and ep.netns == SANDBOX
     assert ep.netns_key == naming.engine_netns_key(SANDBOX)
-    assert kernel.veths[ep.host_ifname].ifname == peer  # made in the host namespace
+    assert kernel.veths[ep.host_ifname].ifname == peer
+    assert kernel.in_host == {ep.host_ifname}  # made in the host namespace, for Docker
     info = await ok(plugin, "/NetworkDriver.EndpointOperInfo", {"NetworkID": NET, "EndpointID": EP})
     assert info == {"Value": {}}
 
