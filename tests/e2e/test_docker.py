@@ -99,6 +99,11 @@ def test_network_create_with_dockers_ipam_and_netagents(env) -> None:
         if "Gateway" in config:  # shown when it was given
             assert net["gateway"] == config["Gateway"].split("/")[0]
         assert f"br-{net_id[:12]}" in host.link_names()
+    internal = d.docker(
+        "network", "create", "-d", "netagent", "--internal", "--subnet", "10.78.0.0/24", "int",
+    ).stdout.strip()  # fmt: skip
+    assert agent_network(host, internal)["internal"] is True
+    d.docker("network", "rm", "int")
     assert agent_network(host, given)["mtu"] == 1400
     assert agent_network(host, given)["gateway"] == "10.77.0.254"
     assert agent_network(host, ours)["subnet"].startswith("10.210.")  # agentd's pools

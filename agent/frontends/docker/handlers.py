@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import secrets
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -88,8 +89,12 @@ class DockerPlugin:
             return 400, {"Err": f"{path}: invalid request: {exc}"}
         except msgspec.DecodeError as exc:
             return 400, {"Err": f"{path}: invalid JSON: {exc}"}
+        started = time.perf_counter()
         try:
-            return 200, await call(req)
+            answer = await call(req)
+            ms = round((time.perf_counter() - started) * 1000, 2)
+            log.debug("docker.request.complete", path=path, duration_ms=ms)
+            return 200, answer
         except AgentError as exc:
             log.info("docker.request.refused", path=path, kind=exc.kind, error=exc.message)
             return 200, {"Err": exc.message}
