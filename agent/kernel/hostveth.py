@@ -19,18 +19,28 @@ apart from `Ops` so that module stays within its size.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from agent.core import naming
 from agent.core.errors import AgentError, Conflict, KernelError
-from agent.kernel import rtnl, sysctl
+from agent.kernel import rtnl, rtsocket, sysctl
 from agent.kernel.jobs import AttachFields
 from agent.kernel.rtsocket import NetlinkError, check, map_error, step
 
-if TYPE_CHECKING:
-    from agent.kernel.ops import Ops
-
 _STALE_MASTER = (errno.EINVAL, errno.ENODEV, errno.EOPNOTSUPP)
+
+
+class Ops(Protocol):
+    """What this job uses of `agent.kernel.ops.Ops` (named here: ops imports this module)."""
+
+    _rt: rtsocket.RtSocket | None
+    _bridges: dict[str, int]
+
+    def _bridge_index(self, name: str) -> tuple[int, bool]: ...
+
+    def _find(self, name: str, rt: rtsocket.RtSocket | None = None) -> rtsocket.Link | None: ...
+
+    def detach(self, name: str) -> bool: ...
 
 
 def attach_host(ops: Ops, fields: tuple[Any, ...]) -> bool:

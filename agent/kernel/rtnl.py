@@ -231,9 +231,10 @@ def new_veth(
     """
     peer_body = ifinfo() + attr_str(IFLA_IFNAME, peer)
     peer_body += attr(IFLA_ADDRESS, mac_bytes(peer_mac))
-    peer_body += attr_u32(IFLA_MTU, mtu) + _ONE_QUEUE
+    peer_body += attr_u32(IFLA_MTU, mtu)
     if netns_fd is not None:
         peer_body += attr_u32(IFLA_NET_NS_FD, netns_fd)
+    peer_body += _ONE_QUEUE
     data = attr(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_body))
     linkinfo = attr(IFLA_LINKINFO, attr_str(IFLA_INFO_KIND, "veth") + data)
     body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_MTU, mtu) + _ONE_QUEUE
