@@ -143,6 +143,7 @@ class Endpoints:
     async def reserve(self, spec: plan.EndpointSpec) -> Endpoint:
         """Take an endpoint's addresses and record it, without a namespace yet."""
         s = self.s
+        await self._wait_for_dying_address(spec)
         async with s.lock if spec.ports else s.lock.shared():
             net = s.topo.find_network(spec.network)
             ep = plan.reserve_endpoint(s.topo, net, spec, new_id=secrets.token_hex(32))
@@ -156,6 +157,19 @@ class Endpoints:
                 raise
             s.bus.publish("endpoint", "reserved", ep.id, network=net.name, ip=ep.ip)
             return ep
+
+    async def _wait_for_dying_address(self, spec: plan.EndpointSpec) -> None:
+        """An address asked for may be that of an endpoint just removed, whose veth is still
+        being deleted (its address returns to the pool with the reaper's batch): an engine's
+        own IPAM (Docker's) hands it out again at once. Wait for the batch, then decide."""
+        s = self.s
+        if spec.ip is None or not s.reaper.backlog:
+            return
+        net = s.topo.find_network(spec.network)
+        ip = plan.parse_ip(spec.ip)
+        held = any(e.ip == str(ip) for e in s.topo.endpoints_of(net.id))
+        if s.topo.allocators[net.id].is_allocated(ip) and not held:
+            await s.reaper.wait_idle()
 
     async def attach(
         self, ref: str, netns: str, *, ifname: str | None = None, in_host: bool = False

@@ -8,6 +8,8 @@ import json
 from typing import Any
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -174,6 +176,30 @@ async def test_endpoint_lifecycle(plugin: DockerPlugin, svc: Service) -> None:
     for _ in range(2):
         await ok(plugin, "/NetworkDriver.DeleteNetwork", {"NetworkID": NET})
     assert not svc.topo.networks or all(n.is_default for n in svc.topo.networks.values())
+
+
+async def test_an_address_still_dying_is_waited_for(plugin: DockerPlugin, svc) -> None:
+    """Docker's IPAM gives a removed container's address to the next one at once, while its
+    veth (and so the address) is still in the reaper's batch: CreateEndpoint waits for it."""
+    kernel: FakeKernel = svc.shared.kernel  # type: ignore[assignment]
+    await joined(plugin)
+    kernel.reap_gate = trio.Event()  # hold the batch back
+    await ok(plugin, "/NetworkDriver.Leave", {"NetworkID": NET, "EndpointID": EP})
+    assert svc.reaper.backlog
+    results: list[tuple[int, dict]] = []
+
+    async def create() -> None:
+        results.append(await post(plugin, "/NetworkDriver.CreateEndpoint", create_endpoint(EP2)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(create)
+        await trio.testing.wait_all_tasks_blocked()
+        waited = results == []  # waiting for the batch, not refused
+        kernel.reap_gate.set()
+    assert waited, results
+    assert results[0][0] == 200 and "Err" not in results[0][1], results
+    ep = svc.topo.endpoint_of_attachment(EP2)
+    assert ep is not None and ep.ip == "172.30.0.2"
 
 
 async def test_a_given_mac_is_kept_and_not_answered(plugin: DockerPlugin, svc) -> None:
