@@ -222,6 +222,9 @@ def test_agentd_restart_keeps_containers_connected(env, how: str) -> None:
     host.start()
     assert sorted(e["id"] for e in host.call("endpoint.list")) == endpoints
     assert reaches(d, "cp", q) and reaches(d, "cq", p)
+    d.docker("restart", "-t", "0", "cq")  # a new endpoint, likely with the same address
+    q = container_ip(d, "cq", "r1")
+    assert reaches(d, "cp", q) and len(host.call("endpoint.list")) == 2
     # Docker's later Leave/DeleteEndpoint/DeleteNetwork find what they name
     d.docker("rm", "-f", "cp")
     assert len(host.call("endpoint.list")) == 1

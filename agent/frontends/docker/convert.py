@@ -11,7 +11,8 @@ What dockerd 20.10 sends (observed) and how it maps:
 - CreateEndpoint's `Interface` holds the address (CIDR) and maybe a MAC; the answer gives only
   what Docker left empty (the MAC), never a different address.
 - `com.docker.network.portmap` (ProgramExternalConnectivity) is a list of libnetwork
-  `PortBinding`s: protocol numbers, host IP "" / "0.0.0.0" / "::" for every address.
+  `PortBinding`s: protocol numbers, host IP "" / "0.0.0.0" / "::" for every address. A host
+  port range (`-p 8000-8010:80`: any free port of it) publishes its first port.
 """
 
 from __future__ import annotations
