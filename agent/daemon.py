@@ -24,6 +24,8 @@ from agent.core import naming, plan, pools
 from agent.core.errors import StorageError
 from agent.core.topology import Topology
 from agent.firewall.monitor import serve_nft_changes
+from agent.frontends.docker.handlers import DockerPlugin
+from agent.frontends.docker.server import serve_docker_plugin
 from agent.frontends.jsonrpc import handlers
 from agent.frontends.jsonrpc import protocol as p
 from agent.frontends.jsonrpc.server import InFlight, serve_api
@@ -121,6 +123,9 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 serve_api, table, args.socket, group=args.socket_group, inflight=inflight
             )
             await nursery.start(serve)
+            if args.docker_plugin:  # Docker's remote network + IPAM driver protocol
+                plugin = DockerPlugin(svc)
+                await nursery.start(serve_docker_plugin, plugin.handle, args.docker_plugin)
             log.info(
                 "agentd.ready",
                 pid=os.getpid(),
@@ -187,6 +192,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repair", choices=("live", "manual"), default="live",
         help="live: repair links and rules as soon as the kernel reports a change (default); "
         "manual: only on `agentctl reconcile`",
+    )  # fmt: skip
+    ap.add_argument(
+        "--docker-plugin", default=None, metavar="PATH",
+        help="also serve Docker's network/IPAM plugin protocol on this socket, normally "
+        "/run/docker/plugins/netagent.sock (driver name: its basename)",
     )  # fmt: skip
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--log-format", choices=("json", "console"), default="json")

@@ -29,6 +29,7 @@ run bench_churn $QUICK
 run bench_scale $QUICK $SIZES
 run bench_restart $QUICK $SIZES
 run bench_cli $QUICK
+run bench_docker $QUICK
 run bench_reactions $QUICK
 run bench_events --json "$OUT/events.json"
 if [ -n "$failed" ]; then

@@ -47,6 +47,22 @@ def host_veth_name(endpoint_id: str) -> str:
     return f"na{endpoint_id[:13]}"
 
 
+def host_peer_name(endpoint_id: str) -> str:
+    """The other end of a veth pair made in the host namespace, which an engine moves into its
+    container and renames (Docker's Join): `nb` + 13 hex (15 characters)."""
+    return f"nb{endpoint_id[:13]}"
+
+
+#: `Endpoint.netns_key` of an endpoint whose namespace an engine makes after the Join (Docker
+#: creates a container's namespace after its driver's Join; the key cannot be "dev:inode")
+ENGINE_KEY_PREFIX = "engine:"
+
+
+def engine_netns_key(sandbox_path: str) -> str:
+    """The namespace key of an engine's sandbox known only by its path (Docker's SandboxKey)."""
+    return f"{ENGINE_KEY_PREFIX}{sandbox_path}"
+
+
 def container_ifname(index: int) -> str:
     """Name inside the namespace: eth0 for the first network, then eth1, ..."""
     return f"eth{index}"

@@ -51,6 +51,11 @@ class Kernel(Protocol):
         disabled (the endpoint then has IPv4 only). On failure nothing is left."""
         ...
 
+    async def attach_host(self, att: Attachment) -> bool:
+        """The veth pair with both ends in the host namespace, the host end a port of the
+        bridge, the peer (`att.ifname`) left for an engine to move (Docker's Join). True."""
+        ...
+
     async def detach(self, host_ifname: str) -> bool:
         """Delete a veth now (its peer goes with it); False if it was gone."""
         ...

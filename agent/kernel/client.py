@@ -86,6 +86,15 @@ class Kernel:
         """
         return await self._call(Job.ATTACH, astuple(att))
 
+    async def attach_host(self, att: Attachment) -> bool:
+        """Make the veth pair with both ends in the host namespace (`att.host_ifname` a port
+        of `att.bridge`, up; `att.ifname` down, with `att.mac`), for an engine that moves the
+        peer into its container itself (Docker's Join); all or nothing. Returns True.
+
+        Error handling: as `attach` (Conflict names the end that exists).
+        """
+        return await self._call(Job.ATTACH_HOST, astuple(att))
+
     async def detach(self, host_ifname: str) -> bool:
         """Delete the veth (its peer goes with it); False if it was already gone."""
         return await self._call(Job.DETACH, naming.validate_ifname(host_ifname))

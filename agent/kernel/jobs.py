@@ -31,6 +31,7 @@ class Job(StrEnum):
     ENSURE_BRIDGE = "ensure_bridge"
     DELETE_BRIDGE = "delete_bridge"
     ATTACH = "attach"
+    ATTACH_HOST = "attach_host"
     DETACH = "detach"
     RETIRE = "retire"
     ENSLAVE = "enslave"

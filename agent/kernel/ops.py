@@ -22,8 +22,7 @@ Theory of operation (DESIGN sections 3-4):
   so they are one datagram.
 - Each namespace gets, with its first veth, an id below every earlier one, in the same
   datagram as the create (`netns.NsidCounter`): the kernel's scan for it is then short.
-- Ownership is visible in the kernel: IFLA_IFALIAS (`naming.veth_alias/bridge_alias`; the kernel
-  ignores it in a create, so it is a second message) and link group `naming.LINK_GROUP`.
+- Ownership is visible in the kernel: IFLA_IFALIAS (a second message: a create ignores it).
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from typing import Any
 
 from agent.core import naming
 from agent.core.errors import AgentError, Conflict, KernelError, NotFound
-from agent.kernel import dumps, netns, rtnl, rtsocket, sysctl
+from agent.kernel import dumps, hostveth, netns, rtnl, rtsocket, sysctl
 from agent.kernel.base import LinkInfo
 from agent.kernel.jobs import AttachFields, BridgeFields, Job
 from agent.kernel.rtsocket import NetlinkError, check, map_error, step
@@ -434,6 +433,7 @@ JOBS: dict[Job, Callable[..., Any]] = {
     Job.ENSURE_BRIDGE: Ops.ensure_bridge,
     Job.DELETE_BRIDGE: Ops.delete_bridge,
     Job.ATTACH: Ops.attach,
+    Job.ATTACH_HOST: hostveth.attach_host,  # Docker's Join: both ends in the host namespace
     Job.DETACH: Ops.detach,
     Job.RETIRE: Ops.retire,
     Job.ENSLAVE: Ops.enslave,

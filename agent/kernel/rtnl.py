@@ -208,9 +208,11 @@ _ONE_QUEUE = attr_u32(IFLA_NUM_TX_QUEUES, 1) + attr_u32(IFLA_NUM_RX_QUEUES, 1)
 
 
 def new_veth(
-    *, name: str, master: int, group: int, mtu: int, peer: str, peer_mac: str, netns_fd: int
-) -> Request:
-    """The host end is enslaved (and down) at creation; the peer is born in the namespace.
+    *, name: str, master: int, group: int, mtu: int, peer: str, peer_mac: str,
+    netns_fd: int | None,
+) -> Request:  # fmt: skip
+    """The host end is enslaved (and down) at creation; the peer is born in the namespace
+    (with `netns_fd` None, in the host namespace too: Docker's Join, `kernel.hostveth`).
 
     The host end stays down until `set_alias(..., up=True)`, so that IPv6 can be disabled on
     it before it comes up (see `ops.Ops.attach`); the peer cannot be brought up in
@@ -229,7 +231,10 @@ def new_veth(
     """
     peer_body = ifinfo() + attr_str(IFLA_IFNAME, peer)
     peer_body += attr(IFLA_ADDRESS, mac_bytes(peer_mac))
-    peer_body += attr_u32(IFLA_MTU, mtu) + attr_u32(IFLA_NET_NS_FD, netns_fd) + _ONE_QUEUE
+    peer_body += attr_u32(IFLA_MTU, mtu)
+    if netns_fd is not None:
+        peer_body += attr_u32(IFLA_NET_NS_FD, netns_fd)
+    peer_body += _ONE_QUEUE
     data = attr(IFLA_INFO_DATA, attr(VETH_INFO_PEER, peer_body))
     linkinfo = attr(IFLA_LINKINFO, attr_str(IFLA_INFO_KIND, "veth") + data)
     body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_MTU, mtu) + _ONE_QUEUE

@@ -9,7 +9,9 @@ while the agent was down:
   one whose namespace still exists but whose veth is missing is re-attached with the same
   address and MAC, so a container keeps its address across agent restarts.
 - an endpoint reserved but not joined (Docker's CreateEndpoint before Join) keeps its
-  addresses; it has nothing in the kernel.
+  addresses; it has nothing in the kernel. One joined through an engine that moved the veth's
+  peer into its own namespace (Docker: `naming.ENGINE_KEY_PREFIX`) is kept while its host
+  veth exists, else released (that namespace is the engine's to re-create).
 - a link whose ownership alias has no record in it (`agent.core.marks`: written by an older
   agentd) gets its mark, so that a later rebuild from the kernel finds it (a cheap check: a
   mark is computed only for those);
@@ -121,7 +123,14 @@ async def adopt(
         if not ep.joined:  # reserved: its addresses only
             _reserve(topo, ep)
             continue
-        if not _same_namespace(ns, ep):
+        if ep.netns_key.startswith(naming.ENGINE_KEY_PREFIX):
+            # an engine moved the peer into a namespace it made (Docker): its veth is the
+            # connection; gone (the container's namespace went with its peer) -> released
+            if ep.id not in present:
+                _forget_endpoint(store, ep)
+                report.endpoints_released.append(ep.id)
+                continue
+        elif not _same_namespace(ns, ep):
             if ep.id in present:
                 await kernel.detach(ep.host_ifname)
             _forget_endpoint(store, ep)

@@ -26,7 +26,7 @@ from collections.abc import Callable
 import msgspec
 import trio
 
-from agent.core import plan
+from agent.core import naming, plan
 from agent.core.attach import attachment_of
 from agent.core.errors import InvalidArgument, NotFound
 from agent.core.model import Endpoint, Network
@@ -91,7 +91,9 @@ class Endpoints:
         self.s.bus.publish("endpoint", "connected", applied.id, network=net.name,
                            netns=applied.netns, ip=applied.ip)  # fmt: skip
 
-    async def _join(self, ep: Endpoint, net: Network, *, ip6_requested: bool) -> Endpoint:
+    async def _join(
+        self, ep: Endpoint, net: Network, *, ip6_requested: bool, in_host: bool = False
+    ) -> Endpoint:
         """Kernel, then port rules, then store; each undone if a later one fails. Returns the
         endpoint as applied: without its IPv6 address if the namespace has IPv6 disabled (as
         Docker does it), unless that address was asked for (InvalidArgument, nothing changed).
@@ -106,7 +108,8 @@ class Endpoints:
             await s.apply_firewall(endpoints=(e for e in topo.with_ports() if e.id != ep.id))
 
         with trio.CancelScope(shield=True):
-            ipv6 = await s.kernel.attach(attachment_of(net, ep))
+            make = s.kernel.attach_host if in_host else s.kernel.attach
+            ipv6 = await make(attachment_of(net, ep))
             done = [veth_back]
             try:
                 if not ipv6 and ep.ip6 is not None:
@@ -140,6 +143,7 @@ class Endpoints:
     async def reserve(self, spec: plan.EndpointSpec) -> Endpoint:
         """Take an endpoint's addresses and record it, without a namespace yet."""
         s = self.s
+        await self._wait_for_dying_address(spec)
         async with s.lock if spec.ports else s.lock.shared():
             net = s.topo.find_network(spec.network)
             ep = plan.reserve_endpoint(s.topo, net, spec, new_id=secrets.token_hex(32))
@@ -154,11 +158,37 @@ class Endpoints:
             s.bus.publish("endpoint", "reserved", ep.id, network=net.name, ip=ep.ip)
             return ep
 
-    async def attach(self, ref: str, netns: str, *, ifname: str | None = None) -> Endpoint:
-        """Give the reserved endpoint `ref` (id or attachment key) the namespace `netns`."""
+    async def _wait_for_dying_address(self, spec: plan.EndpointSpec) -> None:
+        """An address asked for may be that of an endpoint just removed, whose veth is still
+        being deleted (its address returns to the pool with the reaper's batch): an engine's
+        own IPAM (Docker's) hands it out again at once. Wait for the batch, then decide."""
+        s = self.s
+        if spec.ip is None or not s.reaper.backlog:
+            return
+        net = s.topo.find_network(spec.network)
+        ip = plan.parse_ip(spec.ip)
+        held = any(e.ip == str(ip) for e in s.topo.endpoints_of(net.id))
+        if s.topo.allocators[net.id].is_allocated(ip) and not held:
+            await s.reaper.wait_idle()
+
+    async def attach(
+        self, ref: str, netns: str, *, ifname: str | None = None, in_host: bool = False
+    ) -> Endpoint:
+        """Give the reserved endpoint `ref` (id or attachment key) the namespace `netns`.
+
+        With `in_host`, the veth pair is made in the host namespace and its peer
+        (`naming.host_peer_name`, the endpoint's `ifname`) is left unconfigured for the
+        engine to move into `netns` (Docker's Join); `ifname` is then ignored, and the
+        endpoint's namespace key is `naming.engine_netns_key(netns)`: the namespace need not
+        exist yet (Docker makes it after the Join).
+        """
         s = self.s
         path = s.ns.resolve(netns)
-        key = s.ns.netns_key(path)
+        if in_host:  # the namespace may not exist yet: Docker makes it after the Join
+            ifname = naming.host_peer_name(s.topo.find_endpoint(ref).id)
+            key = naming.engine_netns_key(path)
+        else:
+            key = s.ns.netns_key(path)
         async with s.netns_locks.hold(key):
             await self._wait_for_dying(key)
             async with s.lock if s.topo.find_endpoint(ref).ports else s.lock.shared():
@@ -168,12 +198,22 @@ class Endpoints:
                 )
                 net = s.topo.networks[joined.network_id]
                 try:
-                    applied = await self._join(joined, net, ip6_requested=False)
+                    applied = await self._join(joined, net, ip6_requested=False, in_host=in_host)
                 except BaseException:
                     s.topo.add_endpoint(reserved)  # back to reserved
                     raise
                 self._connected(applied, joined, net)
                 return applied
+
+    def propose_address(self, network: str) -> str:
+        """The address the next `reserve` on `network` would take, left free (the cursor moves
+        past it, so the next proposal differs): Docker's RequestAddress, whose CreateEndpoint
+        then reserves it by value."""
+        net = self.s.topo.find_network(network)
+        alloc = self.s.topo.allocators[net.id]
+        ip = alloc.allocate()
+        alloc.release(ip)
+        return str(ip)
 
     # -- disconnect -----------------------------------------------------------------------
 

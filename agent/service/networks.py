@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import trio
 
-from agent.core import plan
+from agent.core import ipam, plan
 from agent.core.attach import bridge_of
 from agent.core.errors import Busy, InvalidArgument
 from agent.core.model import Endpoint, Network
@@ -126,6 +126,22 @@ class Networks:
         if ula48 is not None:
             s.topo.ula48 = ula48
         s.topo.add_network(net)
+
+    async def propose_subnet(
+        self, subnet: str | None = None, *, pending: Iterable[ipaddress.IPv4Network] = ()
+    ) -> tuple[ipaddress.IPv4Network, ipaddress.IPv4Address]:
+        """(subnet, gateway) a create with `subnet` (None: a chosen one) would get now, also
+        avoiding the `pending` subnets; nothing is reserved. An engine's IPAM asks this
+        before it creates the network (Docker's RequestPool)."""
+        s = self.s
+        routes = await s.kernel.host_routes()
+        used = s.topo.subnets()
+        net, gateway, _ = ipam.plan_subnet(
+            subnet=subnet, gateway=None, ip_range=None, pools=s.pools,
+            used=[*used, *pending], avoid=[r for r in routes if r.prefixlen and r not in used],
+            after=s.topo.last_subnet,
+        )  # fmt: skip
+        return net, gateway
 
     def filter(self, labels: Iterable[str] = ()) -> list[Network]:
         """Networks with every label filter (`K` or `K=V`), oldest first."""

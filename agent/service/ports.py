@@ -49,10 +49,26 @@ class Ports:
     ) -> Endpoint:
         """Add published ports to the namespace's endpoint (on `network`); all or none."""
         async with self.s.lock:
-            ep = self._endpoint_of(netns, network)
-            net = self.s.topo.networks[ep.network_id]
-            taken = (m for e in self.s.topo.with_ports() for m in e.ports)
-            return await self._replace(ep, plan.check_ports(net, mappings, taken, ep.ports))
+            return await self._publish(self._endpoint_of(netns, network), mappings)
+
+    async def publish_endpoint(self, ref: str, mappings: list[PortMapping]) -> Endpoint:
+        """`publish` on the joined endpoint `ref` (id or attachment key), for an engine that
+        knows its endpoint but not its namespace (Docker's ProgramExternalConnectivity)."""
+        async with self.s.lock:
+            ep = self.s.topo.find_endpoint(ref)
+            if not ep.joined:
+                raise InvalidArgument(f"endpoint {ep.id[:12]} has not joined", endpoint=ep.id)
+            return await self._publish(ep, mappings)
+
+    async def unpublish_endpoint(self, ref: str) -> Endpoint:
+        """Every port of the endpoint `ref` unpublished (Docker's RevokeExternalConnectivity)."""
+        async with self.s.lock:
+            return await self._replace(self.s.topo.find_endpoint(ref), ())
+
+    async def _publish(self, ep: Endpoint, mappings: list[PortMapping]) -> Endpoint:
+        net = self.s.topo.networks[ep.network_id]
+        taken = (m for e in self.s.topo.with_ports() for m in e.ports)
+        return await self._replace(ep, plan.check_ports(net, mappings, taken, ep.ports))
 
     async def unpublish(
         self, netns: str, mappings: list[PortMapping], *, network: str | None = None

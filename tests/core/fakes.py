@@ -39,6 +39,7 @@ class FakeKernel:
         self.links: list[LinkInfo] = []  # owned_links answers
         self.aliases: dict[str, str] = {}  # set_alias calls: link -> its latest mark
         self.fail_alias = False
+        self.in_host: set[str] = set()  # veths made by attach_host (both ends here)
 
     async def ensure_bridge(self, bridge: Bridge) -> int:
         await trio.sleep(0)
@@ -55,6 +56,13 @@ class FakeKernel:
             raise KernelError("attach failed on purpose")
         self.veths[att.host_ifname] = att
         return att.netns not in self.ipv6_disabled
+
+    async def attach_host(self, att: Attachment) -> bool:
+        if self.fail_attach:
+            raise KernelError("attach failed on purpose")
+        self.veths[att.host_ifname] = att
+        self.in_host.add(att.host_ifname)
+        return True
 
     async def detach(self, host_ifname: str) -> bool:
         return self.veths.pop(host_ifname, None) is not None

@@ -33,6 +33,8 @@ PURE_MODULES = (
     "agent.firewall.iptables.transaction",
     "agent.firewall.iptables.serialize",
     "agent.firewall.iptables.save",
+    "agent.frontends.docker.wire",
+    "agent.frontends.docker.convert",
 )
 
 #: module prefix -> the agent modules it may import (besides itself and its own package)
@@ -60,6 +62,10 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "agent.frontends.jsonrpc": (
         "agent.core", "agent.log", "agent.frontends.jsonrpc", "agent.service",
+    ),
+    "agent.frontends.docker": (
+        "agent.core", "agent.log", "agent.frontends.docker", "agent.service",
+        "agent.frontends.jsonrpc.server",
     ),
     "agent.daemon": ("agent",),
 }  # fmt: skip

@@ -59,6 +59,7 @@ CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
     ("delete_bridge", (BRIDGE,), {}),
     ("delete_bridge", (Bridge("br-x"),), {"retire": True}),
     ("attach", (ATTACHMENT,), {}),
+    ("attach_host", (ATTACHMENT,), {}),
     ("detach", ("na0123456789abc",), {}),
     ("retire", ("na0123456789abc",), {}),
     ("reap", (), {}),
@@ -126,7 +127,7 @@ def test_the_client_implements_the_protocol_exactly() -> None:
     methods = {
         n for n, v in vars(base.Kernel).items() if inspect.isfunction(v) and not n.startswith("_")
     }
-    assert len(methods) == 13
+    assert len(methods) == 14
     for name in methods:
         ours, theirs = getattr(client.Kernel, name), getattr(base.Kernel, name)
         assert inspect.iscoroutinefunction(ours), name
