@@ -22,7 +22,7 @@ Theory of operation (DESIGN sections 3-4):
   so they are one datagram.
 - Each namespace gets, with its first veth, an id below every earlier one, in the same
   datagram as the create (`netns.NsidCounter`): the kernel's scan for it is then short.
-- Ownership is visible in the kernel: IFLA_IFALIAS (a second message: a create ignores it).
+- Ownership is visible in the kernel: IFLA_IFALIAS (a create ignores it) and `naming.LINK_GROUP`.
 """
 
 from __future__ import annotations
