@@ -19,8 +19,10 @@ from functools import partial
 import trio
 
 from agent import __version__, accel, firewall
-from agent.core import naming, plan, pools
+from agent.core import names, naming, plan, pools
 from agent.core.topology import Topology
+from agent.dns.server import DnsServer
+from agent.dns.upstream import Upstreams
 from agent.firewall.monitor import serve_nft_changes
 from agent.frontends.jsonrpc import handlers
 from agent.frontends.jsonrpc import protocol as p
@@ -51,6 +53,15 @@ class Namespaces:
     netns_key = staticmethod(netns.netns_key)
     create_named = staticmethod(netns.create_named)
     delete_named = staticmethod(netns.delete_named)
+
+    def __init__(self, etc_dir: str = netns.ETC_NETNS) -> None:
+        self.etc_dir = etc_dir
+
+    def write_resolv_conf(self, name: str, text: str) -> None:
+        netns.write_etc(self.etc_dir, name, "resolv.conf", text)
+
+    def remove_resolv_conf(self, name: str) -> None:
+        netns.remove_etc(self.etc_dir, name, "resolv.conf")
 
 
 async def run_daemon(args: argparse.Namespace) -> None:
@@ -83,7 +94,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
             await kernel.reap()  # links a crash left retired (cut off, not yet deleted)
             phases = {"load": time.monotonic() - started}
             topo = Topology(accel.RangeAllocator)
-            ns = Namespaces()
+            ns = Namespaces(args.netns_etc_dir)
             owned = await kernel.owned_links()
             phases["dump"] = time.monotonic() - started
             await adopt(
@@ -102,6 +113,10 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 await svc.networks.create(
                     plan.NetworkSpec(name=naming.DEFAULT_NETWORK, is_default=True)
                 )
+            upstreams = Upstreams([names.parse_upstream(u) for u in args.dns_upstream])
+            dns = DnsServer(topo, upstreams)
+            svc.shared.bus.listeners.append(dns.changed)
+            await nursery.start(dns.serve)
             reconciler = Reconciler(svc)
             if live:  # else (manual) only `agentctl reconcile` repairs
                 await nursery.start(reconciler.serve_link_events, link_events)
@@ -170,6 +185,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repair", choices=("live", "manual"), default="live",
         help="live: repair links and rules as soon as the kernel reports a change (default); "
         "manual: only on `agentctl reconcile`",
+    )  # fmt: skip
+    ap.add_argument(
+        "--dns-upstream", action="append", default=[], metavar="IP[:PORT]",
+        help="resolver to forward other names to (repeatable; default: /etc/resolv.conf's)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--netns-etc-dir", default=netns.ETC_NETNS, metavar="DIR",
+        help="where `run` writes NAME/resolv.conf (default: %(default)s, as `ip netns exec`)",
     )  # fmt: skip
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--log-format", choices=("json", "console"), default="json")

@@ -61,6 +61,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "agent.frontends.jsonrpc": (
         "agent.core", "agent.log", "agent.frontends.jsonrpc", "agent.service",
     ),
+    # the DNS server reads the topology and the bus's events (values of the core)
+    "agent.dns": ("agent.core", "agent.log", "agent.dns"),
     "agent.daemon": ("agent",),
 }  # fmt: skip
 
