@@ -117,7 +117,9 @@ class DnsServer:
         self.listeners: dict[str, Listener] = {}
         self._tables: dict[str, names.Table] = {}
         self._cache: dict[str, dict[bytes, bytes]] = {}
-        self._nursery: trio.Nursery | None = None
+        # bound sockets, handed to `serve`'s own task to be served: a task started from
+        # `changed` would inherit the context (log fields) of the request that changed things
+        self._bound: trio.MemorySendChannel[Listener] | None = None
         self._forwarding = 0
         self._tcp_open = 0
 
@@ -156,15 +158,17 @@ class DnsServer:
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind every DNS-enabled network's sockets, report started, serve until cancelled."""
+        send, receive = trio.open_memory_channel[Listener](float("inf"))
         try:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
+                self._bound = send
                 self.sync()
                 log.info("dns.ready", networks=len(self.listeners))
                 task_status.started()
-                await trio.sleep_forever()
+                async for lst in receive:
+                    nursery.start_soon(self._run, lst)
         finally:
-            self._nursery = None
+            self._bound = None
             for lst in self.listeners.values():
                 lst.close()
             self.listeners.clear()
@@ -172,7 +176,7 @@ class DnsServer:
     def sync(self) -> None:
         """Sockets for exactly the DNS-enabled networks (a failed bind is logged and tried
         again at the next network change)."""
-        if self._nursery is None:
+        if self._bound is None:
             return
         wanted = {n.id: n for n in self.topo.networks.values() if names.dns_enabled(n)}
         for net_id, lst in list(self.listeners.items()):
@@ -189,7 +193,7 @@ class DnsServer:
                 log.error("dns.bind.failed", network=net.name, address=net.gateway, error=str(exc))
                 continue
             self.listeners[net_id] = lst
-            self._nursery.start_soon(self._run, lst)
+            self._bound.send_nowait(lst)
 
     async def _run(self, lst: Listener) -> None:
         with lst.scope:
