@@ -123,6 +123,11 @@ def test_run_writes_resolv_conf_that_the_system_resolver_uses(setup: Setup) -> N
 def test_forwarding_and_tcp_fallback_on_truncation(setup: Setup) -> None:
     s = setup
     assert short(s.c1, s.gw1, "example.test") == ["192.0.2.7"]
+    # the upstream truncates big.test over UDP: agentd asks it again over TCP, and the whole
+    # answer (~700 octets) fits the client's EDNS size: one UDP exchange for the client
+    out = dig(s.c1, s.gw1, "+bufsize=1232", "big.test", timeout=3).stdout
+    assert "Truncated" not in out and "(UDP)" in out
+    assert sum(1 for line in out.splitlines() if "\tA\t192.0.2." in line) == 40
     # the upstream truncates big.test over UDP: agentd asks it again over TCP; dig (no EDNS,
     # 512 octets) gets TC from agentd and asks agentd over TCP in turn
     out = dig(s.c1, s.gw1, "+noedns", "big.test", timeout=3).stdout
