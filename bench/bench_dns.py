@@ -236,6 +236,7 @@ def latency(ns: str, server: str, n: int) -> list[float]:
 def first_queries(peer: Any, n: int) -> dict[str, Any]:
     asker = Asker(peer.client_ns, peer.server)
     answered, waits = 0, []
+    missed: dict[str, int] = {}
     try:
         for i in range(n):
             ip = peer.new_container(i)
@@ -243,9 +244,15 @@ def first_queries(peer: Any, n: int) -> dict[str, Any]:
             if address == ip:
                 answered += 1
                 waits.append(seconds)
+            else:  # "refused", "timeout", "-" (no address), or another address
+                outcome = address if address in ("refused", "timeout", "-") else "other"
+                missed[outcome] = missed.get(outcome, 0) + 1
     finally:
         asker.close()
-    return {"tried": n, "first_query_answered": answered, "answer": c.summarize(waits)}
+    return {
+        "tried": n, "first_query_answered": answered, "missed": missed,
+        "answer": c.summarize(waits),
+    }  # fmt: skip
 
 
 def library(n: int) -> dict[str, float]:
