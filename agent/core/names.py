@@ -160,6 +160,15 @@ def lookup(table: Table, qname: str, qtype: int) -> Answer:
     return Answer(True, qtype, ())
 
 
+def rotated(answer: Answer, turn: int) -> Answer:
+    """`answer` with its records rotated by `turn` (round robin over several endpoints with
+    one name: each asker gets every record, a different one first in turn)."""
+    if len(answer.records) < 2:
+        return answer
+    k = turn % len(answer.records)
+    return Answer(answer.local, answer.rtype, answer.records[k:] + answer.records[:k])
+
+
 def resolv_conf(servers: Sequence[str]) -> str:
     """The resolv.conf of a namespace made by `run`: one `nameserver` line per server.
 

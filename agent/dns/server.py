@@ -47,6 +47,7 @@ MAX_FORWARDS = 512  # forwarded queries in flight (all networks)
 MAX_TCP = 128  # TCP connections open (all networks)
 TCP_IDLE = 10.0  # seconds a TCP connection may wait between queries
 CACHE_MAX = 4096  # cached answers per network; the cache is emptied when it is full
+ROTATIONS = 16  # most round-robin orders prepared for a name with several records
 
 
 class Listener:
@@ -116,12 +117,15 @@ class DnsServer:
         self.upstreams = upstreams
         self.listeners: dict[str, Listener] = {}
         self._tables: dict[str, names.Table] = {}
-        self._cache: dict[str, dict[bytes, bytes]] = {}
+        # network -> query after its id -> the answers after their id (one per round-robin
+        # order of its records; one for most names)
+        self._cache: dict[str, dict[bytes, tuple[bytes, ...]]] = {}
         # bound sockets, handed to `serve`'s own task to be served: a task started from
         # `changed` would inherit the context (log fields) of the request that changed things
         self._bound: trio.MemorySendChannel[Listener] | None = None
         self._forwarding = 0
         self._tcp_open = 0
+        self._turn = 0  # round robin: which order of several records goes next
 
     # -- records ------------------------------------------------------------------------
 
@@ -228,11 +232,13 @@ class DnsServer:
                 # the hot path inline: a cached answer, with the query's id put back
                 cache = self._cache.get(lst.net_id)
                 hit = None if cache is None else cache.get(data[2:])
-                reply = (
-                    data[:2] + hit
-                    if hit is not None
-                    else self._udp_answer(lst, data, peer, nursery)
-                )
+                if hit is None:
+                    reply = self._udp_answer(lst, data, peer, nursery)
+                elif len(hit) == 1:
+                    reply = data[:2] + hit[0]
+                else:
+                    self._turn += 1
+                    reply = data[:2] + hit[self._turn % len(hit)]
                 if reply is not None:
                     try:  # noqa: SIM105 - a context manager costs ~0.3 us here
                         sendto(reply, peer)
@@ -242,40 +248,52 @@ class DnsServer:
     def _udp_answer(
         self, lst: Listener, data: bytes, peer: Any, nursery: trio.Nursery
     ) -> bytes | None:
-        """The answer to send now, or None (dropped, or being forwarded)."""
-        cache = self._cache.get(lst.net_id)
-        if cache is not None and (hit := cache.get(data[2:])) is not None:
-            return data[:2] + hit
+        """The answer to send now, or None (dropped, or being forwarded); what is answered
+        from the table is cached (the caller serves the cache's hits)."""
         if len(data) > MAX_QUERY or not wire.looks_like_query(data):
             return None
         try:
             query = wire.parse(data)
         except wire.WireError:
             return None
-        reply = self.decide(lst.net_id, query)
-        if reply is None:
+        replies = self.answers(lst.net_id, query)
+        if replies is None:
             if self._forwarding >= MAX_FORWARDS:
                 return wire.error(query, wire.SERVFAIL)
             self._forwarding += 1
             nursery.start_soon(self._forward_udp, lst, data, query, peer)
             return None
-        if len(reply) > wire.udp_limit(query):
-            reply = wire.truncated(query)
+        limit = wire.udp_limit(query)
+        replies = [r if len(r) <= limit else wire.truncated(query) for r in replies]
+        cache = self._cache.get(lst.net_id)
         if cache is None:
             cache = self._cache[lst.net_id] = {}
         elif len(cache) >= CACHE_MAX:
             cache.clear()
-        cache[data[2:]] = reply[2:]
-        return reply
+        cache[data[2:]] = tuple(r[2:] for r in replies)
+        self._turn += 1
+        return replies[self._turn % len(replies)]
 
-    def decide(self, net_id: str, query: Any) -> bytes | None:
-        """The answer from the network's table, or None: forward it."""
+    def answers(self, net_id: str, query: Any) -> list[bytes] | None:
+        """The answers from the network's table, one per round-robin order of its records
+        (one when there are fewer than two), or None: forward it."""
         asked = wire.question(query)
         if asked is None:
             rcode = wire.FORMERR if query.header.opcode == wire.QUERY else wire.NOTIMP
-            return wire.error(query, rcode)
+            return [wire.error(query, rcode)]
         found = names.lookup(self.table(net_id), *asked)
-        return wire.answer(query, found) if found.local else None
+        if not found.local:
+            return None
+        turns = max(1, min(len(found.records), ROTATIONS))
+        return [wire.answer(query, names.rotated(found, k)) for k in range(turns)]
+
+    def decide(self, net_id: str, query: Any) -> bytes | None:
+        """The answer from the network's table (the next round-robin order), or None."""
+        replies = self.answers(net_id, query)
+        if replies is None:
+            return None
+        self._turn += 1
+        return replies[self._turn % len(replies)]
 
     async def _forward_udp(self, lst: Listener, data: bytes, query: Any, peer: Any) -> None:
         try:

@@ -58,10 +58,29 @@ def test_a_local_name_is_answered_authoritatively_with_the_query_id_and_question
     assert got.answer[0].ttl == names.TTL
 
 
-def test_several_endpoints_with_one_alias_give_several_records() -> None:
-    got = ask(server(("c2", "db"), ("c3", "db")), query("db", "A"))
-    assert got is not None
-    assert sorted(str(r) for r in got.answer[0]) == ["172.18.0.2", "172.18.0.3"]
+def test_several_endpoints_with_one_alias_give_several_records_round_robin() -> None:
+    srv = server(("c2", "db"), ("c3", "db"), ("c4", "db"))
+    firsts = []
+    for _ in range(3):
+        got = ask(srv, query("db", "A"))
+        assert got is not None
+        addresses = [str(r) for r in got.answer[0]]
+        assert sorted(addresses) == ["172.18.0.2", "172.18.0.3", "172.18.0.4"]
+        firsts.append(addresses[0])
+    assert sorted(firsts) == ["172.18.0.2", "172.18.0.3", "172.18.0.4"]  # each leads once
+
+
+def test_udp_answers_are_cached_with_every_round_robin_order() -> None:
+    srv = server(("c2", "db"), ("c3", "db"), ("c4", "web"))
+    lst = type("L", (), {"net_id": NET})()
+    data = query("db")
+    first = srv._udp_answer(lst, data, None, None)  # type: ignore[arg-type]
+    assert first is not None
+    cached = srv._cache[NET][data[2:]]
+    assert len(cached) == 2 and first[2:] in cached
+    single = query("web")
+    srv._udp_answer(lst, single, None, None)  # type: ignore[arg-type]
+    assert len(srv._cache[NET][single[2:]]) == 1
 
 
 def test_ptr_and_nodata() -> None:
@@ -114,13 +133,11 @@ def test_garbage_parses_or_raises_wire_error_only(data: bytes) -> None:
 
 @pytest.mark.parametrize("name", ["web", "WEB.", "db"])
 def test_answers_and_cache_agree(name: str) -> None:
-    """What the UDP path caches is what the table answers, with the query's own id."""
+    """What the UDP path caches is what the table answers, the query's id aside."""
     srv = server(("web", "db"))
     lst = type("L", (), {"net_id": NET})()
     first = query(name)
-    again = b"\x12\x34" + first[2:]
-    got1 = srv._udp_answer(lst, first, None, None)  # type: ignore[arg-type]
-    got2 = srv._udp_answer(lst, again, None, None)  # type: ignore[arg-type]
-    assert got1 is not None and got2 is not None
-    assert got2 == b"\x12\x34" + got1[2:]
-    assert srv._cache[NET]
+    got = srv._udp_answer(lst, first, None, None)  # type: ignore[arg-type]
+    assert got is not None and got[:2] == first[:2]
+    assert srv._cache[NET][first[2:]] == (got[2:],)
+    assert srv.decide(NET, wire.parse(first)) == got

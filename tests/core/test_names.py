@@ -68,6 +68,15 @@ def test_ptr_of_each_address_names_the_first_name() -> None:
     assert names.lookup(table, "3.0.18.172.in-addr.arpa", names.PTR) == names.FORWARD
 
 
+def test_rotated_gives_each_record_the_lead_in_turn() -> None:
+    found = names.Answer(True, names.A, ("a", "b", "c"))
+    assert [names.rotated(found, k).records for k in range(4)] == [
+        ("a", "b", "c"), ("b", "c", "a"), ("c", "a", "b"), ("a", "b", "c"),
+    ]  # fmt: skip
+    one = names.Answer(True, names.A, ("a",))
+    assert names.rotated(one, 5) is one
+
+
 def test_endpoints_without_names_add_nothing() -> None:
     assert names.build([ep(2)]) == names.EMPTY
 

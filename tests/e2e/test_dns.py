@@ -78,6 +78,22 @@ def test_same_network_names_and_aliases_resolve(setup: Setup) -> None:
     assert short(s.c2, s.gw1, "+tcp", "web") == [by_ns[s.c1]]  # TCP too
 
 
+def test_one_alias_on_two_containers_answers_both_in_turn(setup: Setup) -> None:
+    s = setup
+    extra = unique("rr-")
+    s.host.ctl("run", "--network", "n1", "--alias", "db", extra)
+    try:
+        firsts = set()
+        for _ in range(4):
+            out = dig(s.c2, s.gw1, "+short", "db").stdout.split()
+            assert len(out) == 2
+            firsts.add(out[0])
+        assert len(firsts) == 2  # round robin: each address leads in turn
+    finally:
+        s.host.ctl("rm", extra)
+    assert len(short(s.c2, s.gw1, "db")) == 1
+
+
 def test_ptr(setup: Setup) -> None:
     s = setup
     ip = next(
