@@ -1,9 +1,10 @@
 """agentd's DNS server: each DNS-enabled network's names, answered on its gateway, port 53.
 
 Theory of operation.
-- Sockets: per network one UDP and one TCP socket bound to GATEWAY:53 with IP_FREEBIND, so
-  the bind holds whether or not the address exists: a bridge deleted and recreated (with its
-  address) by the reconciler is served again without a rebind. Networks come and go with the
+- Sockets: per network and gateway (IPv4; IPv6 too on a dual-stack network) one UDP and one
+  TCP socket bound to GATEWAY:53 with IP_FREEBIND, so the bind holds whether or not the
+  address exists: a bridge deleted and recreated (with its address) by the reconciler is
+  served again without a rebind. Networks come and go with the
   event bus: `changed` is a synchronous listener of `agent.service.events.EventBus`, so the
   sockets of a new network are bound, and the records of an endpoint are in (or out), before
   the request that made the change is answered.
@@ -33,6 +34,7 @@ import trio
 from agent.core import names
 from agent.core.errors import AgentError
 from agent.core.events import Event
+from agent.core.model import Network
 from agent.core.topology import Topology
 from agent.dns import upstream, wire
 from agent.log import get_logger
@@ -41,6 +43,7 @@ log = get_logger("agent.dns")
 
 PORT = 53
 IP_FREEBIND = 15  # <linux/in.h>; Python's socket module lacks the constant
+IPV6_FREEBIND = 78  # <linux/in6.h>
 MAX_QUERY = 4096  # octets; a longer "query" is dropped unread
 BATCH = 64  # UDP datagrams handled per wake-up before others run
 MAX_FORWARDS = 512  # forwarded queries in flight (all networks)
@@ -51,17 +54,21 @@ ROTATIONS = 16  # most round-robin orders prepared for a name with several recor
 
 
 class Listener:
-    """One network's sockets and the check of who may ask."""
+    """One network's sockets on one of its gateways (IPv4, or IPv6 on a dual-stack
+    network), and the check of who may ask: an address of that gateway's subnet."""
 
     def __init__(self, net_id: str, gateway: str, subnet: str) -> None:
         self.net_id = net_id
         self.gateway = gateway
+        self.family = socket.AF_INET6 if ":" in gateway else socket.AF_INET
+        width = 128 if self.family == socket.AF_INET6 else 32
         base, _, bits = subnet.partition("/")
-        self.mask = (0xFFFFFFFF << (32 - int(bits))) & 0xFFFFFFFF
-        self.base = _v4(base) & self.mask
-        self.udp = _bind(gateway, socket.SOCK_DGRAM)
+        self.mask = ((1 << width) - 1) ^ ((1 << (width - int(bits))) - 1)
+        self.base = _number(self.family, base) & self.mask
+        self.udp = _bind(self.family, gateway, socket.SOCK_DGRAM)
         try:
-            self.tcp = trio.socket.from_stdlib_socket(_bind(gateway, socket.SOCK_STREAM))
+            tcp = _bind(self.family, gateway, socket.SOCK_STREAM)
+            self.tcp = trio.socket.from_stdlib_socket(tcp)
         except BaseException:
             self.udp.close()
             raise
@@ -70,8 +77,8 @@ class Listener:
 
     def allowed(self, source: str) -> bool:
         try:
-            return _v4(source) & self.mask == self.base
-        except OSError:  # not IPv4
+            return _number(self.family, source) & self.mask == self.base
+        except OSError:  # not an address of this family (a link-local one with its scope)
             return False
 
     def close(self) -> None:
@@ -83,14 +90,18 @@ class Listener:
             self.tcp.close()
 
 
-def _v4(address: str) -> int:
-    return int.from_bytes(socket.inet_aton(address), "big")
+def _number(family: int, address: str) -> int:
+    return int.from_bytes(socket.inet_pton(family, address), "big")
 
 
-def _bind(gateway: str, kind: int) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, kind)
+def _bind(family: int, gateway: str, kind: int) -> socket.socket:
+    sock = socket.socket(family, kind)
     try:
-        sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_FREEBIND, 1)
+        else:
+            sock.setsockopt(socket.SOL_IP, IP_FREEBIND, 1)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((gateway, PORT))
@@ -115,7 +126,7 @@ class DnsServer:
     def __init__(self, topo: Topology, upstreams: upstream.Upstreams) -> None:
         self.topo = topo
         self.upstreams = upstreams
-        self.listeners: dict[str, Listener] = {}
+        self.listeners: dict[tuple[str, str], Listener] = {}  # (network id, gateway) ->
         self._tables: dict[str, names.Table] = {}
         # network -> query after its id -> the answers after their id (one per round-robin
         # order of its records; one for most names)
@@ -182,21 +193,25 @@ class DnsServer:
         again at the next network change)."""
         if self._bound is None:
             return
-        wanted = {n.id: n for n in self.topo.networks.values() if names.dns_enabled(n)}
-        for net_id, lst in list(self.listeners.items()):
-            net = wanted.get(net_id)
-            if net is None or net.gateway != lst.gateway:
+        wanted: dict[tuple[str, str], tuple[Network, str]] = {}
+        for net in self.topo.networks.values():
+            if names.dns_enabled(net):
+                wanted[net.id, net.gateway] = net, net.subnet
+                if net.gateway6 and net.subnet6:
+                    wanted[net.id, net.gateway6] = net, net.subnet6
+        for key, lst in list(self.listeners.items()):
+            if key not in wanted:
                 lst.close()
-                del self.listeners[net_id]
-        for net_id, net in wanted.items():
-            if net_id in self.listeners:
+                del self.listeners[key]
+        for key, (net, subnet) in wanted.items():
+            if key in self.listeners:
                 continue
             try:
-                lst = Listener(net_id, net.gateway, net.subnet)
+                lst = Listener(net.id, key[1], subnet)
             except OSError as exc:
-                log.error("dns.bind.failed", network=net.name, address=net.gateway, error=str(exc))
+                log.error("dns.bind.failed", network=net.name, address=key[1], error=str(exc))
                 continue
-            self.listeners[net_id] = lst
+            self.listeners[key] = lst
             self._bound.send_nowait(lst)
 
     async def _run(self, lst: Listener) -> None:

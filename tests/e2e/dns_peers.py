@@ -97,9 +97,10 @@ def dig(ns: str, server: str, *args: str, timeout: float = 1) -> subprocess.Comp
     )
 
 
-def short(ns: str, server: str, name: str, rtype: str = "A") -> list[str]:
-    """The records `dig +short` prints (sorted); [] for none or no answer."""
-    return sorted(dig(ns, server, "+short", name, rtype).stdout.split())
+def short(ns: str, server: str, *args: str) -> list[str]:
+    """The records `dig +short ARGS` prints (sorted; the type is A unless ARGS name one);
+    [] for none or no answer."""
+    return sorted(dig(ns, server, "+short", *args).stdout.split())
 
 
 def status(ns: str, server: str, *args: str, timeout: float = 1) -> str | None:

@@ -209,6 +209,29 @@ def test_no_answers_on_non_agent_interfaces(setup: Setup) -> None:
     assert status(s.outside, s.gw1, "example.test") is None  # no open resolver either
 
 
+def test_dual_stack_names_on_both_gateways() -> None:
+    etc = tempfile.mkdtemp(prefix="netagent-etc-")
+    host = start_host(etc)
+    a, b, other = unique("a-"), unique("b-"), unique("o-")
+    try:
+        host.ctl("network", "create", "--ipv6", "ds")
+        host.ctl("network", "create", "--ipv6", "ds2")
+        net = host.call("network.inspect", network="ds")["network"]
+        ep = host.call("sandbox.run", name=a, network="ds", dns_name="web")
+        host.ctl("run", "--network", "ds", b)
+        host.ctl("run", "--network", "ds2", other)
+        assert ep["ip6"]
+        gw6 = net["gateway6"]
+        assert short(b, net["gateway"], "web", "AAAA") == [ep["ip6"]]
+        assert short(b, gw6, "web", "AAAA") == [ep["ip6"]]
+        assert short(b, gw6, "web", "A") == [ep["ip"]]
+        assert short(b, gw6, "+tcp", "web", "A") == [ep["ip"]]
+        assert short(b, gw6, "-x", ep["ip6"]) == ["web."]
+        assert status(other, gw6, "web") is None  # another network's container: nothing
+    finally:
+        host.close()
+
+
 def test_dns_off_networks_have_no_server() -> None:
     etc = tempfile.mkdtemp(prefix="netagent-etc-")
     host = start_host(etc)
