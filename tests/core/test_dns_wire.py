@@ -141,3 +141,19 @@ def test_answers_and_cache_agree(name: str) -> None:
     assert got is not None and got[:2] == first[:2]
     assert srv._cache[NET][first[2:]] == (got[2:],)
     assert srv.decide(NET, wire.parse(first)) == got
+
+
+def test_upstreams_follow_resolv_conf_and_the_override_wins(tmp_path, monkeypatch) -> None:
+    from agent.dns import upstream
+
+    monkeypatch.setattr(upstream, "RECHECK", 0.0)
+    conf = tmp_path / "resolv.conf"
+    conf.write_text("nameserver 10.0.0.53\n")
+    ups = upstream.Upstreams(path=str(conf))
+    assert ups.servers() == [("10.0.0.53", 53)]
+    conf.write_text("search lan\nnameserver 10.0.0.54\nnameserver fd00::53\n")
+    assert ups.servers() == [("10.0.0.54", 53), ("fd00::53", 53)]
+    conf.unlink()
+    assert ups.servers() == []
+    fixed = upstream.Upstreams([("192.0.2.1", 5353)], path=str(tmp_path / "none"))
+    assert fixed.servers() == [("192.0.2.1", 5353)]
