@@ -1,6 +1,6 @@
 """agentd: process wiring. Owns the root nursery and starts, in order: store, kernel,
-adoption, firewall (the backend `--firewall` names), default network, reconciler, API server;
-each reports started only when consistent.
+adoption, firewall (the backend `--firewall` names), default network, DNS server, reconciler,
+API server; each reports started only when consistent.
 
 SIGTERM/SIGINT stop it cleanly: the server stops accepting, the request being applied finishes
 (kernel and firewall steps are shielded), the store closes last. Networks, endpoints and rules
