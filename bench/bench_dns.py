@@ -9,7 +9,9 @@ Everything runs in a private network namespace (`_common.isolate`). Two hosts ar
   the first is `web`.
 Measured, the contenders alternated round by round so machine noise hits both alike:
 1. throughput: `dnsperf` from the client namespace, one name (`web A`) for `--seconds`,
-   8 clients, 64 queries outstanding: queries per second, lost queries, average latency;
+   8 clients, 64 queries outstanding: queries per second, lost queries, average latency, and
+   the server's CPU time per answered query (/proc/PID/stat of agentd / aardvark-dns: what
+   the load of other processes on the machine changes least);
 2. latency: a client sending one query at a time (3,000): p50 / p99 of the round trip;
 3. first query: a new container is made (`sandbox.run` / `netavark setup`) and its name asked
    at once, the moment the call returns: how many first queries were answered with the new
@@ -141,6 +143,9 @@ class NetagentDns:
         self.client.call("sandbox.run", p.SandboxRun(name="na-cli", network="n1"))
         self.client_ns = "na-cli"
 
+    def server_pid(self) -> int:
+        return self.agentd.pid
+
     def new_container(self, i: int) -> str:
         ep = self.client.call(
             "sandbox.run", self.p.SandboxRun(name=f"na-f{i}", network="n1", dns_name=f"fresh{i}")
@@ -173,6 +178,9 @@ class AardvarkDns:
         self.setup("web", 2)
         self.setup("cli", 3)
         self.client_ns = "nv-cli"
+
+    def server_pid(self) -> int:
+        return int((self.dir / "aardvark-dns" / "aardvark.pid").read_text().strip())
 
     def setup(self, name: str, slot: int) -> str:
         ns = f"nv-{name}"
@@ -213,16 +221,27 @@ class AardvarkDns:
 _DNSPERF = {
     "qps": re.compile(r"Queries per second:\s+([\d.]+)"),
     "lost": re.compile(r"Queries lost:\s+(\d+)"),
+    "completed": re.compile(r"Queries completed:\s+(\d+)"),
     "avg_latency_ms": re.compile(r"Average Latency \(s\):\s+([\d.]+)"),
 }
 
 
-def dnsperf(ns: str, server: str, datafile: Path, seconds: float) -> dict[str, float]:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process (all its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dnsperf(ns: str, server: str, datafile: Path, seconds: float, pid: int) -> dict[str, float]:
+    """One dnsperf run; with the server's CPU time per answered query (`pid`'s)."""
+    cpu0 = cpu_seconds(pid)
     out = c.sh(
         "ip", "netns", "exec", ns, "dnsperf", "-s", server, "-d", str(datafile),
         "-l", str(seconds), "-c", "8", "-T", "1", "-q", "64", timeout=seconds + 60,
     )  # fmt: skip
+    cpu = cpu_seconds(pid) - cpu0
     found = {k: float(m.group(1)) for k, rx in _DNSPERF.items() if (m := rx.search(out))}
+    found["server_cpu_us_per_query"] = round(cpu / max(found.get("completed", 0), 1) * 1e6, 2)
     found["avg_latency_ms"] = round(found.get("avg_latency_ms", float("nan")) * 1000, 3)
     found["qps"] = round(found.get("qps", 0.0), 1)
     return found
@@ -356,18 +375,25 @@ def main() -> None:
         lat: dict[str, list[float]] = {p.name: [] for p in peers}
         for _ in range(args.rounds):
             for peer in peers:
-                runs[peer.name].append(dnsperf(peer.client_ns, peer.server, datafile, args.seconds))
+                runs[peer.name].append(
+                    dnsperf(peer.client_ns, peer.server, datafile, args.seconds, peer.server_pid())
+                )
                 lat[peer.name] += latency(peer.client_ns, peer.server, args.queries // args.rounds)
         for peer in peers:
             qps = sorted(r["qps"] for r in runs[peer.name])
+            cpu = sorted(r["server_cpu_us_per_query"] for r in runs[peer.name])
             results[peer.name] = {
                 "dnsperf_runs": runs[peer.name],
                 "qps_median": qps[len(qps) // 2],
+                "server_cpu_us_per_query_median": cpu[len(cpu) // 2],
                 "sequential_latency": c.summarize(lat[peer.name]),
                 "first_queries": first_queries(peer, args.fresh),
             }
         na, av = results["netagent"], results["aardvark"]
         results["qps_ratio_netagent_over_aardvark"] = c.ratio(na["qps_median"], av["qps_median"])
+        results["cpu_per_query_ratio_netagent_over_aardvark"] = c.ratio(
+            na["server_cpu_us_per_query_median"], av["server_cpu_us_per_query_median"]
+        )
         results["p99_ratio_netagent_over_aardvark"] = c.ratio(
             na["sequential_latency"]["p99"], av["sequential_latency"]["p99"]
         )
@@ -383,12 +409,15 @@ def main() -> None:
     for name in ("netagent", "aardvark"):
         r = results[name]
         rows.append([
-            name, r["qps_median"], r["sequential_latency"]["p50"], r["sequential_latency"]["p99"],
+            name, r["qps_median"], r["server_cpu_us_per_query_median"],
+            r["sequential_latency"]["p50"], r["sequential_latency"]["p99"],
             f"{r['first_queries']['first_query_answered']}/{r['first_queries']['tried']}",
             r["first_queries"]["answer"].get("p50"),
         ])  # fmt: skip
-    print(c.table(["peer", "qps", "p50 ms", "p99 ms", "1st query ok", "1st answer ms"], rows))
+    headers = ["peer", "qps", "cpu us/query", "p50 ms", "p99 ms", "1st query ok", "1st answer ms"]
+    print(c.table(headers, rows))
     print(f"qps ratio {results['qps_ratio_netagent_over_aardvark']}, "
+          f"cpu/query ratio {results['cpu_per_query_ratio_netagent_over_aardvark']}, "
           f"p99 ratio {results['p99_ratio_netagent_over_aardvark']}")  # fmt: skip
     print("dns cost:", json.dumps(results["dns_cost"]))
     print("library:", results["library"])
