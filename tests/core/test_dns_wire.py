@@ -157,3 +157,38 @@ def test_upstreams_follow_resolv_conf_and_the_override_wins(tmp_path, monkeypatc
     assert ups.servers() == []
     fixed = upstream.Upstreams([("192.0.2.1", 5353)], path=str(tmp_path / "none"))
     assert fixed.servers() == [("192.0.2.1", 5353)]
+
+
+class _Spawned:
+    """Stands for the listener's nursery: records what would be forwarded."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[object, ...]] = []
+
+    def start_soon(self, fn: object, *args: object) -> None:
+        self.started.append(args)
+
+
+@given(st.binary(max_size=700) | st.builds(lambda q, tail: q + tail, st.sampled_from(
+    [query("web"), query("example.com"), query("2.0.18.172.in-addr.arpa", "PTR")]
+), st.binary(max_size=40)))  # fmt: skip
+def test_any_datagram_is_answered_dropped_or_forwarded_never_raises(data: bytes) -> None:
+    srv = server(("web",))
+    lst = type("L", (), {"net_id": NET})()
+    spawned = _Spawned()
+    reply = srv._udp_answer(lst, data, ("172.18.0.9", 5353), spawned)  # type: ignore[arg-type]
+    try:
+        parsed = wire.parse(data)
+    except wire.WireError:
+        assert reply is None and not spawned.started  # garbage: nothing at all
+        return
+    if not wire.looks_like_query(data) or len(data) > 4096:
+        assert reply is None and not spawned.started
+    elif reply is None:
+        assert len(spawned.started) == 1  # forwarded, as received
+        assert spawned.started[0][1] == data
+    else:
+        got = dns.message.from_wire(reply)  # dnspython reads what we answer
+        assert got.id == parsed.header.id and got.flags & dns.flags.QR
+        if got.rcode() != dns.rcode.NOERROR:  # an error is never larger than what was sent
+            assert len(reply) <= len(data) + 11  # (+ an OPT record if the query had one)
