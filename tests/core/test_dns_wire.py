@@ -8,7 +8,7 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from agent.core import names
@@ -172,6 +172,8 @@ class _Spawned:
 @given(st.binary(max_size=700) | st.builds(lambda q, tail: q + tail, st.sampled_from(
     [query("web"), query("example.com"), query("2.0.18.172.in-addr.arpa", "PTR")]
 ), st.binary(max_size=40)))  # fmt: skip
+@example(dns.message.make_response(dns.message.make_query("web", "A")).to_wire())  # no loops
+@example(query("web") + b"\x00" * 5000)  # oversized
 def test_any_datagram_is_answered_dropped_or_forwarded_never_raises(data: bytes) -> None:
     srv = server(("web",))
     lst = type("L", (), {"net_id": NET})()
