@@ -1,6 +1,6 @@
 """agentd: process wiring. Owns the root nursery and starts, in order: store, kernel,
-adoption, firewall (the backend `--firewall` names), default network, reconciler, API server;
-each reports started only when consistent.
+adoption, firewall (the backend `--firewall` names), default network, DNS server, reconciler,
+API server; each reports started only when consistent.
 
 SIGTERM/SIGINT stop it cleanly: the server stops accepting, the request being applied finishes
 (kernel and firewall steps are shielded), the store closes last. Networks, endpoints and rules
@@ -20,9 +20,11 @@ from functools import partial
 import trio
 
 from agent import __version__, accel, firewall
-from agent.core import naming, plan, pools
+from agent.core import names, naming, plan, pools
 from agent.core.errors import StorageError
 from agent.core.topology import Topology
+from agent.dns.server import DnsServer
+from agent.dns.upstream import Upstreams
 from agent.firewall.monitor import serve_nft_changes
 from agent.frontends.docker.handlers import DockerPlugin
 from agent.frontends.docker.server import serve_docker_plugin
@@ -57,6 +59,15 @@ class Namespaces:
     create_named = staticmethod(netns.create_named)
     delete_named = staticmethod(netns.delete_named)
 
+    def __init__(self, etc_dir: str = netns.ETC_NETNS) -> None:
+        self.etc_dir = etc_dir
+
+    def write_resolv_conf(self, name: str, text: str) -> None:
+        netns.write_etc(self.etc_dir, name, "resolv.conf", text)
+
+    def remove_resolv_conf(self, name: str) -> None:
+        netns.remove_etc(self.etc_dir, name, "resolv.conf")
+
 
 async def run_daemon(args: argparse.Namespace) -> None:
     """Start everything in order, serve until SIGTERM/SIGINT, then stop in reverse order."""
@@ -88,7 +99,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
             await kernel.reap()  # links a crash left retired (cut off, not yet deleted)
             phases = {"load": time.monotonic() - started}
             topo = Topology(accel.RangeAllocator)
-            ns = Namespaces()
+            ns = Namespaces(args.netns_etc_dir)
             owned = await kernel.owned_links()
             phases["dump"] = time.monotonic() - started
             rebuilt = rebuild.needed(store.opened, state, owned)  # the store was lost
@@ -112,6 +123,10 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 await svc.networks.create(
                     plan.NetworkSpec(name=naming.DEFAULT_NETWORK, is_default=True)
                 )
+            upstreams = Upstreams([names.parse_upstream(u) for u in args.dns_upstream])
+            dns = DnsServer(topo, upstreams)
+            svc.shared.bus.listeners.append(dns.changed)
+            await nursery.start(dns.serve)
             reconciler = Reconciler(svc)
             if live:  # else (manual) only `agentctl reconcile` repairs
                 await nursery.start(reconciler.serve_link_events, link_events)
@@ -197,6 +212,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--docker-plugin", default=None, metavar="PATH",
         help="also serve Docker's network/IPAM plugin protocol on this socket, normally "
         "/run/docker/plugins/netagent.sock (driver name: its basename)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--dns-upstream", action="append", default=[], metavar="IP[:PORT]",
+        help="resolver to forward other names to (repeatable; default: /etc/resolv.conf's)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--netns-etc-dir", default=netns.ETC_NETNS, metavar="DIR",
+        help="where `run` writes NAME/resolv.conf (default: %(default)s, as `ip netns exec`)",
     )  # fmt: skip
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--log-format", choices=("json", "console"), default="json")

@@ -29,6 +29,7 @@ class Network(msgspec.Struct, frozen=True, kw_only=True):
     subnet6: str | None = None  # IPv6 CIDR, canonical
     gateway6: str | None = None  # IPv6 address of the bridge inside `subnet6`
     created: float = 0.0  # unix time, set by the service
+    dns: bool = True  # names answered on the gateway (`agent.core.names.dns_enabled`)
 
 
 class PortMapping(msgspec.Struct, frozen=True, kw_only=True, order=True):
@@ -61,6 +62,7 @@ class Endpoint(msgspec.Struct, frozen=True, kw_only=True):
     ports: tuple[PortMapping, ...] = ()  # published ports, sorted
     ip6: str | None = None  # IPv6 address (dual-stack networks only)
     attachment: str = ""  # an engine's key for it (CNI: CONTAINERID/IFNAME), unique if set
+    aliases: tuple[str, ...] = ()  # DNS names on its network, normalised; the first is its name
 
     @property
     def joined(self) -> bool:

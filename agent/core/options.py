@@ -75,6 +75,8 @@ OPTIONS: tuple[Option, ...] = (
            "no traffic in or out of the network"),
     Option("ipv6", "ipv6", bool, ("com.docker.network.enable_ipv6",),
            "dual stack: an IPv6 subnet too"),
+    Option("dns", "dns", bool, (),
+           "endpoints' names answered on the gateway (default: on; off on `bridge`)"),
 )  # fmt: skip
 
 #: every accepted key (short names and Docker's) -> its option

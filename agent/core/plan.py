@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from agent.core import ipam, ipam6, naming, ports
+from agent.core import ipam, ipam6, names, naming, ports
 from agent.core import options as option_table
 from agent.core.bitmap import RangeAllocator
 from agent.core.errors import AgentError, Conflict, InvalidArgument, PoolExhausted
@@ -58,6 +58,7 @@ class NetworkSpec(msgspec.Struct, frozen=True, kw_only=True):
     labels: dict[str, str] = msgspec.field(default_factory=dict)
     aux_addresses: dict[str, str] = msgspec.field(default_factory=dict)
     is_default: bool = False
+    dns: bool = True  # off for the default network whatever this says (names.dns_enabled)
 
 
 def network_spec(name: str, options: Mapping[str, str] | None = None, **fields: Any) -> NetworkSpec:
@@ -158,6 +159,7 @@ def plan_network(
         subnet6=str(v6[0]) if v6 else None,
         gateway6=str(v6[1]) if v6 else None,
         created=now,
+        dns=spec.dns and not spec.is_default,
     )
     return NetworkPlan(network, ula48)
 
@@ -221,6 +223,8 @@ class EndpointSpec(msgspec.Struct, frozen=True, kw_only=True):
     ports: tuple[PortMapping, ...] = ()
     ifname: str | None = None  # name inside the namespace (default: the next free ethN)
     attachment: str = ""  # an engine's key for the endpoint (CNI: CONTAINERID/IFNAME)
+    name: str | None = None  # its DNS name (`run`: the namespace's name unless given)
+    aliases: tuple[str, ...] = ()  # more DNS names (Docker's --network-alias)
 
 
 def check_ports(
@@ -287,6 +291,7 @@ def reserve_endpoint(
             network=net.name,
         )
     requested = parse_ip(spec.ip) if spec.ip is not None else None
+    aliases = names.endpoint_names(spec.name, spec.aliases)
     mac = ipam.validate_mac(spec.mac) if spec.mac is not None else None
     published = check_ports(net, spec.ports, (m for e in topo.with_ports() for m in e.ports))
     alloc, alloc6 = topo.allocators[net.id], topo.allocators6.get(net.id)
@@ -317,6 +322,7 @@ def reserve_endpoint(
         ports=published,
         ip6=str(ip6) if ip6 is not None else None,
         attachment=spec.attachment,
+        aliases=aliases,
     )
     topo.add_endpoint(ep)
     return ep

@@ -111,3 +111,12 @@ class Namespaces(Protocol):
     async def delete_named(self, name: str) -> bool:
         """Remove /run/netns/NAME (like `ip netns delete`); False if it did not exist."""
         ...
+
+    def write_resolv_conf(self, name: str, text: str) -> None:
+        """Write /etc/netns/NAME/resolv.conf (what `ip netns exec NAME` shows as
+        /etc/resolv.conf)."""
+        ...
+
+    def remove_resolv_conf(self, name: str) -> None:
+        """Remove /etc/netns/NAME/resolv.conf (and the folder if empty); no error if absent."""
+        ...

@@ -13,6 +13,7 @@ Namespace ids (RTM_NEWNSID) are given out counting down (`NsidCounter`).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -215,3 +216,36 @@ async def delete_named(name: str) -> bool:
         return await run_in_fresh_thread(_delete_named, path)
     except OSError as exc:
         raise KernelError(f"cannot delete namespace {name!r}: {exc}", netns=name) from exc
+
+
+#: where `ip netns exec NAME` finds files it bind-mounts over /etc (iproute2's NETNS_ETC_DIR)
+ETC_NETNS = "/etc/netns"
+
+
+def write_etc(etc_dir: str, name: str, filename: str, text: str) -> None:
+    """Write ETC_DIR/NAME/FILENAME (atomically: a temporary file renamed over it).
+
+    Error handling:
+        KernelError naming the file when it cannot be written.
+    """
+    folder = os.path.join(etc_dir, naming.validate_netns_name(name))
+    path = os.path.join(folder, filename)
+    try:
+        os.makedirs(folder, mode=0o755, exist_ok=True)
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise KernelError(f"cannot write {path}: {exc}", netns=name) from exc
+
+
+def remove_etc(etc_dir: str, name: str, filename: str) -> None:
+    """Remove ETC_DIR/NAME/FILENAME, then the folder if nothing else is in it (best effort:
+    a file the user put there stays)."""
+    folder = os.path.join(etc_dir, naming.validate_netns_name(name))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(folder, filename))
+    with contextlib.suppress(OSError):
+        os.rmdir(folder)

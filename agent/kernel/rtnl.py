@@ -9,6 +9,7 @@ checked against pyroute2 as an independent oracle (tests/shell/test_rtnl.py).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import socket
 import struct
@@ -197,10 +198,20 @@ def del_link(name: str) -> Request:
     return RTM_DELLINK, NLM_F_ACK, ifinfo() + attr_str(IFLA_IFNAME, name)
 
 
+def bridge_mac(name: str) -> str:
+    """The MAC a bridge named `name` is created with: locally administered, unicast, the same
+    for the same name (a bridge recreated by a repair keeps it)."""
+    digest = hashlib.sha256(name.encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
 def new_bridge(name: str, mtu: int, group: int) -> Request:
+    """A bridge with its MAC set: a bridge left to choose takes the lowest MAC of its ports,
+    which changes as endpoints come and go, and every container's ARP entry for the gateway
+    (its DNS server, its way out) goes stale for seconds each time (Docker sets it too)."""
     linkinfo = attr(IFLA_LINKINFO, attr_str(IFLA_INFO_KIND, "bridge"))
-    body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr_u32(IFLA_MTU, mtu)
-    body += attr_u32(IFLA_GROUP, group) + linkinfo
+    body = ifinfo() + attr_str(IFLA_IFNAME, name) + attr(IFLA_ADDRESS, mac_bytes(bridge_mac(name)))
+    body += attr_u32(IFLA_MTU, mtu) + attr_u32(IFLA_GROUP, group) + linkinfo
     return RTM_NEWLINK, NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL, body
 
 

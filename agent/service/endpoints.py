@@ -89,7 +89,8 @@ class Endpoints:
         log.info("endpoint.connect.complete", endpoint_id=applied.id, network=net.name,
                  ip=applied.ip)  # fmt: skip
         self.s.bus.publish("endpoint", "connected", applied.id, network=net.name,
-                           netns=applied.netns, ip=applied.ip)  # fmt: skip
+                           netns=applied.netns, ip=applied.ip,
+                           names=",".join(applied.aliases))  # fmt: skip
 
     async def _join(
         self, ep: Endpoint, net: Network, *, ip6_requested: bool, in_host: bool = False
@@ -155,7 +156,8 @@ class Endpoints:
                 s.topo.remove_endpoint(ep.id)
                 s.topo.release_addresses(ep.network_id, ep.ip, ep.ip6)
                 raise
-            s.bus.publish("endpoint", "reserved", ep.id, network=net.name, ip=ep.ip)
+            s.bus.publish("endpoint", "reserved", ep.id, network=net.name, ip=ep.ip,
+                          names=",".join(ep.aliases))  # fmt: skip
             return ep
 
     async def _wait_for_dying_address(self, spec: plan.EndpointSpec) -> None:
@@ -316,7 +318,8 @@ class Endpoints:
             s.topo.release_addresses(ep.network_id, ep.ip, ep.ip6)
         log.info(f"endpoint.{action}.complete", endpoint_id=ep.id, ip=ep.ip)
         net = s.topo.networks[ep.network_id]
-        s.bus.publish("endpoint", action, ep.id, network=net.name, netns=ep.netns, ip=ep.ip)
+        s.bus.publish("endpoint", action, ep.id, network=net.name, netns=ep.netns, ip=ep.ip,
+                      names=",".join(ep.aliases))  # fmt: skip
 
     async def release_vanished(self, host_ifname: str) -> Endpoint | None:
         """The veth `host_ifname` is gone (its namespace was deleted, or the veth by hand):

@@ -10,7 +10,7 @@ stream ends with an error) rather than slowing the agent down.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import trio
 
@@ -25,6 +25,9 @@ class EventBus:
     def __init__(self) -> None:
         self._seq = 0
         self._subscribers: set[trio.MemorySendChannel[Event]] = set()
+        #: called with each event as it is published, before the request that made it is
+        #: answered (agentd's DNS server updates its records so); must not block or raise
+        self.listeners: list[Callable[[Event], None]] = []
 
     def publish(self, type: str, action: str, id: str, **attributes: object) -> Event:
         """Number and timestamp an event, and hand it to every subscriber without waiting."""
@@ -33,6 +36,8 @@ class EventBus:
             seq=self._seq, time=time.time(), type=type, action=action, id=id,
             attributes={k: str(v) for k, v in attributes.items()},
         )  # fmt: skip
+        for listener in self.listeners:
+            listener(event)
         for send in list(self._subscribers):
             try:
                 send.send_nowait(event)

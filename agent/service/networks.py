@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 import trio
 
-from agent.core import ipam, plan
+from agent.core import ipam, names, plan
 from agent.core.attach import bridge_of
 from agent.core.errors import Busy, InvalidArgument
 from agent.core.model import Endpoint, Network
@@ -62,7 +62,8 @@ class Networks:
             await self._apply_new(net, decided.ula48)
             if spec.subnet is None:
                 s.topo.last_subnet = ipaddress.IPv4Network(net.subnet)
-            s.bus.publish("network", "created", net.id, name=net.name, bridge=net.bridge)
+            s.bus.publish("network", "created", net.id, name=net.name, bridge=net.bridge,
+                          dns=names.dns_enabled(net))  # fmt: skip
             log.info("network.create.complete", network_id=net.id, name=net.name,
                      subnet=net.subnet)  # fmt: skip
             return net

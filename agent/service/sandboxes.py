@@ -11,9 +11,12 @@ Both requests take the topology lock exclusively.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import msgspec
 import trio
 
-from agent.core import naming, plan
+from agent.core import names, naming, plan
 from agent.core.errors import AgentError, Conflict, NotFound
 from agent.core.model import Endpoint, Sandbox
 from agent.service.context import Shared, undo
@@ -27,16 +30,28 @@ class Sandboxes:
         self.s = shared
         self.endpoints = endpoints
 
-    async def run(self, name: str, spec: plan.EndpointSpec) -> Endpoint:
-        """Create /run/netns/NAME and connect it as `spec` says (its `netns` is ignored)."""
+    async def run(self, name: str, spec: plan.EndpointSpec, dns: Sequence[str] = ()) -> Endpoint:
+        """Create /run/netns/NAME and connect it as `spec` says (its `netns` is ignored).
+
+        Its DNS name is `spec.name`, else NAME (when NAME is a valid DNS name). Its
+        /etc/netns/NAME/resolv.conf names the `dns` servers, else the network's gateway when
+        the network has DNS on (else none is written: the host's applies).
+        """
         s = self.s
         async with s.lock:
             naming.validate_netns_name(name)
             if name in s.topo.sandboxes:
                 raise Conflict(f"sandbox {name!r} already exists", name=name)
-            s.topo.find_network(spec.network)  # before anything is created
+            net = s.topo.find_network(spec.network)  # before anything is created
+            if spec.name is None and names.is_valid_name(name):
+                spec = msgspec.structs.replace(spec, name=name)
+            names.endpoint_names(spec.name, spec.aliases)  # refused before anything is made
+            servers = list(dns) or ([net.gateway] if names.dns_enabled(net) else [])
+            resolv = names.resolv_conf(servers)
             path = await s.ns.create_named(name)
             try:
+                if resolv:
+                    s.ns.write_resolv_conf(name, resolv)
                 key = s.ns.netns_key(path)
                 sb = Sandbox(name=name, path=path, netns_key=key)
                 with s.store.transaction() as w:
@@ -49,6 +64,7 @@ class Sandboxes:
                     raise
             except BaseException:
                 with trio.CancelScope(shield=True):
+                    s.ns.remove_resolv_conf(name)
                     await s.ns.delete_named(name)
                 raise
             s.topo.sandboxes[name] = sb
@@ -76,6 +92,7 @@ class Sandboxes:
                 except BaseException as exc:
                     await undo(exc, [record_back])
                     raise
+                s.ns.remove_resolv_conf(sb.name)
             del s.topo.sandboxes[sb.name]
             return sb
 
@@ -92,6 +109,7 @@ class Sandboxes:
             alive = False
         if alive:
             return False
+        s.ns.remove_resolv_conf(name)
         await s.ns.delete_named(name)
         with s.store.transaction() as w:
             w.delete_sandbox(name)

@@ -164,6 +164,7 @@ class FakeNamespaces:
     def __init__(self) -> None:
         self.named: set[str] = set()
         self.gone: set[str] = set()
+        self.resolv: dict[str, str] = {}  # name -> /etc/netns/NAME/resolv.conf
 
     def resolve(self, netns: str) -> str:
         return netns if netns.startswith("/") else f"/run/netns/{netns}"
@@ -180,3 +181,9 @@ class FakeNamespaces:
     async def delete_named(self, name: str) -> bool:
         self.named.discard(name)
         return True
+
+    def write_resolv_conf(self, name: str, text: str) -> None:
+        self.resolv[name] = text
+
+    def remove_resolv_conf(self, name: str) -> None:
+        self.resolv.pop(name, None)

@@ -254,10 +254,10 @@ def test_connect_disconnect_params(daemon: FakeDaemon, run: Run) -> None:
     assert daemon.requests == [
         ("endpoint.connect",
          {"network": "frontend", "netns": "web1", "ip": "172.18.0.9", "mac": "02:00:00:00:00:09",
-          "ports": [], "ip6": None, "ifname": None, "attachment": ""}),
+          "ports": [], "ip6": None, "ifname": None, "attachment": "", "aliases": []}),
         ("endpoint.connect",
          {"network": "frontend", "netns": "/proc/42/ns/net", "ip": None, "mac": None,
-          "ports": [], "ip6": None, "ifname": None, "attachment": ""}),
+          "ports": [], "ip6": None, "ifname": None, "attachment": "", "aliases": []}),
         ("endpoint.disconnect", {"network": "frontend", "netns": "web1", "force": True}),
         ("endpoint.disconnect", {"network": "frontend", "netns": "web1", "force": False}),
     ]  # fmt: skip
@@ -269,10 +269,31 @@ def test_run_prints_ip_and_sends_defaults(daemon: FakeDaemon, run: Run) -> None:
     assert run("run", "--network", "frontend", "--ip", "172.18.0.2", "--mac", "02:42:ac:12:00:02",
                "web1") == (0, "172.18.0.2\n", "")  # fmt: skip
     assert daemon.params("sandbox.run") == [
-        {"name": "web1", "network": "bridge", "ip": None, "mac": None, "ports": [], "ip6": None},
+        {"name": "web1", "network": "bridge", "ip": None, "mac": None, "ports": [], "ip6": None,
+         "dns_name": None, "aliases": [], "dns": []},
         {"name": "web1", "network": "frontend", "ip": "172.18.0.2", "mac": "02:42:ac:12:00:02",
-         "ports": [], "ip6": None},
+         "ports": [], "ip6": None, "dns_name": None, "aliases": [], "dns": []},
     ]  # fmt: skip
+
+
+def test_dns_flags(daemon: FakeDaemon, run: Run) -> None:
+    daemon.replies["sandbox.run"] = EP_1
+    daemon.replies["endpoint.connect"] = EP_1
+    daemon.replies["network.create"] = {"id": "ab" * 32}
+    assert run("run", "--network", "n1", "--name", "web", "--alias", "www", "--alias", "w2",
+               "--dns", "9.9.9.9", "c1")[0] == 0  # fmt: skip
+    assert run("network", "connect", "--alias", "db", "n1", "c2")[0] == 0
+    assert run("network", "create", "--disable-dns", "quiet")[0] == 0
+    assert run("network", "create", "--opt", "dns=false", "quiet2")[0] == 0
+    (sent,) = daemon.params("sandbox.run")
+    assert (sent["dns_name"], sent["aliases"], sent["dns"]) == ("web", ["www", "w2"], ["9.9.9.9"])
+    assert daemon.params("endpoint.connect")[0]["aliases"] == ["db"]
+    assert [r["options"] for r in daemon.params("network.create")] == [
+        {"dns": "false"},
+        {"dns": "false"},
+    ]
+    status, _, err = run("network", "create", "--disable-dns", "--opt", "dns=true", "x")
+    assert status == 2 and "disagree" in err
 
 
 def test_publish_flags_and_port_commands(daemon: FakeDaemon, run: Run) -> None:

@@ -67,6 +67,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "agent.core", "agent.log", "agent.frontends.docker", "agent.service",
         "agent.frontends.jsonrpc.server",
     ),
+    # the DNS server reads the topology and the bus's events (values of the core)
+    "agent.dns": ("agent.core", "agent.log", "agent.dns"),
     "agent.daemon": ("agent",),
 }  # fmt: skip
 

@@ -137,8 +137,8 @@ def route_fields(family: int) -> dict:
 @given(name=names, mtu=mtus, group=u32s)
 def test_new_bridge(name: str, mtu: int, group: int) -> None:
     Expect(ifinfmsg, pr.RTM_NEWLINK, CREATE, NO_LINK, [
-        ("IFLA_IFNAME", name), ("IFLA_MTU", mtu), ("IFLA_GROUP", group),
-        linkinfo(("IFLA_INFO_KIND", "bridge")),
+        ("IFLA_IFNAME", name), ("IFLA_ADDRESS", rtnl.bridge_mac(name)), ("IFLA_MTU", mtu),
+        ("IFLA_GROUP", group), linkinfo(("IFLA_INFO_KIND", "bridge")),
     ]).check(rtnl.new_bridge(name, mtu, group))  # fmt: skip
 
 

@@ -102,6 +102,11 @@ def cmd_network_create(client: Any, args: argparse.Namespace) -> int:
         fields["internal"] = True
     if args.aux_address:
         fields["aux_addresses"] = _labels(args.aux_address)
+    if args.disable_dns:
+        given = fields.get("options", {}).get("dns", "false")
+        if given.strip().lower() not in ("false", "0", "no"):
+            raise out.UsageError("--disable-dns and --opt dns disagree")
+        fields["options"] = {**fields.get("options", {}), "dns": "false"}
     request = params("network.create", name=args.name, labels=_labels(args.label), **fields)
     result = client.call("network.create", request)
     return out.show(args, result, lambda net: sys.stdout.write(f"{net['id']}\n"))
@@ -185,7 +190,7 @@ def cmd_network_connect(client: Any, args: argparse.Namespace) -> int:
 
     request = params(
         "endpoint.connect", network=args.network, netns=args.netns, ip=args.ip, mac=args.mac,
-        ports=args.publish, ip6=args.ip6,
+        ports=args.publish, ip6=args.ip6, aliases=args.alias,
     )  # fmt: skip
     return out.show(args, client.call("endpoint.connect", request), None)
 
@@ -205,7 +210,7 @@ def cmd_run(client: Any, args: argparse.Namespace) -> int:
     extra = {"network": args.network} if args.network is not None else {}
     request = params(
         "sandbox.run", name=args.name, ip=args.ip, mac=args.mac, ports=args.publish,
-        ip6=args.ip6, **extra,
+        ip6=args.ip6, dns_name=args.dns_name, aliases=args.alias, dns=args.dns, **extra,
     )  # fmt: skip
     result = client.call("sandbox.run", request)
     return out.show(args, result, lambda ep: sys.stdout.write(f"{ep['ip']}\n"))
@@ -310,6 +315,9 @@ def _args_network_create(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--aux-address", metavar="NAME=IP", action="append", default=[], dest="aux_address"
     )
+    p.add_argument(
+        "--disable-dns", action="store_true", help="no names answered on the gateway (opt dns)"
+    )
     p.add_argument("name", metavar="NAME")
 
 
@@ -350,6 +358,7 @@ def _args_connect(p: argparse.ArgumentParser) -> None:
         p.add_argument("--ip6", help="IPv6 address to use (IPv6 networks)")
         p.add_argument("--mac", help="MAC address to use")
         _args_publish(p)
+        _args_alias(p)
     else:
         p.add_argument("--force", "-f", action="store_true")
     p.add_argument("network", metavar="NETWORK")
@@ -362,7 +371,17 @@ def _args_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ip6", help="IPv6 address to use (IPv6 networks)")
     p.add_argument("--mac", help="MAC address to use")
     _args_publish(p)
+    p.add_argument("--name", dest="dns_name", metavar="DNSNAME",
+                   help="its DNS name on the network (default: NAME)")  # fmt: skip
+    _args_alias(p)
+    p.add_argument("--dns", metavar="IP", action="append", default=[],
+                   help="its resolv.conf's nameserver (repeatable; default: gateway)")  # fmt: skip
     p.add_argument("name", metavar="NAME")
+
+
+def _args_alias(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--alias", metavar="NAME", action="append", default=[],
+                   help="another DNS name on the network (repeatable)")  # fmt: skip
 
 
 def _positionals(metavar: str) -> Callable[[argparse.ArgumentParser], None]:

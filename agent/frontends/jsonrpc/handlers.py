@@ -46,7 +46,10 @@ def endpoint_spec(
         ip6=params.ip6,
         mac=params.mac,
         ports=tuple(ports.parse_all(params.ports)),
+        aliases=tuple(params.aliases),
     )
+    if isinstance(params, p.SandboxRun):
+        spec = msgspec.structs.replace(spec, name=params.dns_name)
     if isinstance(params, p.EndpointConnect):
         return msgspec.structs.replace(
             spec, netns=params.netns, ifname=params.ifname, attachment=params.attachment
@@ -108,7 +111,7 @@ def build(svc: Service, reconciler: Reconciler, info: Callable[[], p.Info]) -> d
         return svc.endpoints.filter(params.network)
 
     async def sandbox_run(params: p.SandboxRun) -> Any:
-        return await svc.sandboxes.run(params.name, endpoint_spec(params))
+        return await svc.sandboxes.run(params.name, endpoint_spec(params), params.dns)
 
     async def sandbox_remove(params: p.SandboxRemove) -> p.Removed:
         return p.Removed(removed=[(await svc.sandboxes.remove(params.name)).name])

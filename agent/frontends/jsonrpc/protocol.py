@@ -75,6 +75,7 @@ class EndpointConnect(Params):
     ip6: str | None = None  # static IPv6 address (dual-stack networks)
     ifname: str | None = None  # name inside the namespace (default: the next free ethN)
     attachment: str = ""  # the engine's key for the endpoint (CNI: CONTAINERID/IFNAME)
+    aliases: list[str] = msgspec.field(default_factory=list)  # DNS names on the network
 
 
 class EndpointReserve(Params):
@@ -86,6 +87,7 @@ class EndpointReserve(Params):
     ports: list[str] = msgspec.field(default_factory=list)
     ip6: str | None = None
     attachment: str = ""
+    aliases: list[str] = msgspec.field(default_factory=list)  # DNS names on the network
 
 
 class EndpointAttach(Params):
@@ -120,6 +122,9 @@ class SandboxRun(Params):
     mac: str | None = None
     ports: list[str] = msgspec.field(default_factory=list)
     ip6: str | None = None
+    dns_name: str | None = None  # its DNS name (default: `name`)
+    aliases: list[str] = msgspec.field(default_factory=list)  # more DNS names
+    dns: list[str] = msgspec.field(default_factory=list)  # resolv.conf servers (default: gateway)
 
 
 class PortChange(Params):
