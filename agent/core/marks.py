@@ -8,10 +8,10 @@ as an array without trailing defaults) and base64url-encoded. The kernel keeps a
 bytes of alias (IFALIASZ - 1); what must always fit does (a network's name, subnets, gateways,
 flags and MTU: at most ~128 of the 132 bytes left after the id; an endpoint's network,
 namespace path and key, names and addresses, when the path is of usual length), and what may
-not (labels, the creation time, published ports, an engine's attachment key) goes in while
-there is room, in that order; a mark that lost something says so (`incomplete`), and the
-rebuild reports it. Marks without a payload (written before marks had one) still say who owns
-the link.
+not (labels, the creation time; an engine's attachment key, published ports, DNS aliases)
+goes in while there is room, in that order; a mark that lost something says so
+(`incomplete`), and the rebuild reports it. Marks without a payload (written before marks had
+one) still say who owns the link.
 
     netagent:net:<64 hex id>:<base64url(msgpack NetMark)>
     netagent:ep:<64 hex id>:<base64url(msgpack EpMark)>
@@ -34,7 +34,7 @@ NETNS_DIR = "/run/netns/"
 _NETNS_SHORT = "="  # a path under NETNS_DIR is kept as "=" + its name (no path starts with "=")
 
 # NetMark.flags
-INTERNAL, ICC, MASQUERADE, DEFAULT, IPV6, INCOMPLETE = 1, 2, 4, 8, 16, 32
+INTERNAL, ICC, MASQUERADE, DEFAULT, IPV6, INCOMPLETE, NO_DNS = 1, 2, 4, 8, 16, 32, 64
 # EpMark.flags
 DEFAULT_ROUTE, SANDBOX, EP_INCOMPLETE = 1, 2, 4
 _PROTOCOLS = ("tcp", "udp")
@@ -69,6 +69,7 @@ class EpMark(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True):
     ip6: bytes | None = None
     ports: tuple[tuple[int, int, int, bytes], ...] = ()  # protocol, host, container, host ip
     attachment: str = ""
+    aliases: tuple[str, ...] = ()  # its DNS names
 
 
 _encoder = msgspec.msgpack.Encoder()
@@ -110,6 +111,7 @@ def network_mark(net: Network) -> str:
         | MASQUERADE * net.masquerade
         | DEFAULT * net.is_default
         | IPV6 * net.ipv6
+        | NO_DNS * (not net.dns)
     )
     full = NetMark(
         name=net.name,
@@ -152,6 +154,7 @@ def endpoint_mark(ep: Endpoint) -> str:
         ip6=_addr(ep.ip6) if ep.ip6 else None,
         ports=tuple(_port(m) for m in ep.ports),
         attachment=ep.attachment,
+        aliases=ep.aliases,
     )
     lossy = flags | EP_INCOMPLETE
     candidates = [full]
@@ -162,6 +165,12 @@ def endpoint_mark(ep: Endpoint) -> str:
         msgspec.structs.replace(base, ports=base.ports[:n], flags=lossy)
         for n in range(len(base.ports) - 1, -1, -1)
     ]
+    if ep.aliases:
+        base = candidates[-1]
+        candidates += [
+            msgspec.structs.replace(base, aliases=base.aliases[:n], flags=lossy)
+            for n in range(len(base.aliases) - 1, -1, -1)
+        ]
     return _fit(naming.veth_alias(ep.id), candidates)
 
 
@@ -209,6 +218,7 @@ def network_of(ident: str, bridge: str, mark: NetMark) -> Network:
         subnet6=_uncidr(mark.subnet6) if mark.subnet6 else None,
         gateway6=_unaddr(mark.gateway6) if mark.gateway6 else None,
         created=float(mark.created),
+        dns=not mark.flags & NO_DNS,
     )
 
 
@@ -245,4 +255,5 @@ def endpoint_of(ident: str, network_id: str, host_ifname: str, mark: EpMark) -> 
         ports=ports,
         ip6=_unaddr(mark.ip6) if mark.ip6 else None,
         attachment=mark.attachment,
+        aliases=mark.aliases,
     )

@@ -35,7 +35,7 @@ def networks(draw) -> Network:
         is_default=draw(st.booleans()), ipv6=ipv6,
         subnet6=str(subnet6) if ipv6 else None,
         gateway6=str(subnet6.network_address + 1) if ipv6 else None,
-        created=float(draw(st.integers(0, 2**32))),
+        created=float(draw(st.integers(0, 2**32))), dns=draw(st.booleans()),
     )  # fmt: skip
 
 
@@ -66,6 +66,8 @@ def endpoints(draw) -> Endpoint:
         mac=":".join(f"{b:02x}" for b in mac), sandbox=name if sandbox else None,
         default_route=draw(st.booleans()), ports=draw(PORTS), ip6=draw(st.none() | V6),
         attachment=draw(st.just("") | st.from_regex(r"[0-9a-f]{64}/eth0", fullmatch=True)),
+        aliases=tuple(draw(st.lists(st.from_regex(r"[a-z][a-z0-9-]{0,30}", fullmatch=True),
+                                    max_size=4))),
     )  # fmt: skip
 
 
@@ -93,10 +95,14 @@ def test_an_endpoint_round_trips_through_its_veth_mark(ep: Endpoint) -> None:
     _, ident, mark = marks.decode(alias)
     assert isinstance(mark, marks.EpMark) and mark.network == bytes.fromhex(ep.network_id[:12])
     back = marks.endpoint_of(ident, ep.network_id, ep.host_ifname, mark)
-    if mark.flags & marks.EP_INCOMPLETE:  # the attachment key, then ports, dropped to fit
+    if mark.flags & marks.EP_INCOMPLETE:  # the attachment key, ports, aliases dropped to fit
         assert back.attachment in ("", ep.attachment)
         assert back.ports == ep.ports[: len(back.ports)]
-        ep = msgspec.structs.replace(ep, attachment=back.attachment, ports=back.ports)
+        assert back.aliases == ep.aliases[: len(back.aliases)]
+        assert len(back.aliases) == len(ep.aliases) or not back.ports
+        ep = msgspec.structs.replace(
+            ep, attachment=back.attachment, ports=back.ports, aliases=back.aliases
+        )
     assert back == ep
 
 
