@@ -37,6 +37,7 @@ class FakeKernel:
         self.states: dict[str, tuple[bool, int]] = {}  # link_state answers
         self.enslaved: list[str] = []
         self.links: list[LinkInfo] = []  # owned_links answers
+        self.inside: dict[tuple[str, str], list[str]] = {}  # addresses_in answers
 
     async def ensure_bridge(self, bridge: Bridge) -> int:
         await trio.sleep(0)
@@ -86,6 +87,9 @@ class FakeKernel:
 
     async def host_routes(self) -> list[ipaddress.IPv4Network]:
         return list(self.routes)
+
+    async def addresses_in(self, netns_path: str, ifname: str) -> list[str] | None:
+        return self.inside.get((netns_path, ifname))
 
     async def set_ip_forward(self) -> None:
         pass

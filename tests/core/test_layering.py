@@ -33,6 +33,7 @@ PURE_MODULES = (
     "agent.firewall.iptables.transaction",
     "agent.firewall.iptables.serialize",
     "agent.firewall.iptables.save",
+    "agent.frontends.cni.spec",
 )
 
 #: module prefix -> the agent modules it may import (besides itself and its own package)
@@ -60,7 +61,11 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "agent.frontends.jsonrpc": (
         "agent.core", "agent.log", "agent.frontends.jsonrpc", "agent.service",
+        "agent.frontends.cni.commands",
     ),
+    # CNI: `spec` pure, `commands` calls the service; `plugin` (the client twin) stdlib only
+    "agent.frontends.cni": ("agent.core", "agent.log", "agent.service"),
+    "agent.frontends.cni.plugin": (),
     "agent.daemon": ("agent",),
 }  # fmt: skip
 

@@ -68,6 +68,7 @@ CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
     ("owned_links", (), {}),
     ("host_routes", (), {}),
     ("ifnames_in", ("/run/netns/c1",), {}),
+    ("addresses_in", ("/run/netns/c1", "eth0"), {}),
     ("set_ip_forward", (), {}),
     ("set_ip6_forward", (), {}),
 ]

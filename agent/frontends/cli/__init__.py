@@ -77,7 +77,7 @@ def _selected(argv: list[str]) -> tuple[str, ...]:
             skip = True
         elif not token.startswith("-"):
             words.append(token)
-            if words[0] not in ("network", "port") or len(words) == 2:
+            if words[0] not in ("network", "port", "cni") or len(words) == 2:
                 break
     return tuple(words)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from agent.frontends.cli import cni
 from agent.frontends.cli import output as out
 
 TYPE_CHECKING = False
@@ -406,4 +407,9 @@ COMMANDS: dict[tuple[str, ...], tuple[Handler, str, Callable[[argparse.ArgumentP
     ("ruleset",): (cmd_ruleset, "print the firewall ruleset the agent maintains", _no_args),
     ("events",): (cmd_events, "stream network, endpoint and repair events", _args_events),
     ("reconcile",): (cmd_reconcile, "check links and rules now; print what was repaired", _no_args),
+    ("cni", "install"): (
+        cni.cmd_cni_install,
+        "write the CNI plugin and a conflist for a network",
+        cni.args_cni_install,
+    ),
 }
