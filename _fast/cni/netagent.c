@@ -29,7 +29,7 @@
 static const char *VERSIONS[] = {"0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"};
 static const char *ENV_NAMES[] = {"CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME"};
 static const char RESULT[] = "{\"jsonrpc\":\"2.0\",\"id\":1,\"result\":{\"exit\":";
-static const char ERROR[] = "{\"jsonrpc\":\"2.0\",\"id\":1,\"error\":";
+static const char ERROR[] = "{\"id\":1,\"error\":"; /* jsonrpc, a default, is omitted */
 
 struct buf {
     char *data;

@@ -21,7 +21,7 @@ VERSIONS = ("0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0")
 LATEST = VERSIONS[-1]
 ENV_NAMES = ("CNI_COMMAND", "CNI_CONTAINERID", "CNI_NETNS", "CNI_IFNAME")
 RESULT = b'{"jsonrpc":"2.0","id":1,"result":{"exit":'
-ERROR = b'{"jsonrpc":"2.0","id":1,"error":'
+ERROR = b'{"id":1,"error":'  # "jsonrpc", a default, is omitted
 
 
 def _string(value: str) -> str:
