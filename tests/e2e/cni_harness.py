@@ -26,7 +26,8 @@ def conf(host_socket: str, network: str, version: str = "1.0.0", **fields: Any) 
 
 def run(plugin: str, command: str, stdin: dict | bytes, *, container: str = "",
         netns: str = "", ifname: str = "", extra_env: dict[str, str] | None = None,
-        ) -> tuple[int, bytes]:  # fmt: skip
+        host_ns: str | None = None) -> tuple[int, bytes]:  # fmt: skip
+    """Run `plugin` as a runtime does (in the host namespace `host_ns`, as agentd, if given)."""
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command,
            "CNI_PATH": "/usr/lib/cni"}  # fmt: skip
     if container:
@@ -37,7 +38,8 @@ def run(plugin: str, command: str, stdin: dict | bytes, *, container: str = "",
         env["CNI_IFNAME"] = ifname
     env.update(extra_env or {})
     data = stdin if isinstance(stdin, bytes) else json.dumps(stdin).encode()
-    r = subprocess.run([plugin], input=data, env=env, capture_output=True, timeout=60)
+    argv = [plugin] if host_ns is None else ["nsenter", f"--net=/run/netns/{host_ns}", plugin]
+    r = subprocess.run(argv, input=data, env=env, capture_output=True, timeout=60)
     return r.returncode, r.stdout
 
 
