@@ -1,0 +1,286 @@
+"""CNI plugins at the process level, as a runtime calls them: netagent against its peers.
+
+Usage: .venv/bin/python bench/bench_cni.py [--trials 100] [--churn-rounds 4] [--podman 8]
+       [--quick] [--json PATH]
+
+Contenders, side by side in one run, each with its own host namespace:
+- `netagent-c`: the `netagent` plugin executable (the C client built at install) talking to
+  agentd in its host namespace; one fork+exec per ADD / DEL;
+- `netagent-py`: the same with the pure-Python client (`agentctl cni install` without a
+  compiler writes it);
+- `cni-bridge`: /usr/lib/cni/bridge + host-local (CNI 1.0.0, isGateway, ipMasq);
+- `netavark`: /usr/lib/podman/netavark setup / teardown (iptables driver, static IP): not a CNI
+  plugin, but what podman runs instead of one, called the same way (one process per call).
+
+1. Latency: ADD then DEL of one fresh namespace per trial, trials interleaved across
+   contenders; each network keeps a "keeper" endpoint, so no trial creates or deletes a bridge.
+2. Churn: 64 concurrent loops, each ADD+DEL on its own namespace `--churn-rounds` times:
+   ADD+DEL pairs per second, netagent-c against cni-bridge and netavark.
+3. `podman run --rm IMAGE true` with the CNI backend (hermetic podman, busybox image imported)
+   on a netagent network against the same on a `bridge`+`host-local` conflist: the whole
+   command, as a user pays it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as c
+from bench_attach import CniBridge, Netavark
+
+from agent.frontends.cli import cni as cni_install
+from agent.frontends.jsonrpc import protocol as p
+
+CHURN_LOOPS = 64
+
+
+class NetagentPlugin:
+    """The netagent plugin executable, run as a runtime runs it."""
+
+    def __init__(self, name: str, plugin: str, socket: str, network: str) -> None:
+        self.name = name
+        self.plugin = plugin
+        self.conf = json.dumps({"cniVersion": "1.0.0", "name": network, "type": "netagent",
+                                "network": network, "socket": socket}).encode()  # fmt: skip
+
+    def _run(self, command: str, cid: str, netns_path: str) -> None:
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "CNI_COMMAND": command,
+               "CNI_CONTAINERID": cid, "CNI_NETNS": netns_path, "CNI_IFNAME": "eth0",
+               "CNI_PATH": "/unused"}  # fmt: skip
+        r = subprocess.run([self.plugin], input=self.conf, env=env, capture_output=True,
+                           timeout=60)  # fmt: skip
+        if r.returncode != 0:
+            raise RuntimeError(f"{self.name} {command} {cid}: {r.stdout[:300]!r}")
+
+    def attach(self, cid: str, netns_path: str, slot: int = 0) -> None:
+        self._run("ADD", cid, netns_path)
+
+    def detach(self, cid: str, netns_path: str, slot: int = 0) -> None:
+        self._run("DEL", cid, netns_path)
+
+
+class Contender:
+    def __init__(self, name: str, impl: Any, host: str) -> None:
+        self.name, self.impl, self.host = name, impl, host
+        self.worker = c.NsWorker(f"/run/netns/{host}")
+        self.add_s: list[float] = []
+        self.del_s: list[float] = []
+        self.churn: dict[str, float] = {}
+
+    def timed(self, fn: Any, *args: Any) -> float:
+        def run() -> float:
+            t0 = time.perf_counter()
+            fn(*args)
+            return time.perf_counter() - t0
+
+        return float(self.worker.call(run))
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def build(workdir: Path, keep: list[Any]) -> list[Contender]:
+    agentd = c.Agentd("h-netagent", workdir=workdir)
+    keep.append(agentd)
+    agentd.start()
+    agentd.client().call("network.create", p.NetworkCreate(name="cbench", subnet="10.77.0.0/16"))
+    py = cni_install.install(str(workdir / "py"), str(workdir / "py"), "cbench", agentd.socket,
+                             native=None)["plugin"]  # fmt: skip
+    out = [
+        Contender("netagent-c", NetagentPlugin("netagent-c", cni_install.NATIVE, agentd.socket,
+                                               "cbench"), agentd.host),
+        Contender("netagent-py", NetagentPlugin("netagent-py", py, agentd.socket, "cbench"),
+                  agentd.host),
+    ]  # fmt: skip
+    for name, cls in (("cni-bridge", CniBridge), ("netavark", Netavark)):
+        host = f"h-{name}"
+        c.sh("ip", "netns", "add", host)
+        c.sh("ip", "-n", host, "link", "set", "lo", "up")
+        out.append(Contender(name, cls(f"/run/netns/{host}", workdir), host))
+    keep.extend(out)
+    for k, con in enumerate(out):  # a keeper endpoint: no trial makes or deletes a bridge
+        ns = f"keep{k}"
+        c.sh("ip", "netns", "add", ns)
+        con.timed(con.impl.attach, f"keeper{k}", f"/run/netns/{ns}", 1000)
+    return out
+
+
+def latency(contenders: list[Contender], trials: int, warmup: int) -> None:
+    total = trials + warmup
+    names = {con.name: [f"l{k}n{i}" for i in range(total)] for k, con in enumerate(contenders)}
+    c.add_netns([n for ns in names.values() for n in ns])
+    for i in range(total):
+        for con in contenders:
+            ns = f"/run/netns/{names[con.name][i]}"
+            ta = con.timed(con.impl.attach, f"lat{i:06d}", ns, i)
+            td = con.timed(con.impl.detach, f"lat{i:06d}", ns, i)
+            if i >= warmup:
+                con.add_s.append(ta)
+                con.del_s.append(td)
+
+
+def churn(con: Contender, rounds: int, tag: str) -> None:
+    """CHURN_LOOPS threads, each in the contender's host namespace, each ADD+DEL `rounds`
+    times on its own namespace; pairs per second over the whole wall time."""
+    spaces = [f"ch{tag}{i}" for i in range(CHURN_LOOPS)]
+    c.add_netns(spaces)
+    errors: list[BaseException] = []
+    start = threading.Barrier(CHURN_LOOPS + 1)
+
+    def loop(i: int) -> None:
+        try:
+            c.setns(f"/run/netns/{con.host}")
+            start.wait()
+            for r in range(rounds):
+                cid = f"churn{tag}{i}"
+                con.impl.attach(cid, f"/run/netns/{spaces[i]}", 2000 + i)
+                con.impl.detach(cid, f"/run/netns/{spaces[i]}", 2000 + i)
+                del r
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(CHURN_LOOPS)]
+    for t in threads:
+        t.start()
+    start.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    if errors:
+        raise RuntimeError(f"{con.name} churn: {errors[0]!r}")
+    con.churn = {"pairs": CHURN_LOOPS * rounds, "seconds": wall,
+                 "pairs_per_s": CHURN_LOOPS * rounds / wall}  # fmt: skip
+
+
+# -- podman run --rm ---------------------------------------------------------------------------
+
+PODMAN_CONF = """[network]
+network_backend = "cni"
+cni_plugin_dirs = ["{bin}", "/usr/lib/cni"]
+network_config_dir = "{net}"
+[engine]
+cgroup_manager = "cgroupfs"
+runtime = "runc"
+events_logger = "file"
+events_logfile_path = "{root}/events.log"
+tmp_dir = "{root}/tmp"
+[containers]
+log_driver = "k8s-file"
+default_ulimits = ["nofile=1024:1024", "nproc=1024:1024"]
+"""
+
+
+def podman(agentd_host: str, agentd_socket: str, workdir: Path, runs: int) -> dict[str, Any]:
+    """`podman run --rm` on a netagent network vs a bridge+host-local conflist."""
+    if shutil.which("podman") is None:
+        return {"skipped": "podman is not installed"}
+    root = workdir / "podman"
+    for d in ("bin", "net.d", "storage", "run", "tmp", "image/bin"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    for path in ("/var/lib/containers", "/run/containers"):
+        os.makedirs(path, exist_ok=True)
+        c.sh("mount", "-t", "tmpfs", "netagent-bench", path)
+    (root / "containers.conf").write_text(
+        PODMAN_CONF.format(bin=root / "bin", net=root / "net.d", root=root)
+    )
+    (root / "storage.conf").write_text(
+        f'[storage]\ndriver = "vfs"\ngraphroot = "{root}/storage"\nrunroot = "{root}/run"\n'
+    )
+    (root / "registries.conf").write_text("")
+    env = dict(os.environ, CONTAINERS_CONF=str(root / "containers.conf"),
+               CONTAINERS_STORAGE_CONF=str(root / "storage.conf"),
+               CONTAINERS_REGISTRIES_CONF=str(root / "registries.conf"))  # fmt: skip
+    cmd = ["nsenter", f"--net=/run/netns/{agentd_host}", "podman", "--root",
+           str(root / "storage"), "--runroot", str(root / "run")]  # fmt: skip
+    shutil.copy("/bin/busybox", root / "image/bin/busybox")
+    (root / "image/bin/true").symlink_to("busybox")
+    c.sh("tar", "-C", str(root / "image"), "-cf", str(root / "image.tar"), ".")
+    subprocess.run([*cmd, "import", str(root / "image.tar"), "localhost/bb"], env=env,
+                   check=True, capture_output=True)  # fmt: skip
+    cni_install.install(str(root / "bin"), str(root / "net.d"), "cbench", agentd_socket)
+    ipam = {
+        "type": "host-local",
+        "dataDir": str(root / "ipam"),
+        "ranges": [[{"subnet": "10.78.0.0/16"}]],
+        "routes": [{"dst": "0.0.0.0/0"}],
+    }
+    bridge = {"cniVersion": "1.0.0", "name": "cnibr", "plugins": [
+        {"type": "bridge", "bridge": "cni-pm0", "isGateway": True, "ipMasq": True,
+         "ipam": ipam}]}  # fmt: skip
+    (root / "net.d" / "cnibr.conflist").write_text(json.dumps(bridge))
+    times: dict[str, list[float]] = {"netagent": [], "cni-bridge": []}
+    for i in range(runs + 1):
+        for name, net in (("netagent", "cbench"), ("cni-bridge", "cnibr")):
+            t0 = time.perf_counter()
+            subprocess.run([*cmd, "run", "--rm", "--network", net, "localhost/bb", "true"],
+                           env=env, check=True, capture_output=True, timeout=120)  # fmt: skip
+            if i:  # the first run of each warms podman's caches
+                times[name].append(time.perf_counter() - t0)
+    for path in ("/var/lib/containers", "/run/containers"):
+        c.sh("umount", "-l", path, check=False)
+    return {name: c.summarize(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    c.isolate()
+    ap = c.base_parser("cni", __doc__)
+    ap.add_argument("--trials", type=int, default=100, help="measured ADD/DEL trials")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--churn-rounds", type=int, default=4, help="ADD+DEL per churn loop")
+    ap.add_argument("--podman", type=int, default=8, help="podman run --rm per network (0: no)")
+    args = ap.parse_args()
+    if args.quick:
+        args.trials, args.warmup, args.churn_rounds, args.podman = 20, 2, 2, 3
+    workdir = Path(tempfile.mkdtemp(prefix="bench-cni-"))
+    keep: list[Any] = []
+    try:
+        contenders = build(workdir, keep)
+        latency(contenders, args.trials, args.warmup)
+        base = next(con for con in contenders if con.name == "netagent-c")
+        results: dict[str, Any] = {}
+        for con in contenders:
+            results[con.name] = {"add": c.summarize(con.add_s), "del": c.summarize(con.del_s)}
+        rows = [[name, r["add"]["p50"], r["add"]["p99"], r["del"]["p50"], r["del"]["p99"],
+                 c.ratio(r["add"]["p50"], results["netagent-c"]["add"]["p50"]),
+                 c.ratio(r["del"]["p50"], results["netagent-c"]["del"]["p50"])]
+                for name, r in results.items()]  # fmt: skip
+        print(f"process-level ADD / DEL, {args.trials} trials each (ms)")
+        print(c.table(["contender", "ADD p50", "ADD p99", "DEL p50", "DEL p99", "ADD x", "DEL x"],
+                      rows))  # fmt: skip
+        print("x = contender p50 / netagent-c p50 (above 1: netagent-c is faster)")
+        for k, con in enumerate(c2 for c2 in contenders if c2.name != "netagent-py"):
+            churn(con, args.churn_rounds, str(k))
+            results[con.name]["churn"] = con.churn
+        print(f"\nchurn: {CHURN_LOOPS} concurrent loops x {args.churn_rounds} ADD+DEL")
+        print(c.table(["contender", "pairs/s", "seconds", "netagent-c x"], [
+            [con.name, con.churn["pairs_per_s"], con.churn["seconds"],
+             c.ratio(base.churn["pairs_per_s"], con.churn["pairs_per_s"])]
+            for con in contenders if con.churn]))  # fmt: skip
+        if args.podman:
+            agentd = keep[0]
+            pm = podman(agentd.host, agentd.socket, workdir, args.podman)
+            results["podman_run_rm"] = pm
+            if "skipped" not in pm:
+                print(f"\npodman run --rm (CNI backend), {args.podman} runs each (ms)")
+                base_ms = pm["netagent"]["p50"]
+                print(c.table(["network", "p50", "p90", "mean", "x"], [
+                    [name, s["p50"], s["p90"], s["mean"], c.ratio(s["p50"], base_ms)]
+                    for name, s in pm.items()]))  # fmt: skip
+        c.write_json(args.json, "cni", args, results)
+    finally:
+        for item in reversed(keep):
+            item.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
