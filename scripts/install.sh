@@ -26,9 +26,12 @@ fi
   --config-settings editable_mode=compat 2>&1 \
   | grep -v -E "^WARNING: Location .* is ignored" || true
 # the CNI plugin executable (a thin C client of agentd); without a compiler, `agentctl cni
-# install` writes a launcher of its Python twin instead (agent/frontends/cni/plugin.py)
+# install` writes a launcher of its Python twin instead (agent/frontends/cni/plugin.py);
+# static where libc.a exists: exec without the dynamic loader, ~0.5 ms less a call
 if command -v "${CC:-gcc}" >/dev/null 2>&1; then
-  "${CC:-gcc}" -O2 -Wall -Wextra -o _fast/cni/netagent.tmp _fast/cni/netagent.c \
+  { "${CC:-gcc}" -O2 -Wall -Wextra -static -o _fast/cni/netagent.tmp _fast/cni/netagent.c \
+      2>/dev/null \
+    || "${CC:-gcc}" -O2 -Wall -Wextra -o _fast/cni/netagent.tmp _fast/cni/netagent.c; } \
     && mv _fast/cni/netagent.tmp _fast/cni/netagent
 fi
 # bytecode written now, so that agentctl starts fast even where PYTHONDONTWRITEBYTECODE is set
