@@ -15,7 +15,9 @@ Contenders, side by side in one run, each with its own host namespace:
 1. Latency: ADD then DEL of one fresh namespace per trial, trials interleaved across
    contenders; each network keeps a "keeper" endpoint, so no trial creates or deletes a bridge.
 2. Churn: 64 concurrent loops, each ADD+DEL on its own namespace `--churn-rounds` times:
-   ADD+DEL pairs per second, netagent-c against cni-bridge and netavark.
+   ADD+DEL pairs per second, netagent-c against cni-bridge and netavark; and the same
+   requests without processes (`cni.exec` over one connection per loop, `netagent-socket`),
+   what the plugin processes cost.
 3. `podman run --rm IMAGE true` with the CNI backend (hermetic podman, busybox image imported)
    on a netagent network against the same on a `bridge`+`host-local` conflist: the whole
    command, as a user pays it.
@@ -23,6 +25,7 @@ Contenders, side by side in one run, each with its own host namespace:
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -39,6 +42,7 @@ from bench_attach import CNI_DIR, NETAVARK, CniBridge, Netavark
 
 from agent.frontends.cli import cni as cni_install
 from agent.frontends.jsonrpc import protocol as p
+from agent.frontends.jsonrpc.client import Client
 
 CHURN_LOOPS = 64
 
@@ -124,8 +128,31 @@ def netavark_calls(peer: Netavark) -> Any:
     return calls
 
 
+class SocketApi:
+    """The same requests without a process: `cni.exec` over one connection per loop (the
+    reference for what the plugin processes cost; churn only)."""
+
+    def __init__(self, socket: str, network: str) -> None:
+        self.socket = socket
+        conf = {"cniVersion": "1.0.0", "name": network, "type": "netagent", "network": network}
+        self.stdin = base64.b64encode(json.dumps(conf).encode()).decode()
+        self.local = threading.local()
+
+    def prepare(self, verb: str, cid: str, netns_path: str, slot: int) -> Any:
+        env = {"CNI_COMMAND": verb, "CNI_CONTAINERID": cid, "CNI_NETNS": netns_path,
+               "CNI_IFNAME": "eth0"}  # fmt: skip
+        return {"env": env, "stdin": self.stdin}
+
+    def call(self, prepared: Any) -> None:
+        if not hasattr(self.local, "client"):
+            self.local.client = Client(self.socket, timeout=120)
+        out = self.local.client.call("cni.exec", prepared)
+        if out["exit"] != 0:
+            raise RuntimeError(f"cni.exec: {out}")
+
+
 class Contender:
-    def __init__(self, name: str, impl: Plugin, host: str) -> None:
+    def __init__(self, name: str, impl: Plugin | SocketApi, host: str) -> None:
         self.name, self.impl, self.host = name, impl, host
         self.worker = c.NsWorker(f"/run/netns/{host}")
         self.add_s: list[float] = []
@@ -325,16 +352,19 @@ def main() -> None:
         print(c.table(["contender", "ADD p50", "ADD p99", "DEL p50", "DEL p99", "ADD x", "DEL x"],
                       rows))  # fmt: skip
         print("x = contender p50 / netagent-c p50 (above 1: netagent-c is faster)")
-        for k, con in enumerate(c2 for c2 in contenders if c2.name != "netagent-py"):
+        agentd = keep[0]
+        socket_api = Contender("netagent-socket", SocketApi(agentd.socket, "cbench"), agentd.host)
+        keep.append(socket_api)
+        churners = [con for con in contenders if con.name != "netagent-py"] + [socket_api]
+        for k, con in enumerate(churners):
             churn(con, args.churn_rounds, str(k))
             results[con.name]["churn"] = con.churn
         print(f"\nchurn: {CHURN_LOOPS} concurrent loops x {args.churn_rounds} ADD+DEL")
         print(c.table(["contender", "pairs/s", "seconds", "netagent-c x"], [
             [con.name, con.churn["pairs_per_s"], con.churn["seconds"],
              c.ratio(base.churn["pairs_per_s"], con.churn["pairs_per_s"])]
-            for con in contenders if con.churn]))  # fmt: skip
+            for con in churners]))  # fmt: skip
         if args.podman:
-            agentd = keep[0]
             pm = podman(agentd.host, agentd.socket, workdir, args.podman)
             results["podman_run_rm"] = pm
             if "skipped" not in pm:

@@ -64,7 +64,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "agent.frontends.cni.commands",
     ),
     # CNI: `spec` pure, `commands` calls the service; `plugin` (the client twin) stdlib only
-    "agent.frontends.cni": ("agent.core", "agent.log", "agent.service"),
+    "agent.frontends.cni": ("agent.core", "agent.log", "agent.service", "agent.frontends.cni"),
     "agent.frontends.cni.plugin": (),
     "agent.daemon": ("agent",),
 }  # fmt: skip

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from agent.frontends.cli import cni
 from agent.frontends.cli import output as out
 
 TYPE_CHECKING = False
@@ -381,6 +380,18 @@ def _no_args(p: argparse.ArgumentParser) -> None:
     pass
 
 
+def cmd_cni_install(client: Any, args: argparse.Namespace) -> int:
+    from agent.frontends.cli import cni  # only for this command
+
+    return cni.cmd_cni_install(client, args)
+
+
+def _args_cni_install(p: argparse.ArgumentParser) -> None:
+    from agent.frontends.cli import cni
+
+    cni.args_cni_install(p)
+
+
 # command path -> (handler, help, adds the command's arguments)
 COMMANDS: dict[tuple[str, ...], tuple[Handler, str, Callable[[argparse.ArgumentParser], None]]] = {
     ("info",): (cmd_info, "show the daemon's state", _no_args),
@@ -408,8 +419,8 @@ COMMANDS: dict[tuple[str, ...], tuple[Handler, str, Callable[[argparse.ArgumentP
     ("events",): (cmd_events, "stream network, endpoint and repair events", _args_events),
     ("reconcile",): (cmd_reconcile, "check links and rules now; print what was repaired", _no_args),
     ("cni", "install"): (
-        cni.cmd_cni_install,
+        cmd_cni_install,
         "write the CNI plugin and a conflist for a network",
-        cni.args_cni_install,
+        _args_cni_install,
     ),
 }
