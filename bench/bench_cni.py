@@ -358,7 +358,7 @@ def main() -> None:
         churners = [con for con in contenders if con.name != "netagent-py"] + [socket_api]
         for k, con in enumerate(churners):
             churn(con, args.churn_rounds, str(k))
-            results[con.name]["churn"] = con.churn
+            results.setdefault(con.name, {})["churn"] = con.churn
         print(f"\nchurn: {CHURN_LOOPS} concurrent loops x {args.churn_rounds} ADD+DEL")
         print(c.table(["contender", "pairs/s", "seconds", "netagent-c x"], [
             [con.name, con.churn["pairs_per_s"], con.churn["seconds"],
