@@ -1,7 +1,7 @@
 """CNI plugins at the process level, as a runtime calls them: netagent against its peers.
 
-Usage: .venv/bin/python bench/bench_cni.py [--trials 100] [--churn-rounds 4] [--podman 8]
-       [--quick] [--json PATH]
+Usage: .venv/bin/python bench/bench_cni.py [--trials 100] [--churn-rounds 6]
+       [--churn-passes 2] [--podman 8] [--quick] [--json PATH]
 
 Contenders, side by side in one run, each with its own host namespace:
 - `netagent-c`: the `netagent` plugin executable (the C client built at install) talking to
@@ -14,7 +14,8 @@ Contenders, side by side in one run, each with its own host namespace:
 
 1. Latency: ADD then DEL of one fresh namespace per trial, trials interleaved across
    contenders; each network keeps a "keeper" endpoint, so no trial creates or deletes a bridge.
-2. Churn: 64 concurrent loops, each ADD+DEL on its own namespace `--churn-rounds` times:
+2. Churn (`--churn-passes` alternated passes, the machine's load drifting between them):
+   64 concurrent loops, each ADD+DEL on its own namespace `--churn-rounds` times:
    ADD+DEL pairs per second, netagent-c against cni-bridge and netavark; and the same
    requests without processes (`cni.exec` over one connection per loop, `netagent-socket`),
    what the plugin processes cost.
@@ -330,11 +331,13 @@ def main() -> None:
     ap = c.base_parser("cni", __doc__)
     ap.add_argument("--trials", type=int, default=100, help="measured ADD/DEL trials")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--churn-rounds", type=int, default=4, help="ADD+DEL per churn loop")
+    ap.add_argument("--churn-rounds", type=int, default=6, help="ADD+DEL per churn loop")
+    ap.add_argument("--churn-passes", type=int, default=2, help="alternated churn passes")
     ap.add_argument("--podman", type=int, default=8, help="podman run --rm per network (0: no)")
     args = ap.parse_args()
     if args.quick:
-        args.trials, args.warmup, args.churn_rounds, args.podman = 20, 2, 2, 3
+        args.trials, args.warmup, args.churn_rounds, args.churn_passes = 20, 2, 2, 1
+        args.podman = min(args.podman, 3)
     workdir = Path(tempfile.mkdtemp(prefix="bench-cni-"))
     keep: list[Any] = []
     try:
@@ -356,14 +359,16 @@ def main() -> None:
         socket_api = Contender("netagent-socket", SocketApi(agentd.socket, "cbench"), agentd.host)
         keep.append(socket_api)
         churners = [con for con in contenders if con.name != "netagent-py"] + [socket_api]
-        for k, con in enumerate(churners):
-            churn(con, args.churn_rounds, str(k))
-            results.setdefault(con.name, {})["churn"] = con.churn
-        print(f"\nchurn: {CHURN_LOOPS} concurrent loops x {args.churn_rounds} ADD+DEL")
-        print(c.table(["contender", "pairs/s", "seconds", "netagent-c x"], [
-            [con.name, con.churn["pairs_per_s"], con.churn["seconds"],
-             c.ratio(base.churn["pairs_per_s"], con.churn["pairs_per_s"])]
-            for con in churners]))  # fmt: skip
+        for n in range(args.churn_passes):  # alternated: the machine's load drifts
+            for k, con in enumerate(churners):
+                churn(con, args.churn_rounds, f"{n}x{k}")
+                results.setdefault(con.name, {}).setdefault("churn", []).append(con.churn)
+            print(f"\nchurn pass {n + 1}: {CHURN_LOOPS} concurrent loops x {args.churn_rounds} "
+                  "ADD+DEL")  # fmt: skip
+            print(c.table(["contender", "pairs/s", "seconds", "netagent-c x"], [
+                [con.name, con.churn["pairs_per_s"], con.churn["seconds"],
+                 c.ratio(base.churn["pairs_per_s"], con.churn["pairs_per_s"])]
+                for con in churners]))  # fmt: skip
         if args.podman:
             pm = podman(agentd.host, agentd.socket, workdir, args.podman)
             results["podman_run_rm"] = pm

@@ -97,6 +97,20 @@ def test_del_after_the_namespace_is_gone_releases_the_address(host: Host) -> Non
     assert _endpoints(host) == []
 
 
+def test_del_of_another_network_leaves_the_attachment(host: Host) -> None:
+    host.call("network.create", name="cnet2", subnet="10.76.0.0/24")
+    conf, other = ch.conf(host.socket, "cnet"), ch.conf(host.socket, "cnet2")
+    with namespace() as ns:
+        ids = {"container": "two", "netns": ns, "ifname": "eth0"}
+        assert ch.call(ch.NATIVE, "ADD", conf, **ids)[0] == 0
+        assert ch.call(ch.NATIVE, "DEL", other, **ids) == (0, None)  # not this network's
+        assert [e["attachment"] for e in _endpoints(host)] == ["two/eth0"]
+        assert ch.call(ch.NATIVE, "DEL", conf, **ids) == (0, None)
+        host.settle()
+        assert _endpoints(host) == []
+    host.call("network.remove", network="cnet2")
+
+
 def test_check_fails_once_the_interface_or_its_address_is_gone(host: Host) -> None:
     conf = ch.conf(host.socket, "cnet")
     with namespace() as ns:

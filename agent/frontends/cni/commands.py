@@ -23,7 +23,7 @@ from typing import Any
 import msgspec
 
 from agent.core import plan
-from agent.core.errors import AgentError, Conflict, NotFound
+from agent.core.errors import AgentError, Conflict, InvalidArgument, NotFound
 from agent.core.model import Endpoint, Network
 from agent.frontends.cni import spec
 from agent.frontends.cni.spec import Call, CniError
@@ -68,13 +68,15 @@ async def _run(svc: Service, call: Call) -> dict[str, Any] | None:
     return None
 
 
-def _find(svc: Service, call: Call) -> Network | None:
+def _find(svc: Service, call: Call, *, check_subnet: bool = True) -> Network | None:
+    """The configuration's network, or None; one with another subnet than the
+    configuration's is refused (INVALID_CONFIG) unless `check_subnet` is false."""
     try:
         net = svc.topo.find_network(call.conf.network_name)
     except NotFound:
         return None
     subnet = call.conf.subnet
-    if subnet is not None and _canonical(subnet) != net.subnet:
+    if check_subnet and subnet is not None and _canonical(subnet) != net.subnet:
         raise CniError(
             spec.INVALID_CONFIG,
             f"network {net.name!r} exists with subnet {net.subnet}, not {subnet}",
@@ -119,7 +121,7 @@ async def _network(svc: Service, call: Call) -> Network:
         if (net := _find(svc, call)) is None:  # not a race on the name: a real conflict
             raise
         return net
-    except AgentError as exc:
+    except InvalidArgument as exc:  # the configuration's subnet, gateway, mtu...
         raise CniError(spec.INVALID_CONFIG, exc.message, exc.kind) from exc
 
 
@@ -142,7 +144,12 @@ async def add(svc: Service, call: Call) -> dict[str, Any]:
 
 
 async def delete(svc: Service, call: Call) -> None:
-    """Release the attachment: success when there is nothing (left) to release."""
+    """Release the attachment: success when there is nothing (left) to release. An
+    attachment of another network than the configuration's is not this DEL's."""
+    ep = svc.topo.endpoint_of_attachment(call.attachment)
+    net = _find(svc, call, check_subnet=False)
+    if ep is None or (net is not None and ep.network_id != net.id):
+        return
     await svc.endpoints.remove(call.attachment, force=True)
 
 
@@ -151,7 +158,7 @@ async def gc(svc: Service, call: Call) -> None:
     valid = call.conf.valid_attachments
     if valid is None:
         raise CniError(spec.INVALID_CONFIG, "GC needs cni.dev/valid-attachments")
-    net = _find(svc, call)
+    net = _find(svc, call, check_subnet=False)
     if net is None:
         return
     keep = {f"{a.container_id}/{a.ifname}" for a in valid}
