@@ -353,3 +353,27 @@ def test_agentctl_cni_install(host: Host, tmp_path_factory: pytest.TempPathFacto
                  "--network", "nosuch", check=False)  # fmt: skip
     assert r.returncode != 0 and "nosuch" in r.stderr
     assert not (d / "c2").exists()
+
+
+def test_dual_stack_network_made_on_first_use(host: Host) -> None:
+    """A node's conflist with both families: the result has an address, gateway and default
+    route of each, CHECK reads both inside the namespace."""
+    conf = ch.conf(host.socket, "dual6", subnet="10.79.0.0/24", ipv6=True,
+                   subnet6="fd00:79::/64")  # fmt: skip
+    with namespace() as ns:
+        ids = {"container": "v6", "netns": ns, "ifname": "eth0"}
+        rc, res = ch.call(ch.NATIVE, "ADD", conf, **ids)
+        assert rc == 0, res
+        assert [(ip["address"], ip["gateway"]) for ip in res["ips"]] == [
+            ("10.79.0.2/24", "10.79.0.1"), ("fd00:79::2/64", "fd00:79::1")]  # fmt: skip
+        assert res["routes"] == [{"dst": "0.0.0.0/0", "gw": "10.79.0.1"},
+                                 {"dst": "::/0", "gw": "fd00:79::1"}]  # fmt: skip
+        assert ch.call(ch.NATIVE, "CHECK", dict(conf, prevResult=res), **ids) == (0, None)
+        name = ns.rsplit("/", 1)[1]
+        assert ping(name, "fd00:79::1")
+        sh("ip", "-n", name, "addr", "del", "fd00:79::2/64", "dev", "eth0")
+        rc, err = ch.call(ch.NATIVE, "CHECK", dict(conf, prevResult=res), **ids)
+        assert (rc, err["code"]) == (1, 104) and "fd00:79::2/64" in err["msg"]
+        assert ch.call(ch.NATIVE, "DEL", conf, **ids) == (0, None)
+    host.settle()
+    host.call("network.remove", network="dual6")
