@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -77,6 +80,7 @@ def test_add_check_del(host: Host, client: str, plugin: str) -> None:
         assert ch.call(plugin, "DEL", dict(conf, prevResult=res), **ids) == (0, None)
         host.settle()
         assert _endpoints(host) == [] and ipv4_of(name, "net1") == []
+        assert os.path.exists(ns)  # a namespace agentd did not make stays
         # DEL again, without prevResult, without a namespace: nothing left, success
         assert ch.call(plugin, "DEL", conf, **ids) == (0, None)
         assert ch.call(plugin, "DEL", conf, container=ids["container"], ifname="net1") == (0, None)
@@ -377,3 +381,35 @@ def test_dual_stack_network_made_on_first_use(host: Host) -> None:
         assert ch.call(ch.NATIVE, "DEL", conf, **ids) == (0, None)
     host.settle()
     host.call("network.remove", network="dual6")
+
+
+def test_a_process_namespace_by_proc_path_is_never_deleted_and_released_when_gone(
+    host: Host,
+) -> None:
+    """CNI_NETNS=/proc/PID/ns/net (a namespace agentd did not make): ADD works, DEL leaves the
+    namespace alone; when the process (and its namespace) goes, the attachment is released."""
+    conf = ch.conf(host.socket, "cnet")
+    proc = subprocess.Popen(["unshare", "--net", "sleep", "600"])
+    try:
+        path = f"/proc/{proc.pid}/ns/net"
+        deadline = time.monotonic() + 10
+        while os.readlink(path) == os.readlink("/proc/self/ns/net"):  # unshare not done yet
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        ids = {"container": "proc1", "netns": path, "ifname": "eth0"}
+        rc, res = ch.call(ch.NATIVE, "ADD", conf, **ids)
+        assert rc == 0 and res["interfaces"][1]["sandbox"] == path
+        inside = sh("nsenter", f"--net={path}", "ip", "-j", "addr", "show", "dev", "eth0").stdout
+        assert res["ips"][0]["address"].split("/")[0] in inside
+        assert ch.call(ch.NATIVE, "DEL", conf, **ids) == (0, None)
+        assert proc.poll() is None and os.path.exists(path)  # the namespace lives on
+        assert ch.call(ch.NATIVE, "ADD", conf, **ids)[0] == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    # the namespace went with its process: its veth too, and agentd released the endpoint
+    deadline = time.monotonic() + 10
+    while _endpoints(host):
+        assert time.monotonic() < deadline, _endpoints(host)
+        time.sleep(0.02)
+    assert ch.call(ch.NATIVE, "DEL", conf, **ids) == (0, None)
