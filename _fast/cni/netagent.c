@@ -278,7 +278,7 @@ int main(void) {
         return fail(version, unreachable, msg.data, details.data);
     }
     for (size_t off = 0; off < req.len;) {
-        ssize_t w = write(fd, req.data + off, req.len - off);
+        ssize_t w = send(fd, req.data + off, req.len - off, MSG_NOSIGNAL); /* no SIGPIPE */
         if (w < 0) {
             if (errno == EINTR) continue;
             break;

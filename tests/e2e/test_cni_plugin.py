@@ -28,6 +28,7 @@ class Scripted:
     def __init__(self, path: Path) -> None:
         self.path = str(path)
         self.reply = b""
+        self.hang_up = False  # close at once, reading nothing
         self.requests: list[bytes] = []
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.bind(self.path)
@@ -41,6 +42,8 @@ class Scripted:
             except OSError:
                 return
             with conn:
+                if self.hang_up:
+                    continue
                 data = b""
                 while not data.endswith(b"\n"):
                     chunk = conn.recv(65536)
@@ -95,6 +98,17 @@ def test_answers(agentd: Scripted, why: str, reply: bytes, status: int, printed:
         "CNI_IFNAME": "eth0",
     }
     assert json.loads(base64.b64decode(request["params"]["stdin"])) == conf
+
+
+def test_agentd_hanging_up_mid_request_is_try_again(agentd: Scripted) -> None:
+    """A configuration larger than agentd reads before it hangs up: the write fails (EPIPE,
+    not a SIGPIPE death) and both clients say 11."""
+    agentd.hang_up = True
+    conf = json.dumps(dict(CONF, socket=agentd.path, pad="x" * (4 << 20))).encode()
+    outs = [ch.run(plugin, "ADD", conf, **ENV) for plugin in ch.CLIENTS.values()]
+    assert outs[0] == outs[1]
+    status, out = outs[0]
+    assert status == 1 and json.loads(out)["code"] == 11
 
 
 @pytest.mark.parametrize("stdin", [b"", b"x", b"xy", b"xyz", bytes(range(256)) * 3])
