@@ -182,3 +182,17 @@ def test_fuzz_parses_or_refuses(env: dict[str, str], stdin: bytes) -> None:
             step(call.conf)
         except CniError as exc:
             assert exc.code == 7
+
+
+def test_add_result_after_another_plugin_keeps_its_result_first() -> None:
+    prev = {"cniVersion": "1.0.0", "interfaces": [{"name": "lo0", "sandbox": "/run/netns/x"}],
+            "ips": [{"address": "192.168.9.9/32", "interface": 0}],
+            "routes": [{"dst": "192.168.0.0/16"}],
+            "dns": {"nameservers": ["192.168.9.1"]}}  # fmt: skip
+    call = spec.parse(ENV, json.dumps({**CONF, "prevResult": prev}).encode())
+    result = spec.add_result(call, NET, EP)
+    assert [i["name"] for i in result["interfaces"]] == ["lo0", "nabbbbbbbbbbbbb", "eth0"]
+    assert [(ip["address"], ip["interface"]) for ip in result["ips"]] == [
+        ("192.168.9.9/32", 0), ("10.1.0.2/16", 2), ("fd00:1::2/64", 2)]  # fmt: skip
+    assert result["routes"][0] == {"dst": "192.168.0.0/16"} and len(result["routes"]) == 3
+    assert result["dns"] == {"nameservers": ["192.168.9.1"]}

@@ -279,7 +279,8 @@ def static_ips(conf: Conf) -> tuple[str | None, str | None]:
 def add_result(call: Call, net: Network, ep: Endpoint) -> dict[str, Any]:
     """The ADD result in the call's version: the host veth and the sandbox interface (index
     1, which every address names), addresses in CIDR form with the gateway, the default
-    routes the endpoint holds."""
+    routes the endpoint holds; after a prevResult's own (netagent chained after another
+    plugin), their indexes moved past its interfaces."""
     legacy = _vkey(call.version) < (1, 0, 0)  # 0.3.x and 0.4.0 tag each address's family
     ips: list[dict[str, Any]] = []
     routes: list[dict[str, str]] = []
@@ -294,15 +295,24 @@ def add_result(call: Call, net: Network, ep: Endpoint) -> dict[str, Any]:
             routes.append({"dst": "::/0", "gw": net.gateway6})
     if legacy:
         ips = [{"version": "6" if ":" in ip["address"] else "4", **ip} for ip in ips]
+    interfaces: list[dict[str, Any]] = [
+        {"name": ep.host_ifname},
+        {"name": ep.ifname, "mac": ep.mac, "sandbox": call.netns},
+    ]
+    prev = call.conf.prev_result
+    if prev:  # chained after another plugin: its result first, ours appended (indexes moved)
+        before = list(prev.get("interfaces") or [])
+        for ip in ips:
+            ip["interface"] += len(before)
+        interfaces = before + interfaces
+        ips = list(prev.get("ips") or []) + ips
+        routes = list(prev.get("routes") or []) + routes
     return {
         "cniVersion": call.version,
-        "interfaces": [
-            {"name": ep.host_ifname},
-            {"name": ep.ifname, "mac": ep.mac, "sandbox": call.netns},
-        ],
+        "interfaces": interfaces,
         "ips": ips,
         "routes": routes,
-        "dns": {},
+        "dns": (prev or {}).get("dns") or {},
     }
 
 
