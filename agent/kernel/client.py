@@ -150,6 +150,11 @@ class Kernel:
         tests and diagnostics)."""
         return await self._call(Job.IFNAMES_IN, netns_path)
 
+    async def addresses_in(self, netns_path: str, ifname: str) -> list[str] | None:
+        """The addresses ("address/prefix") of `ifname` in the namespace at `netns_path`;
+        None when it has no such link (CNI's CHECK)."""
+        return await self._call(Job.ADDRESSES_IN, netns_path, naming.validate_ifname(ifname))
+
     async def set_ip_forward(self) -> None:
         """Enable IPv4 forwarding (/proc/sys/net/ipv4/ip_forward = 1)."""
         await self._call(Job.SET_IP_FORWARD)

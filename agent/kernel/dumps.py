@@ -10,16 +10,21 @@ socket).
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import os
 import socket
 import struct
+from collections.abc import Callable
+from typing import TypeVar
 
 from agent import accel
 from agent.core import naming
-from agent.kernel import rtnl, rtsocket
+from agent.kernel import netns, rtnl, rtsocket
 from agent.kernel.base import LinkInfo
 
 _HDR = struct.Struct("=IHHII")
+T = TypeVar("T")
 
 
 def _dump(rt: rtsocket.RtSocket, request: rtnl.Request) -> list[bytes]:
@@ -73,6 +78,30 @@ def host_routes(rt: rtsocket.RtSocket) -> list[ipaddress.IPv4Network]:
 def link_names(rt: rtsocket.RtSocket) -> set[str]:
     """The names of every link of `rt`'s namespace."""
     return {rtsocket.Link(payload).name for payload in _dump(rt, rtnl.dump_links())}
+
+
+def addresses_of(rt: rtsocket.RtSocket, name: str) -> list[str] | None:
+    """The addresses ("address/prefix", both families) of link `name` in `rt`'s namespace;
+    None when it has no such link (CNI's CHECK)."""
+    links = map(rtsocket.Link, _dump(rt, rtnl.dump_links()))
+    index = next((link.index for link in links if link.name == name), None)
+    if index is None:
+        return None
+    msgs = _as_messages(_dump(rt, rtnl.dump_addrs()), 20)
+    events = accel.nlevents.decode(msgs, indexes={index})
+    return sorted(f"{ev.address}/{ev.prefixlen}" for ev in events if hasattr(ev, "prefixlen"))
+
+
+def read_in(path: str, home: int, read: Callable[[rtsocket.RtSocket], T]) -> T:
+    """`read` on a netlink socket opened inside the namespace at `path` (`home`: the
+    caller's own namespace, to come back to; see `netns.socket_visiting`)."""
+    fd = netns.open_netns(path)
+    try:
+        ns = rtsocket.RtSocket(netns.socket_visiting(fd, home))
+    finally:
+        os.close(fd)
+    with contextlib.closing(ns):
+        return read(ns)
 
 
 def nsids(rt: rtsocket.RtSocket) -> list[int]:

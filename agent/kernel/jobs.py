@@ -40,6 +40,7 @@ class Job(StrEnum):
     OWNED_LINKS = "owned_links"
     HOST_ROUTES = "host_routes"
     IFNAMES_IN = "ifnames_in"
+    ADDRESSES_IN = "addresses_in"
     SET_IP_FORWARD = "set_ip_forward"
     SET_IP6_FORWARD = "set_ip6_forward"
     OPEN_REAPER = "open_reaper"

@@ -394,15 +394,11 @@ class Ops:
 
     def ifnames_in(self, path: str) -> set[str]:
         """The names of the links inside the namespace at `path`."""
-        fd = netns.open_netns(path)
-        try:
-            ns = rtsocket.RtSocket(netns.socket_visiting(fd, self._home))
-        finally:
-            os.close(fd)
-        try:
-            return dumps.link_names(ns)
-        finally:
-            ns.close()
+        return dumps.read_in(path, self._home, dumps.link_names)
+
+    def addresses_in(self, path: str, ifname: str) -> list[str] | None:
+        """The addresses of `ifname` in the namespace at `path` (None: no such link)."""
+        return dumps.read_in(path, self._home, lambda ns: dumps.addresses_of(ns, ifname))
 
     def set_ip_forward(self) -> None:
         sysctl.set_ip_forward()
@@ -442,6 +438,7 @@ JOBS: dict[Job, Callable[..., Any]] = {
     Job.OWNED_LINKS: Ops.owned_links,
     Job.HOST_ROUTES: Ops.host_routes,
     Job.IFNAMES_IN: Ops.ifnames_in,
+    Job.ADDRESSES_IN: Ops.addresses_in,
     Job.SET_IP_FORWARD: Ops.set_ip_forward,
     Job.SET_IP6_FORWARD: Ops.set_ip6_forward,
     Job.OPEN_REAPER: Ops.open_reaper,

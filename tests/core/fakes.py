@@ -40,6 +40,7 @@ class FakeKernel:
         self.aliases: dict[str, str] = {}  # set_alias calls: link -> its latest mark
         self.fail_alias = False
         self.in_host: set[str] = set()  # veths made by attach_host (both ends here)
+        self.inside: dict[tuple[str, str], list[str]] = {}  # addresses_in answers
 
     async def ensure_bridge(self, bridge: Bridge) -> int:
         await trio.sleep(0)
@@ -101,6 +102,9 @@ class FakeKernel:
 
     async def host_routes(self) -> list[ipaddress.IPv4Network]:
         return list(self.routes)
+
+    async def addresses_in(self, netns_path: str, ifname: str) -> list[str] | None:
+        return self.inside.get((netns_path, ifname))
 
     async def set_ip_forward(self) -> None:
         pass

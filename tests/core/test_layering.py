@@ -35,6 +35,7 @@ PURE_MODULES = (
     "agent.firewall.iptables.save",
     "agent.frontends.docker.wire",
     "agent.frontends.docker.convert",
+    "agent.frontends.cni.spec",
 )
 
 #: module prefix -> the agent modules it may import (besides itself and its own package)
@@ -62,6 +63,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     "agent.frontends.jsonrpc": (
         "agent.core", "agent.log", "agent.frontends.jsonrpc", "agent.service",
+        "agent.frontends.cni.commands",
     ),
     "agent.frontends.docker": (
         "agent.core", "agent.log", "agent.frontends.docker", "agent.service",
@@ -69,6 +71,9 @@ LAYERS: dict[str, tuple[str, ...]] = {
     ),
     # the DNS server reads the topology and the bus's events (values of the core)
     "agent.dns": ("agent.core", "agent.log", "agent.dns"),
+    # CNI: `spec` pure, `commands` calls the service; `plugin` (the client twin) stdlib only
+    "agent.frontends.cni": ("agent.core", "agent.log", "agent.service", "agent.frontends.cni"),
+    "agent.frontends.cni.plugin": (),
     "agent.daemon": ("agent",),
 }  # fmt: skip
 

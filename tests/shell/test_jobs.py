@@ -70,6 +70,7 @@ CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
     ("owned_links", (), {}),
     ("host_routes", (), {}),
     ("ifnames_in", ("/run/netns/c1",), {}),
+    ("addresses_in", ("/run/netns/c1", "eth0"), {}),
     ("set_ip_forward", (), {}),
     ("set_ip6_forward", (), {}),
 ]
@@ -127,7 +128,7 @@ def test_the_client_implements_the_protocol_exactly() -> None:
     methods = {
         n for n, v in vars(base.Kernel).items() if inspect.isfunction(v) and not n.startswith("_")
     }
-    assert len(methods) == 14
+    assert len(methods) == 15  # attach_host: Docker's Join; addresses_in: CNI CHECK
     for name in methods:
         ours, theirs = getattr(client.Kernel, name), getattr(base.Kernel, name)
         assert inspect.iscoroutinefunction(ours), name

@@ -238,6 +238,9 @@ async def test_attach_configures_both_ends(kernel, scratch, kind):
     await kernel.attach(spec)
     assert_attached(path, spec, bridge)
     assert await kernel.ifnames_in(path) == {"lo", "eth0"}
+    # what CNI's CHECK reads: the interface's addresses inside, None once it is gone
+    assert await kernel.addresses_in(path, "eth0") == [spec.address]
+    assert await kernel.addresses_in(path, "eth9") is None
 
 
 def test_the_creation_echo_names_the_peer_inside(scratch):

@@ -77,7 +77,7 @@ def _selected(argv: list[str]) -> tuple[str, ...]:
             skip = True
         elif not token.startswith("-"):
             words.append(token)
-            if words[0] not in ("network", "port") or len(words) == 2:
+            if words[0] not in ("network", "port", "cni") or len(words) == 2:
                 break
     return tuple(words)
 
@@ -109,7 +109,8 @@ def build_parser(selected: tuple[str, ...] | None = None) -> argparse.ArgumentPa
         group = cmds
         if len(path) == 2:
             if path[0] not in groups:
-                net = cmds.add_parser(path[0], help=f"manage {path[0]}s")
+                group_help = "set up the CNI plugin" if path[0] == "cni" else f"manage {path[0]}s"
+                net = cmds.add_parser(path[0], help=group_help)
                 groups[path[0]] = net.add_subparsers(metavar="COMMAND", required=True)
             group = groups[path[0]]
         wanted = selected is None or selected == path

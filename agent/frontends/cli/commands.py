@@ -399,6 +399,18 @@ def _no_args(p: argparse.ArgumentParser) -> None:
     pass
 
 
+def cmd_cni_install(client: Any, args: argparse.Namespace) -> int:
+    from agent.frontends.cli import cni  # only for this command
+
+    return cni.cmd_cni_install(client, args)
+
+
+def _args_cni_install(p: argparse.ArgumentParser) -> None:
+    from agent.frontends.cli import cni
+
+    cni.args_cni_install(p)
+
+
 # command path -> (handler, help, adds the command's arguments)
 COMMANDS: dict[tuple[str, ...], tuple[Handler, str, Callable[[argparse.ArgumentParser], None]]] = {
     ("info",): (cmd_info, "show the daemon's state", _no_args),
@@ -425,4 +437,9 @@ COMMANDS: dict[tuple[str, ...], tuple[Handler, str, Callable[[argparse.ArgumentP
     ("ruleset",): (cmd_ruleset, "print the firewall ruleset the agent maintains", _no_args),
     ("events",): (cmd_events, "stream network, endpoint and repair events", _args_events),
     ("reconcile",): (cmd_reconcile, "check links and rules now; print what was repaired", _no_args),
+    ("cni", "install"): (
+        cmd_cni_install,
+        "write the CNI plugin and a conflist for a network",
+        _args_cni_install,
+    ),
 }

@@ -98,6 +98,7 @@ PARAMS: dict[str, dict[str, Any]] = {
     "events.subscribe": {"types": []},
     "port.publish": {"netns": REQUIRED, "ports": REQUIRED, "network": None},
     "port.unpublish": {"netns": REQUIRED, "ports": REQUIRED, "network": None},
+    "cni.exec": {"env": {}, "stdin": ""},
 }
 
 

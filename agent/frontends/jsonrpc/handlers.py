@@ -7,12 +7,14 @@ decides anything: port specs are parsed by `agent.core.ports`, network options b
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import msgspec
 
 from agent.core import plan, ports
+from agent.core.errors import InvalidArgument
 from agent.frontends.jsonrpc import protocol as p
 from agent.frontends.jsonrpc.server import Handler, Stream
 from agent.service import Service
@@ -124,6 +126,16 @@ def build(svc: Service, reconciler: Reconciler, info: Callable[[], p.Info]) -> d
         mappings = ports.parse_all(params.ports)
         return await svc.ports.unpublish(params.netns, mappings, network=params.network)
 
+    async def cni_exec(params: p.CniExec) -> p.CniOutput:
+        from agent.frontends.cni import commands as cni
+
+        try:
+            stdin = base64.b64decode(params.stdin, validate=True)
+        except ValueError as exc:
+            raise InvalidArgument("cni.exec: stdin is not base64", field="stdin") from exc
+        status, out = await cni.execute(svc, params.env, stdin)
+        return p.CniOutput(exit=status, out=None if out is None else msgspec.Raw(out))
+
     table: dict[str, Callable[[Any], Awaitable[Any]]] = {
         "system.info": system_info,
         "system.ruleset": system_ruleset,
@@ -144,5 +156,6 @@ def build(svc: Service, reconciler: Reconciler, info: Callable[[], p.Info]) -> d
         "sandbox.remove": sandbox_remove,
         "port.publish": port_publish,
         "port.unpublish": port_unpublish,
+        "cni.exec": cni_exec,
     }
     return table

@@ -139,6 +139,22 @@ class SandboxRemove(Params):
     name: str
 
 
+class CniExec(Params):
+    """One CNI plugin call, forwarded unread by the plugin executable (`agent.frontends.cni`)."""
+
+    env: dict[str, str] = msgspec.field(default_factory=dict)  # the CNI_* variables set
+    stdin: str = ""  # the plugin's configuration, base64
+
+
+class CniOutput(msgspec.Struct, kw_only=True):
+    """What the plugin prints and its exit status. The clients read the encoded answer
+    positionally: `{"jsonrpc":"2.0","id":ID,"result":{"exit":N,"out":JSON}}`, `out` being
+    the bytes to print (null: nothing), so keep these two fields, in this order, last."""
+
+    exit: int
+    out: msgspec.Raw | None = None
+
+
 class NetworkView(msgspec.Struct, kw_only=True):
     """What `network inspect` shows: the network and its endpoints."""
 
@@ -201,6 +217,7 @@ METHODS: dict[str, type[Params]] = {
     "system.reconcile": Empty,
     "port.publish": PortChange,
     "port.unpublish": PortChange,
+    "cni.exec": CniExec,
 }
 
 
