@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -196,3 +197,11 @@ def test_add_result_after_another_plugin_keeps_its_result_first() -> None:
         ("192.168.9.9/32", 0), ("10.1.0.2/16", 2), ("fd00:1::2/64", 2)]  # fmt: skip
     assert result["routes"][0] == {"dst": "192.168.0.0/16"} and len(result["routes"]) == 3
     assert result["dns"] == {"nameservers": ["192.168.9.1"]}
+
+
+def test_add_result_names_the_gateways_as_nameservers_when_the_network_has_names() -> None:
+    call = spec.parse(ENV, json.dumps(CONF).encode())
+    assert NET.dns and not NET.is_default
+    assert spec.add_result(call, NET, EP)["dns"] == {"nameservers": ["10.1.0.1", "fd00:1::1"]}
+    off = msgspec.structs.replace(NET, dns=False)
+    assert spec.add_result(call, off, EP)["dns"] == {}

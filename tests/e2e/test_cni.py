@@ -72,7 +72,7 @@ def test_add_check_del(host: Host, client: str, plugin: str) -> None:
             ],
             "ips": [{"address": f"{ep['ip']}/24", "gateway": "10.71.0.1", "interface": 1}],
             "routes": [{"dst": "0.0.0.0/0", "gw": "10.71.0.1"}],
-            "dns": {},
+            "dns": {"nameservers": ["10.71.0.1"]},  # the network answers names
         }
         assert ipv4_of(name, "net1") == [f"{ep['ip']}/24"]
         assert ping(name, "10.71.0.1")

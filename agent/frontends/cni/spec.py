@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 
-from agent.core import naming, ports
+from agent.core import names, naming, ports
 from agent.core.errors import AgentError
 from agent.core.model import Endpoint, Network, PortMapping
 
@@ -279,8 +279,9 @@ def static_ips(conf: Conf) -> tuple[str | None, str | None]:
 def add_result(call: Call, net: Network, ep: Endpoint) -> dict[str, Any]:
     """The ADD result in the call's version: the host veth and the sandbox interface (index
     1, which every address names), addresses in CIDR form with the gateway, the default
-    routes the endpoint holds; after a prevResult's own (netagent chained after another
-    plugin), their indexes moved past its interfaces."""
+    routes the endpoint holds, `dns` naming the gateway when the network answers names; after
+    a prevResult's own (netagent chained after another plugin), their indexes moved past its
+    interfaces."""
     legacy = _vkey(call.version) < (1, 0, 0)  # 0.3.x and 0.4.0 tag each address's family
     ips: list[dict[str, Any]] = []
     routes: list[dict[str, str]] = []
@@ -312,8 +313,16 @@ def add_result(call: Call, net: Network, ep: Endpoint) -> dict[str, Any]:
         "interfaces": interfaces,
         "ips": ips,
         "routes": routes,
-        "dns": (prev or {}).get("dns") or {},
+        "dns": (prev or {}).get("dns") or _dns(net),
     }
+
+
+def _dns(net: Network) -> dict[str, Any]:
+    """The network's embedded DNS server (its gateways), when it has names."""
+    if not names.dns_enabled(net):
+        return {}
+    servers = [net.gateway] + ([net.gateway6] if net.gateway6 else [])
+    return {"nameservers": servers}
 
 
 def prev_addresses(call: Call) -> set[str]:
