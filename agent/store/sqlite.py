@@ -24,6 +24,7 @@ then rebuilds the state from the kernel's ownership marks).
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -312,16 +313,28 @@ class Store:
         with contextlib.suppress(sqlite3.Error):
             self._conn.close()  # a checkpoint into the unlinked or kept file, or nothing
         conn = None
+        new = self.path.with_name(self.path.name + ".new")
         try:
-            files.remove(self.path)
+            # written whole beside it, then renamed over it: a crash mid-rewrite never leaves
+            # a database that holds only part of the state
+            files.remove(new)
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            conn = _prepare(self.path)
+            conn = _prepare(new)
             with conn:
                 for op in [*self._mirror.ops(), *ops]:
                     _execute(conn, op)
+            conn.close()  # checkpointed into the file: no -wal left
+            conn = None
+            for suffix in files.SUFFIXES[1:]:  # the old file's WAL must not replay into it
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{self.path}{suffix}")
+            os.replace(new, self.path)
+            conn = files.connect(self.path)
         except (sqlite3.Error, OSError) as exc:
             if conn is not None:
                 conn.close()
+            with contextlib.suppress(OSError):
+                files.remove(new)
             if str(exc) != self._failure:
                 log.error("store.recover.failed", reason=reason, error=str(exc))
                 self._failure = str(exc)

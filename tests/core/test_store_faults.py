@@ -264,3 +264,31 @@ def test_no_acknowledged_write_is_lost_whatever_happens_to_the_file(steps) -> No
                 snap = store.snapshot()
                 assert {n.id for n in snap.networks} == set(nets)
                 assert {e.id for e in snap.endpoints} == set(eps)
+
+
+def test_a_rewrite_that_fails_halfway_never_leaves_a_partial_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rewrite goes to a file beside the database and is renamed over it only when whole:
+    a crash (here: an error) in the middle leaves no file that holds part of the state."""
+    from agent.store import sqlite as store_module
+
+    nets = [_net(i) for i in range(1, 4)]
+    with open_store(tmp_path) as store:
+        _put(store, *nets)
+        os.unlink(tmp_path / DB_NAME)
+        real, calls = store_module._execute, []
+
+        def failing(conn, op) -> None:
+            calls.append(op)
+            if len(calls) == 2:  # the second record of the rewrite
+                raise store_module.sqlite3.OperationalError("disk I/O error")
+            real(conn, op)
+
+        monkeypatch.setattr(store_module, "_execute", failing)
+        with pytest.raises(StorageError):
+            _put(store, _net(9))
+        assert not (tmp_path / DB_NAME).exists()  # not a database with one network of three
+        monkeypatch.setattr(store_module, "_execute", real)
+        _put(store, _net(9))  # the next write rewrites it whole
+    assert _on_disk(tmp_path)[0] == {n.id for n in [*nets, _net(9)]}
