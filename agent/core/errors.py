@@ -35,6 +35,13 @@ class InvalidArgument(AgentError):
     kind = "invalid_argument"
 
 
+class PermissionDenied(AgentError):
+    """The peer may not use the control socket (not root, not in the socket's group)."""
+
+    code = 403
+    kind = "permission"
+
+
 class NotFound(AgentError):
     """A network, endpoint or namespace that the request names does not exist."""
 
@@ -88,5 +95,6 @@ ERRORS_BY_KIND: dict[str, type[AgentError]] = {
         PoolExhausted,
         KernelError,
         FirewallApply,
+        PermissionDenied,
     )
 }

@@ -62,6 +62,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "agent.core", "agent.log", "agent.frontends.jsonrpc", "agent.service",
     ),
     "agent.daemon": ("agent",),
+    "agent.lockfile": (),
+    "agent.preflight": (),
 }  # fmt: skip
 
 
