@@ -77,6 +77,8 @@ class WorkerConnection:
         ident, done = self._next, trio.Event()
         box: list[Any] = []
         self._waiting[ident] = (done, box)
+        if at is not None:  # before sending: the worker may ask before send_all returns
+            begun = self._asks[ident] = trio.Event()
         frame = pickle.dumps(
             (ident, job.value, args) if at is None else (ident, job.value, args, True)
         )
@@ -86,13 +88,13 @@ class WorkerConnection:
                     await self._stream.send_all(FRAME.pack(len(frame)) + frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._waiting.pop(ident, None)
+                self._asks.pop(ident, None)
                 raise KernelError(self._gone or "the kernel worker is gone") from None
             if at is not None:
-                begun = self._asks[ident] = trio.Event()
                 with trio.move_on_after(at - time.monotonic()):
                     await begun.wait()
                 if not begun.is_set():  # the worker will be told no when it asks
-                    del self._asks[ident]
+                    self._asks.pop(ident, None)
                     raise _late(bound, job)
             await done.wait()
         ok, value = box

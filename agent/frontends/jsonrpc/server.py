@@ -9,9 +9,10 @@ oversized line (> `protocol.MAX_LINE`) gets an error and the connection is close
 does not read its answers for `SEND_TIMEOUT` seconds is dropped. No client can stop the server
 or slow down another client.
 
-Limits (`agent.frontends.jsonrpc.limits`): connections past `Limits.connections` are told "too
-many connections" and closed; a connection idle for `Limits.idle_timeout` is closed; accept()
-out of descriptors backs off; each request gets a deadline for beginning its kernel work
+Limits (`agent.frontends.jsonrpc.limits`): at `Limits.connections`, a new connection closes
+the one idle the longest (`IdleSet`), or, if every one is busy, is told "too many
+connections"; a connection idle for `Limits.idle_timeout` is closed; accept() out of
+descriptors backs off; each request gets a deadline for beginning its kernel work
 (`agent.core.deadline`); a request read from a client that has already hung up is not run
 (nobody could read its answer); log lines about client errors are rate-limited per peer. A
 refused peer is sent its error before the connection closes.
@@ -27,7 +28,8 @@ import select
 import socket as stdsocket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import structlog
@@ -174,6 +176,33 @@ async def dispatch(
     return p.encode_result(req.id, result)
 
 
+class IdleSet:
+    """Connections waiting for their next request with nothing buffered, oldest first: at the
+    connection limit, the oldest idle one makes room for a new client (nginx reuses idle
+    keep-alive connections the same way), so idle clients cannot lock fresh ones out."""
+
+    def __init__(self) -> None:
+        self._scopes: OrderedDict[int, trio.CancelScope] = OrderedDict()
+        self.evicted: set[int] = set()
+
+    @contextlib.contextmanager
+    def waiting(self, scope: trio.CancelScope) -> Iterator[None]:
+        self._scopes[id(scope)] = scope
+        try:
+            yield
+        finally:
+            self._scopes.pop(id(scope), None)
+
+    def evict_oldest(self) -> bool:
+        """Close the connection idle the longest; False if none is idle."""
+        if not self._scopes:
+            return False
+        key, scope = self._scopes.popitem(last=False)
+        self.evicted.add(key)
+        scope.cancel()
+        return True
+
+
 def _peer_uid() -> int:
     """The uid bound to this connection's log context (-1 outside a connection)."""
     uid = structlog.contextvars.get_contextvars().get("peer_uid", -1)
@@ -187,11 +216,13 @@ class _Connection:
         handlers: dict[str, Handler],
         inflight: InFlight,
         limits: Limits,
+        idle: IdleSet,
     ) -> None:
         self.stream = stream
         self.handlers = handlers
         self.inflight = inflight
         self.limits = limits
+        self.idle = idle
         self.buf = bytearray()
 
     async def send(self, data: bytes) -> None:
@@ -211,15 +242,22 @@ class _Connection:
                         )
                     )
                     return
-                with trio.move_on_after(self.limits.idle_timeout):
-                    chunk = await self.stream.receive_some(65536)
-                    if not chunk:
-                        return
-                    self.buf += chunk
-                    continue
-                log_limited("api.connection.idle", _peer_uid(), "info",
-                            timeout_s=self.limits.idle_timeout)  # fmt: skip
-                return
+                chunk = b""
+                with trio.move_on_after(self.limits.idle_timeout) as scope:
+                    with self.idle.waiting(scope) if not self.buf else contextlib.nullcontext():
+                        chunk = await self.stream.receive_some(65536)
+                if id(scope) in self.idle.evicted:  # closed even if a request just came in:
+                    self.idle.evicted.discard(id(scope))  # its slot is given away (not run)
+                    log_limited("api.connection.evicted", _peer_uid(), "info")
+                    return
+                if scope.cancelled_caught:
+                    log_limited("api.connection.idle", _peer_uid(), "info",
+                                timeout_s=self.limits.idle_timeout)  # fmt: skip
+                    return
+                if not chunk:
+                    return
+                self.buf += chunk
+                continue
             line = bytes(self.buf[:nl])
             del self.buf[: nl + 1]
             if not line.strip():
@@ -303,6 +341,7 @@ async def serve_api(
         release_socket(path, identity)
         raise
     active = 0
+    idle = IdleSet()
 
     async def handle(stream: trio.SocketStream) -> None:
         nonlocal active
@@ -314,7 +353,7 @@ async def serve_api(
                 denied = PermissionDenied("permission denied: not root nor in the socket's group")
                 await _refuse(stream, denied)
                 return
-            await _Connection(stream, handlers, counter, limits).serve()
+            await _Connection(stream, handlers, counter, limits, idle).serve()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         except Exception:  # a broken client must never take the server down
@@ -340,7 +379,7 @@ async def serve_api(
                 continue
             pause = 0.0
             stream = trio.SocketStream(conn)
-            if active >= most:
+            if active >= most and not idle.evict_oldest():  # every connection is busy
                 log_limited("api.connections.refused", -1, limit=most)
                 full = Busy(f"too many connections (agentd's limit is {most}); retry later")
                 nursery.start_soon(_refuse, stream, full)
