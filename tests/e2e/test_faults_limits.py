@@ -199,6 +199,11 @@ def test_connections_past_the_limit_are_refused_when_all_are_busy() -> None:
         host.close()
 
 
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
 def test_emfile_backs_off_and_idle_connections_are_closed() -> None:
     """nofile 64 with a connection limit above it: accept() fails with EMFILE; agentd backs
     off (a bounded number of log lines, no spin), idle connections are closed after
@@ -209,10 +214,13 @@ def test_emfile_backs_off_and_idle_connections_are_closed() -> None:
         before = _snapshot(host)
         held = _open_idle(host.socket, 120)
         time.sleep(0.3)
+        cpu = _cpu_seconds(host.proc.pid)
         started = time.monotonic()
         host.ctl("network", "create", "late")  # waits for idle connections to be closed
         waited = time.monotonic() - started
         assert waited < 15
+        spent = _cpu_seconds(host.proc.pid) - cpu
+        assert spent < 0.2 * waited, (spent, waited)  # backed off, did not spin on accept()
         exhausted = _log_events(host, "api.accept.exhausted")
         assert exhausted, "accept() never ran out of descriptors: the test proves nothing"
         assert len(exhausted) <= 5 + waited + 1  # rate-limited (burst 5, 1/s)
