@@ -28,13 +28,7 @@ from agent.core.topology import Topology
 from agent.firewall.monitor import serve_nft_changes
 from agent.frontends.jsonrpc import handlers
 from agent.frontends.jsonrpc import protocol as p
-from agent.frontends.jsonrpc.limits import (
-    Limits,
-    SocketInUse,
-    claim_socket,
-    release_socket,
-    socket_identity,
-)
+from agent.frontends.jsonrpc.limits import Limits, SocketInUse, claim_socket
 from agent.frontends.jsonrpc.server import InFlight, serve_api
 from agent.kernel import netns
 from agent.kernel.client import open_kernel
@@ -253,8 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         with contextlib.ExitStack() as held:
             held.enter_context(lockfile.hold_state_dir(args.state_dir))
             os.makedirs(os.path.dirname(args.socket) or ".", exist_ok=True)
-            args.listener = held.enter_context(claim_socket(args.socket))
-            held.callback(release_socket, args.socket, socket_identity(args.socket))
+            args.listener = claim_socket(args.socket, args.socket_group)
+            held.callback(args.listener.release)
             preflight.check_tools(args.firewall)
             trio.run(run_daemon, args)
     except Exception as exc:

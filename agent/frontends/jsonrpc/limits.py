@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import os
 import resource
 import socket as stdsocket
@@ -99,13 +100,30 @@ class SocketInUse(Exception):
     """The socket path is served by another process (or is not a socket at all)."""
 
 
-def claim_socket(path: str) -> stdsocket.socket:
-    """A listening Unix socket at `path`.
+@dataclass
+class Claimed:
+    """A listening socket this process bound at `path`, and the identity of that file."""
+
+    sock: stdsocket.socket
+    path: str
+    identity: tuple[int, int, int] | None
+
+    def release(self) -> bool:
+        """Close the socket; unlink `path` if it is still the file bound here. Idempotent."""
+        self.sock.close()
+        identity, self.identity = self.identity, None
+        return release_socket(self.path, identity)
+
+
+def claim_socket(path: str, group: str | None = None, mode: int = 0o660) -> Claimed:
+    """A listening Unix socket at `path`, mode `mode`, owned by root and `group`.
 
     Error handling:
         SocketInUse if a process answers on `path`, or `path` is something other than a
         socket; a dead socket file (nobody listening) is replaced.
     """
+    gid = grp.getgrnam(group).gr_gid if group else None
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         if not stat.S_ISSOCK(os.lstat(path).st_mode):
             raise SocketInUse(f"{path} exists and is not a socket: not replacing it")
@@ -130,19 +148,29 @@ def claim_socket(path: str) -> stdsocket.socket:
         if exc.errno == errno.EADDRINUSE:
             raise SocketInUse(f"{path} is in use by another process") from exc
         raise
-    return sock
+    claimed = Claimed(sock, path, socket_identity(path))
+    try:
+        os.chmod(path, mode)
+        if gid is not None:
+            os.chown(path, 0, gid)
+        claimed.identity = socket_identity(path)  # the change time moved
+    except BaseException:
+        claimed.release()
+        raise
+    return claimed
 
 
-def socket_identity(path: str) -> tuple[int, int] | None:
-    """(st_dev, st_ino) of the file at `path`, or None if there is none."""
+def socket_identity(path: str) -> tuple[int, int, int] | None:
+    """(st_dev, st_ino, st_ctime_ns) of the file at `path`, or None if there is none: the
+    change time tells a new file from an old one that had the same (reused) inode."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         return None
-    return st.st_dev, st.st_ino
+    return st.st_dev, st.st_ino, st.st_ctime_ns
 
 
-def release_socket(path: str, identity: tuple[int, int] | None) -> bool:
+def release_socket(path: str, identity: tuple[int, int, int] | None) -> bool:
     """Unlink `path` if it is still the file this process bound (`identity`); True if so."""
     if identity is None or socket_identity(path) != identity:
         return False

@@ -40,12 +40,11 @@ from agent.core.errors import AgentError, Busy, PermissionDenied
 from agent.frontends.jsonrpc import protocol as p
 from agent.frontends.jsonrpc.limits import (
     ACCEPT_CAPACITY_ERRNOS,
+    Claimed,
     Limits,
     LogLimiter,
     accept_backoff,
     claim_socket,
-    release_socket,
-    socket_identity,
 )
 from agent.log import get_logger
 
@@ -312,7 +311,7 @@ async def serve_api(
     group: str | None = None,
     inflight: InFlight | None = None,
     limits: Limits | None = None,
-    listener: stdsocket.socket | None = None,
+    listener: Claimed | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on `path` (mode 0660, group `group`) until cancelled; `listener`: the socket
@@ -327,18 +326,11 @@ async def serve_api(
     counter = inflight or InFlight()
     limits = limits or Limits()
     most = limits.connections
-    if listener is None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    raw = listener or claim_socket(path)
-    identity = socket_identity(path)
+    claimed = listener or claim_socket(path, group)
     try:
-        os.chmod(path, 0o660)
-        if gid is not None:
-            os.chown(path, 0, gid)
-        sock = trio.socket.from_stdlib_socket(raw)
+        sock = trio.socket.from_stdlib_socket(claimed.sock)
     except BaseException:
-        raw.close()
-        release_socket(path, identity)
+        claimed.release()
         raise
     active = 0
     idle = IdleSet()
@@ -395,4 +387,4 @@ async def serve_api(
             task_status.started()
     finally:
         sock.close()
-        release_socket(path, identity)
+        claimed.release()
