@@ -8,8 +8,8 @@ For each case, agentd runs in its own host namespace; the bench opens `held` idl
 Cases: no idle connections; idle connections below the connection limit; past it (the oldest
 idle ones are closed to make room); and past it under a small open-files limit (prlimit
 nofile 256: the default limit is then 128). The ratio is each case's p99 over the idle-free
-p99 of the same run. There is no peer here: Docker and Podman have no comparable control
-socket limits to measure side by side (dockerd's API socket has none).
+p99 of the same run. There is no peer here: the comparison is agentd against itself without
+idle connections, in the same run.
 """
 
 from __future__ import annotations
