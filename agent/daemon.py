@@ -119,7 +119,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 await nursery.start(reconciler.serve_firewall_repair)
             table = handlers.build(svc, reconciler, partial(_info, svc, args, started))
             inflight = InFlight()
-            limits = Limits(args.max_connections, args.idle_timeout, args.request_timeout)
+            limits = Limits(args.max_connections, args.idle_timeout, args.request_timeout or None)
             serve = partial(
                 serve_api, table, args.socket, group=args.socket_group, inflight=inflight,
                 limits=limits, listener=args.listener,
@@ -193,9 +193,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="close a connection that sends nothing for this long (default: %(default)s)",
     )  # fmt: skip
     ap.add_argument(
-        "--request-timeout", type=_positive(float), default=30.0, metavar="SECONDS",
+        "--request-timeout", type=float, default=30.0, metavar="SECONDS",
         help="a request whose kernel work cannot begin within this long fails with 'busy' "
-        "and changes nothing (default: %(default)s)",
+        "and changes nothing (default: %(default)s; 0: no deadline)",
     )  # fmt: skip
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--log-format", choices=("json", "console"), default="json")

@@ -48,12 +48,12 @@ class Limits:
 
     max_connections: int | None = None
     idle_timeout: float = 60.0  # seconds a connection may wait between requests
-    request_timeout: float = 30.0  # seconds a request has to begin its kernel work
+    request_timeout: float | None = 30.0  # seconds a request has to begin its kernel work
 
     def __post_init__(self) -> None:
         if self.max_connections is not None and self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
-        if self.idle_timeout <= 0 or self.request_timeout <= 0:
+        if self.idle_timeout <= 0 or (self.request_timeout or 1) <= 0:
             raise ValueError("timeouts must be positive")
 
     @property
