@@ -76,6 +76,7 @@ def test_limits_validate_and_default_under_the_descriptor_limit() -> None:
         with pytest.raises(ValueError):
             Limits(**bad)
     assert Limits(max_connections=7).connections == 7
+    assert Limits(request_timeout=None).request_timeout is None  # --request-timeout 0: off
     assert MIN_CONNECTIONS <= Limits().connections == default_max_connections()
     assert default_max_connections() <= MAX_CONNECTIONS_CAP
 
