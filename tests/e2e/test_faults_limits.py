@@ -244,6 +244,32 @@ def test_idle_connection_is_closed_and_the_client_reconnects() -> None:
         assert _log_events(host, "api.connection.idle")
 
 
+# -- defect 6: reserved subnets ----------------------------------------------------------------
+
+
+def test_reserved_subnets_exit_5_and_change_nothing() -> None:
+    with running_host() as host:
+        before = _snapshot(host)
+        for args in (
+            ["--subnet", "127.0.0.0/8"],
+            ["--subnet", "0.0.0.0/8"],
+            ["--subnet", "224.0.0.0/4"],
+            ["--subnet", "255.255.255.0/24"],
+            ["--subnet", "169.254.0.0/16"],
+            ["--subnet", "10.0.0.0/24", "--ip-range", "127.0.0.0/25"],
+            ["--ipv6", "--subnet", "ff02::/64"],
+            ["--ipv6", "--subnet", "fe80::/64"],
+            ["--ipv6", "--subnet", "::/64"],
+        ):
+            r = host.ctl("network", "create", *args, "rsv", check=False)
+            assert r.returncode == 5, (args, r.stderr)
+            assert "is not usable for a network" in r.stderr, r.stderr
+        run = _agentd(host, "--socket", str(host.dir / "p.sock"), "--state-dir",
+                      str(host.dir / "p-state"), "--pool", "224.0.0.0/8:24")  # fmt: skip
+        assert run.returncode != 0 and "pool 224.0.0.0/8 is not usable" in run.stderr
+        assert _snapshot(host) == before
+
+
 # -- defect 8: deep nesting --------------------------------------------------------------------
 
 
