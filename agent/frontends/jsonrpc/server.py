@@ -157,7 +157,7 @@ async def dispatch(
         return p.encode_error(req.id, exc.code, exc.message, exc.to_data())
     except Exception:
         incident = secrets.token_hex(6)
-        log.exception("request.internal_error", incident=incident)
+        log_limited("request.internal_error", _peer_uid(), "exception", incident=incident)
         return p.encode_error(
             req.id,
             p.INTERNAL_ERROR,
