@@ -15,13 +15,15 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
+from typing import NoReturn
 
 import trio
 
-from agent import __version__, accel, firewall
+from agent import __version__, accel, firewall, lockfile, preflight
 from agent.core import names, naming, plan, pools
-from agent.core.errors import StorageError
+from agent.core.errors import AgentError, StorageError
 from agent.core.topology import Topology
 from agent.dns.server import DnsServer
 from agent.dns.upstream import Upstreams
@@ -30,6 +32,7 @@ from agent.frontends.docker.handlers import DockerPlugin
 from agent.frontends.docker.server import serve_docker_plugin
 from agent.frontends.jsonrpc import handlers
 from agent.frontends.jsonrpc import protocol as p
+from agent.frontends.jsonrpc.limits import Limits, SocketInUse, claim_socket
 from agent.frontends.jsonrpc.server import InFlight, serve_api
 from agent.kernel import netns
 from agent.kernel.client import open_kernel
@@ -55,12 +58,15 @@ class Namespaces:
     """`agent.kernel.base.Namespaces` over `agent.kernel.netns`."""
 
     resolve = staticmethod(netns.resolve)
-    netns_key = staticmethod(netns.netns_key)
     create_named = staticmethod(netns.create_named)
     delete_named = staticmethod(netns.delete_named)
 
     def __init__(self, etc_dir: str = netns.ETC_NETNS) -> None:
         self.etc_dir = etc_dir
+        self._own = netns.own_keys()  # agentd's namespace and the host's: never a target
+
+    def netns_key(self, path: str) -> str:
+        return netns.target_key(path, self._own)
 
     def write_resolv_conf(self, name: str, text: str) -> None:
         netns.write_etc(self.etc_dir, name, "resolv.conf", text)
@@ -134,9 +140,11 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 await nursery.start(reconciler.serve_firewall_repair)
             table = handlers.build(svc, reconciler, partial(_info, svc, args, started))
             inflight = InFlight()
+            limits = Limits(args.max_connections, args.idle_timeout, args.request_timeout or None)
             serve = partial(
-                serve_api, table, args.socket, group=args.socket_group, inflight=inflight
-            )
+                serve_api, table, args.socket, group=args.socket_group, inflight=inflight,
+                limits=limits, listener=args.listener,
+            )  # fmt: skip
             await nursery.start(serve)
             if args.docker_plugin:  # Docker's remote network + IPAM driver protocol
                 plugin = DockerPlugin(svc)
@@ -221,10 +229,58 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--netns-etc-dir", default=netns.ETC_NETNS, metavar="DIR",
         help="where `run` writes NAME/resolv.conf (default: %(default)s, as `ip netns exec`)",
     )  # fmt: skip
+    ap.add_argument(
+        "--max-connections", type=_positive(int), default=None, metavar="N",
+        help="client connections served at once; more are refused "
+        "(default: half the open-files limit, at most 1024)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--idle-timeout", type=_positive(float), default=60.0, metavar="SECONDS",
+        help="close a connection that sends nothing for this long (default: %(default)s)",
+    )  # fmt: skip
+    ap.add_argument(
+        "--request-timeout", type=float, default=30.0, metavar="SECONDS",
+        help="a request whose kernel work cannot begin within this long fails with 'busy' "
+        "and changes nothing (default: %(default)s; 0: no deadline)",
+    )  # fmt: skip
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--log-format", choices=("json", "console"), default="json")
     ap.add_argument("--version", action="version", version=f"agentd {__version__}")
     return ap.parse_args(argv)
+
+
+def _positive(kind: type[float] | type[int]) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive: {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its message
+    return parse
+
+
+#: errors that say all there is to say: printed as one line, without a traceback
+_CLEAR = (AgentError, preflight.MissingTool, lockfile.AlreadyRunning, SocketInUse)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside (nested) exception groups: what actually went wrong."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for sub in exc.exceptions for leaf in _leaves(sub)]
+    return [exc]
+
+
+def _fail(exc: BaseException) -> NoReturn:
+    leaves = [e for e in _leaves(exc) if not isinstance(e, trio.Cancelled)] or [exc]
+    for leaf in leaves:
+        if isinstance(leaf, _CLEAR):
+            log.error("agentd.failed", error=str(leaf))
+        else:
+            log.error("agentd.failed", exc_info=leaf)
+        print(f"agentd: {leaf}", file=sys.stderr)
+    busy = all(isinstance(e, (lockfile.AlreadyRunning, SocketInUse)) for e in leaves)
+    sys.exit(lockfile.EXIT_ALREADY_RUNNING if busy else 1)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -233,12 +289,16 @@ def main(argv: list[str] | None = None) -> None:
     if os.geteuid() != 0:
         print("agentd: must run as root (it creates bridges and firewall rules)", file=sys.stderr)
         sys.exit(1)
-    try:
-        trio.run(run_daemon, args)
+    try:  # before anything is touched: one instance per state dir and socket, tools present
+        with contextlib.ExitStack() as held:
+            held.enter_context(lockfile.hold_state_dir(args.state_dir))
+            os.makedirs(os.path.dirname(args.socket) or ".", exist_ok=True)
+            args.listener = claim_socket(args.socket, args.socket_group)
+            held.callback(args.listener.release)
+            preflight.check_tools(args.firewall)
+            trio.run(run_daemon, args)
     except Exception as exc:
-        log.exception("agentd.failed")
-        print(f"agentd: {exc}", file=sys.stderr)
-        sys.exit(1)
+        _fail(exc)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,13 @@ class InvalidArgument(AgentError):
     kind = "invalid_argument"
 
 
+class PermissionDenied(AgentError):
+    """The peer may not use the control socket (not root, not in the socket's group)."""
+
+    code = 403
+    kind = "permission"
+
+
 class NotFound(AgentError):
     """A network, endpoint or namespace that the request names does not exist."""
 
@@ -97,5 +104,6 @@ ERRORS_BY_KIND: dict[str, type[AgentError]] = {
         KernelError,
         FirewallApply,
         StorageError,
+        PermissionDenied,
     )
 }

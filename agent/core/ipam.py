@@ -32,6 +32,7 @@ from agent.core.pools import (  # re-exported: the IPv4 pools are part of this m
     IPAddress,
     IPNetwork,
     Pool,
+    check_usable,
     choose_subnet,
     parse_network,
     parse_pool,
@@ -85,6 +86,7 @@ def _check_subnet(net: IPNetwork, used: Sequence[IPNetwork]) -> IPv4Network:
             f"subnet {net} is too small: the longest prefix allowed is /{MAX_PREFIX_V4}",
             subnet=str(net),
         )
+    check_usable(net)
     for other in used:
         if other.version == net.version and other.overlaps(net):
             raise Conflict(
@@ -144,6 +146,7 @@ def plan_subnet(
     rng: IPv4Network | None = None
     if ip_range is not None:
         rng_any = parse_network(ip_range, "ip range")
+        check_usable(rng_any, "ip range")
         if rng_any.version != net.version or not rng_any.subnet_of(net):
             raise InvalidArgument(
                 f"ip range {rng_any} is not inside the subnet {net}", ip_range=str(rng_any)

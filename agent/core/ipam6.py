@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 from ipaddress import IPv6Address, IPv6Network
 
 from agent.core.errors import Conflict, InvalidArgument, NotFound, PoolExhausted
-from agent.core.pools import IPAddress, Pool, choose_subnet, parse_network
+from agent.core.pools import IPAddress, Pool, check_usable, choose_subnet, parse_network
 
 #: Longest IPv6 prefix a network may have; /120 = 256 addresses.
 MAX_PREFIX_V6 = 120
@@ -50,7 +50,7 @@ def parse_subnet6(text: str) -> IPv6Network:
             f"/{MAX_PREFIX_V6}",
             subnet=str(net),
         )
-    return net
+    return IPv6Network(check_usable(net, "IPv6 subnet"))
 
 
 def choose_subnet6(base: IPv6Network, used: Iterable[IPv6Network]) -> IPv6Network:

@@ -50,6 +50,44 @@ def parse_network(text: str, what: str, example: str = "10.1.0.0/24") -> IPNetwo
         ) from exc
 
 
+#: Ranges no bridge network may overlap (RFC 6890 special-purpose blocks that cannot be a
+#: LAN): (block, why). IPv4: "this network", loopback, link-local, multicast, class E with the
+#: limited broadcast. IPv6: the reserved ::/8 (unspecified, loopback, IPv4-mapped and
+#: -compatible), deprecated site-local, link-local, multicast.
+RESERVED: tuple[tuple[IPNetwork, str], ...] = (
+    (IPv4Network("0.0.0.0/8"), '"this network"'),
+    (IPv4Network("127.0.0.0/8"), "loopback"),
+    (IPv4Network("169.254.0.0/16"), "link-local"),
+    (IPv4Network("224.0.0.0/4"), "multicast"),
+    (IPv4Network("240.0.0.0/4"), "reserved (incl. the broadcast address 255.255.255.255)"),
+    (IPv6Network("::/8"), "reserved (unspecified, loopback, IPv4-mapped)"),
+    (IPv6Network("fe80::/10"), "link-local"),
+    (IPv6Network("fec0::/10"), "site-local (deprecated)"),
+    (IPv6Network("ff00::/8"), "multicast"),
+)
+
+
+def reserved_block(net: IPNetwork) -> tuple[IPNetwork, str] | None:
+    """The first reserved block (`RESERVED`) that `net` overlaps, with its name, or None."""
+    for block, why in RESERVED:
+        if block.version == net.version and block.overlaps(net):
+            return block, why
+    return None
+
+
+def check_usable(net: IPNetwork, what: str = "subnet") -> IPNetwork:
+    """`net` itself if a bridge network may use it; else InvalidArgument naming the block."""
+    found = reserved_block(net)
+    if found is not None:
+        block, why = found
+        raise InvalidArgument(
+            f"{what} {net} is not usable for a network: it overlaps {block}, {why}",
+            value=str(net),
+            reserved=str(block),
+        )
+    return net
+
+
 @dataclass(frozen=True)
 class Pool:
     """A base network split into subnets of prefix length `size` (the candidates, in order)."""
@@ -95,6 +133,7 @@ def parse_pool(text: str) -> Pool:
             f"invalid pool {text!r}: the subnet size after ':' must be a prefix length",
             value=text,
         )
+    check_usable(base, "pool")
     size = int(size_text) if sep else base.prefixlen
     if size > MAX_PREFIX_V4:
         raise InvalidArgument(

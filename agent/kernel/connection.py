@@ -6,6 +6,12 @@ answer, which `serve` (a task) routes back by request id. A job is atomic with r
 cancellation: once sent, the caller waits (shielded) for its answer, so its effect is never
 lost. If the child dies, every waiting and later call fails with KernelError and `serve`
 raises: agentd stops (systemd restarts it; adoption converges).
+
+A request's first job is bound by its deadline (`agent.core.deadline`): it is sent flagged, the
+worker asks before beginning it, and `serve` says yes only while its caller still waits. A
+caller whose deadline passes before the worker asked gives up with Busy and the worker, when it
+gets to the job, is told no: the job never runs. Both decisions are taken in the Trio thread,
+so they cannot cross.
 """
 
 from __future__ import annotations
@@ -15,12 +21,14 @@ import pickle
 import socket
 import subprocess
 import sys
+import time
 from typing import Any
 
 import trio
 
-from agent.core.errors import KernelError
-from agent.kernel.jobs import FRAME, Job
+from agent.core import deadline
+from agent.core.errors import Busy, KernelError
+from agent.kernel.jobs import FRAME, VERDICT, Job
 from agent.log import get_logger
 
 log = get_logger("agent.kernel.worker")
@@ -46,25 +54,48 @@ class WorkerConnection:
         self._send_lock = trio.Lock()
         self._next = 0
         self._waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
+        # deadline-bound jobs not yet begun: id -> set once the worker may begin it (or the
+        # worker is gone); a caller that gave up removes its entry, so the answer is no
+        self._asks: dict[int, trio.Event] = {}
         self._gone: str | None = None
         self._stopping = False
 
     async def call(self, job: Job, args: tuple[Any, ...]) -> Any:
-        """Run `job` with `args` in the worker; its result, or raise its error."""
+        """Run `job` with `args` in the worker; its result, or raise its error.
+
+        Error handling:
+            Busy if the request's deadline (`agent.core.deadline`) passes before the worker
+            begins the job: it is then never run.
+        """
         if self._gone is not None:
             raise KernelError(self._gone)
+        bound = deadline.CURRENT.get()
+        at = bound.take() if bound is not None else None
+        if at is not None and time.monotonic() >= at:
+            raise _late(bound, job)
         self._next += 1
         ident, done = self._next, trio.Event()
         box: list[Any] = []
         self._waiting[ident] = (done, box)
-        frame = pickle.dumps((ident, job.value, args))
+        if at is not None:  # before sending: the worker may ask before send_all returns
+            begun = self._asks[ident] = trio.Event()
+        frame = pickle.dumps(
+            (ident, job.value, args) if at is None else (ident, job.value, args, True)
+        )
         with trio.CancelScope(shield=True):  # sent means done: its effect is never lost
             try:
                 async with self._send_lock:
                     await self._stream.send_all(FRAME.pack(len(frame)) + frame)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._waiting.pop(ident, None)
+                self._asks.pop(ident, None)
                 raise KernelError(self._gone or "the kernel worker is gone") from None
+            if at is not None:
+                with trio.move_on_after(at - time.monotonic()):
+                    await begun.wait()
+                if not begun.is_set():  # the worker will be told no when it asks
+                    self._asks.pop(ident, None)
+                    raise _late(bound, job)
             await done.wait()
         ok, value = box
         if ok:
@@ -84,6 +115,9 @@ class WorkerConnection:
                         break
                     ident, ok, value = pickle.loads(buf[FRAME.size : FRAME.size + size])
                     del buf[: FRAME.size + size]
+                    if ok is None:  # the worker asks whether it may begin a bound job
+                        await self._verdict(ident)
+                        continue
                     done, box = self._waiting.pop(ident)
                     box[:] = [ok, value]
                     done.set()
@@ -99,8 +133,20 @@ class WorkerConnection:
         self._fail_all(why)
         raise KernelError(why)
 
+    async def _verdict(self, ident: int) -> None:
+        """Yes while the caller still waits (it will wait for the answer from now on)."""
+        begun = self._asks.pop(ident, None)
+        if begun is not None:
+            begun.set()
+        frame = pickle.dumps((ident, VERDICT, (begun is not None,)))
+        async with self._send_lock:
+            await self._stream.send_all(FRAME.pack(len(frame)) + frame)
+
     def _fail_all(self, why: str) -> None:
         self._gone = why
+        asks, self._asks = self._asks, {}
+        for begun in asks.values():
+            begun.set()
         waiting, self._waiting = self._waiting, {}
         for done, box in waiting.values():
             box[:] = [False, KernelError(why)]
@@ -129,6 +175,16 @@ class WorkerConnection:
             finally:
                 os.close(fd)
         self.process.wait()  # it has exited: this only reaps it
+
+
+def _late(bound: deadline.Deadline | None, job: Job) -> Busy:
+    seconds = bound.seconds if bound is not None else 0.0
+    return Busy(
+        f"agentd is busy: the kernel work of this request could not begin within the "
+        f"{seconds:g} s request timeout (nothing was changed); retry",
+        job=str(job),
+        timeout_s=seconds,
+    )
 
 
 async def start(log_level: str = "info", log_format: str = "json") -> WorkerConnection:

@@ -13,7 +13,9 @@ Struct itself would run its validation again (~17 us) in the owner thread, the c
 bottleneck, for values agentd validated already.
 
 A frame is a 4-byte length (`FRAME`) and a pickle: a request is (id, job name, args), an
-answer (id, ok, result or exception).
+answer (id, ok, result or exception). A job bound by a request deadline
+(`agent.core.deadline`) is sent as (id, job name, args, True): before beginning it the worker
+asks (id, None, None) and agentd answers (id, VERDICT, (may_begin,)).
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ class Job(StrEnum):
     CLOSE_REAPER = "close_reaper"
     REAP = "reap"
 
+
+#: The pseudo job name of agentd's answer to a worker's "may I begin?" (see the docstring).
+VERDICT = "__verdict__"
 
 #: Each lane is one thread of the worker running its jobs in order. The reaper has its own
 #: thread and socket, so that a batch delete (tens of ms) never delays an attach.

@@ -91,6 +91,37 @@ def netns_key(path: str) -> str:
     return f"{st.st_dev}:{st.st_ino}"
 
 
+#: Namespaces that are never a connect target: agentd's own, and PID 1's (the host's).
+OWN_NAMESPACES = ("/proc/self/ns/net", "/proc/1/ns/net")
+
+
+def own_keys() -> frozenset[str]:
+    """The keys of `OWN_NAMESPACES` that can be read (PID 1's may be hidden from us)."""
+    keys = set()
+    for path in OWN_NAMESPACES:
+        try:
+            keys.add(netns_key(path))
+        except (NotFound, InvalidArgument):
+            continue
+    return frozenset(keys)
+
+
+def target_key(path: str, forbidden: frozenset[str]) -> str:
+    """`netns_key(path)`, refusing a namespace in `forbidden` (see `own_keys`).
+
+    Error handling:
+        InvalidArgument if `path` is agentd's own or the host's namespace, however it is
+        named (`/proc/self/ns/net`, `/proc/<pid>/ns/net`, a bind mount of it...).
+    """
+    key = netns_key(path)
+    if key in forbidden:
+        raise InvalidArgument(
+            f"{path} is agentd's own (the host's) network namespace: it cannot be a target",
+            netns=path,
+        )
+    return key
+
+
 def socket_visiting(fd: int, home: int, proto: int = 0) -> socket.socket:
     """A netlink socket (NETLINK_ROUTE by default) living in the namespace behind `fd`, opened
     by the calling thread: it enters that namespace for the `socket()` call only, then goes back

@@ -34,8 +34,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
-from agent.core.errors import KernelError
-from agent.kernel.jobs import FRAME, LANES, Job, lane_of
+from agent.core.errors import Busy, KernelError
+from agent.kernel.jobs import FRAME, LANES, VERDICT, Job, lane_of
 from agent.kernel.ops import JOBS, Ops
 from agent.log import configure
 
@@ -72,9 +72,24 @@ def serve(sock: socket.socket, target: object, table: Mapping[Job, Callable[...,
         with write_lock:
             sock.sendall(FRAME.pack(len(data)) + data)
 
+    verdicts: dict[int, queue.SimpleQueue[bool]] = {}
+
+    def may_begin(ident: int) -> bool:
+        """Ask agentd whether a job bound by a request deadline may still begin (the
+        decision is agentd's alone: `agent.core.deadline`), and wait for the verdict."""
+        reply: queue.SimpleQueue[bool] = queue.SimpleQueue()
+        verdicts[ident] = reply
+        data = pickle.dumps((ident, None, None))
+        with write_lock:
+            sock.sendall(FRAME.pack(len(data)) + data)
+        return reply.get()
+
     def run(jobs: queue.SimpleQueue[Any]) -> None:
         while (job := jobs.get()) is not None:
-            ident, fn, args = job
+            ident, fn, args, ask = job
+            if ask and not may_begin(ident):
+                answer(ident, False, Busy("the job did not begin before its request's deadline"))
+                continue
             try:
                 result = fn(target, *args)
             except BaseException as exc:  # every error goes back to its caller
@@ -94,12 +109,16 @@ def serve(sock: socket.socket, target: object, table: Mapping[Job, Callable[...,
             body = _recv_exact(sock, FRAME.unpack(head)[0])
             if body is None:
                 break
-            ident, job, args = pickle.loads(body)
+            # (id, job, args), or (id, job, args, True): ask agentd before beginning it
+            ident, job, args, *ask = pickle.loads(body)
+            if job == VERDICT:
+                verdicts.pop(ident).put(bool(args[0]))
+                continue
             fn = table.get(cast(Job, job))  # the name sent: a StrEnum member hashes as its str
             if fn is None:
                 answer(ident, False, KernelError(f"the kernel worker has no job {job!r}"))
                 continue
-            lanes[lane_of(job)].put((ident, fn, args))
+            lanes[lane_of(job)].put((ident, fn, args, bool(ask and ask[0])))
     finally:
         for jobs in lanes.values():
             jobs.put(None)

@@ -75,6 +75,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "agent.frontends.cni": ("agent.core", "agent.log", "agent.service", "agent.frontends.cni"),
     "agent.frontends.cni.plugin": (),
     "agent.daemon": ("agent",),
+    "agent.lockfile": (),
+    "agent.preflight": (),
 }  # fmt: skip
 
 

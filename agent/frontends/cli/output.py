@@ -27,6 +27,7 @@ EXITS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (8, "kernel, firewall or storage failure", ("kernel", "firewall", "storage")),
     (9, "agentd unavailable", ("unavailable",)),
     (10, "protocol error", ("protocol",)),
+    (11, "permission denied", ("permission",)),
 )
 EXIT_OK = 0
 EXIT_USAGE = 2

@@ -25,7 +25,7 @@ import _socket
 import json
 import os
 
-from agent.core.errors import ERRORS_BY_KIND, AgentError
+from agent.core.errors import ERRORS_BY_KIND, AgentError, PermissionDenied
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # `typing` costs ~2 ms at run time; annotations are strings here
@@ -192,13 +192,27 @@ def decode_response(line: bytes) -> dict[str, Any]:
     return response
 
 
+def _hung_up(sock: _socket.socket) -> bool:
+    """True if the daemon has closed this (idle) connection: end of stream is pending."""
+    timeout = sock.gettimeout()
+    sock.settimeout(0.0)  # with a timeout, recv would first wait for data
+    try:
+        return sock.recv(1, _socket.MSG_PEEK) == b""
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(timeout)
+
+
 class Client:
     """A blocking connection to agentd.
 
     Resource handling:
         The socket is opened lazily by the first `call` and kept until `close` (or the end of a
         `with` block). After a transport failure the connection is dropped; the next call
-        reconnects.
+        reconnects, and so does a call on a connection agentd closed while it was idle.
     """
 
     def __init__(self, path: str | None = None, timeout: float = 60.0) -> None:
@@ -226,6 +240,13 @@ class Client:
         sock.settimeout(self.timeout)
         try:
             sock.connect(self.path)
+        except PermissionError as exc:  # the socket file's mode or group keeps us out
+            sock.close()
+            raise PermissionDenied(
+                f"permission denied: cannot connect to agentd at {self.path} (not root nor in "
+                "the socket's group?)",
+                socket=self.path,
+            ) from exc
         except OSError as exc:
             sock.close()
             reason = exc.strerror or str(exc)
@@ -265,9 +286,19 @@ class Client:
         request_id = self._next_id
         self._next_id += 1
         line = encode_request(method, params, request_id)
+        if self._sock is not None and _hung_up(self._sock):
+            self.close()  # agentd closed the idle connection: nothing was sent on it yet
         sock = self._sock or self._connect()
         try:
-            sock.sendall(line)
+            try:
+                sock.sendall(line)
+            except OSError:
+                # agentd may have answered and closed before reading (a refused peer is
+                # told why): that answer comes first
+                answer = self._readline(sock)
+                if answer.endswith(b"\n"):
+                    return self._result(answer, request_id)
+                raise
             answer = self._readline(sock)
         except TimeoutError as exc:
             self.close()

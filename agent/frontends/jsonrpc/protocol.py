@@ -27,6 +27,9 @@ INVALID_REQUEST = -32600
 METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
+#: the message for JSON nested past what the decoder follows (Python's recursion limit, ~1,000
+#: levels; no request needs more than 3)
+TOO_DEEP = "invalid request: JSON nested too deeply"
 
 
 class Params(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -265,11 +268,15 @@ def decode_request(line: bytes) -> tuple[Request, Params]:
     """
     try:
         req = _request_decoder.decode(line)
+    except RecursionError as exc:  # msgspec's C decoder stops at Python's recursion limit
+        raise ProtocolError(INVALID_REQUEST, TOO_DEEP) from exc
     except msgspec.DecodeError as exc:
         try:
             msgspec.json.decode(line)
         except msgspec.DecodeError:
             raise ProtocolError(PARSE_ERROR, f"parse error: {exc}") from exc
+        except RecursionError:
+            raise ProtocolError(INVALID_REQUEST, TOO_DEEP) from exc
         raise ProtocolError(INVALID_REQUEST, f"invalid request: {exc}") from exc
     if req.jsonrpc != "2.0":
         raise ProtocolError(INVALID_REQUEST, "invalid request: jsonrpc must be '2.0'", req.id)
@@ -280,6 +287,8 @@ def decode_request(line: bytes) -> tuple[Request, Params]:
         params = msgspec.json.decode(req.params, type=params_type)
     except msgspec.DecodeError as exc:
         raise ProtocolError(INVALID_PARAMS, f"invalid params: {exc}", req.id) from exc
+    except RecursionError as exc:
+        raise ProtocolError(INVALID_PARAMS, TOO_DEEP, req.id) from exc
     return req, params
 
 
