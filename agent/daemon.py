@@ -33,6 +33,7 @@ from agent.service import Service
 from agent.service.adopt import adopt
 from agent.service.reconcile import Reconciler
 from agent.store.sqlite import open_store
+from agent.systemd import Notifier, activated_socket
 
 log = get_logger("agent.daemon")
 
@@ -56,6 +57,9 @@ class Namespaces:
 async def run_daemon(args: argparse.Namespace) -> None:
     """Start everything in order, serve until SIGTERM/SIGINT, then stop in reverse order."""
     started = time.monotonic()
+    activated = activated_socket()  # systemd's socket (agentd.socket), else None: we bind
+    notifier = Notifier()  # sd_notify; a no-op without NOTIFY_SOCKET
+    notifier.status("loading state")
     chosen = tuple(pools.parse_pool(x) for x in args.pool) if args.pool else pools.DEFAULT_POOLS
     with (
         open_store(args.state_dir) as store,
@@ -82,6 +86,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
             await kernel.set_ip_forward()
             await kernel.reap()  # links a crash left retired (cut off, not yet deleted)
             phases = {"load": time.monotonic() - started}
+            notifier.status("adopting the kernel's links")
             topo = Topology(accel.RangeAllocator)
             ns = Namespaces()
             owned = await kernel.owned_links()
@@ -110,8 +115,9 @@ async def run_daemon(args: argparse.Namespace) -> None:
             table = handlers.build(svc, reconciler, partial(_info, svc, args, started))
             inflight = InFlight()
             serve = partial(
-                serve_api, table, args.socket, group=args.socket_group, inflight=inflight
-            )
+                serve_api, table, args.socket, group=args.socket_group, inflight=inflight,
+                activated=activated,
+            )  # fmt: skip
             await nursery.start(serve)
             log.info(
                 "agentd.ready",
@@ -123,8 +129,12 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 startup_ms=round((time.monotonic() - started) * 1000, 1),
                 phases_ms={k: round(v * 1000, 1) for k, v in phases.items()},  # since start
             )
+            # only now can requests succeed: systemd's start job ends here (Type=notify)
+            notifier.ready(_status(svc))
+            await nursery.start(notifier.serve_watchdog, partial(_status, svc))
             async for signum in signals:
                 log.info("agentd.stopping", signal=signal.Signals(signum).name)
+                notifier.stopping("stopping: finishing in-flight requests")
                 await svc.lock.drain()  # the request being applied finishes; new ones: Busy
                 with trio.move_on_after(SHUTDOWN_GRACE):
                     await inflight.wait_idle()  # every answer is sent
@@ -133,6 +143,12 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 nursery.cancel_scope.cancel()
                 break
     log.info("agentd.stopped")
+
+
+def _status(svc: Service) -> str:
+    """The one-line STATUS= systemd shows."""
+    topo = svc.topo
+    return f"serving: {len(topo.networks)} networks, {len(topo.endpoints)} endpoints"
 
 
 def _info(svc: Service, args: argparse.Namespace, started: float) -> p.Info:

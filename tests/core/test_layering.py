@@ -61,6 +61,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     "agent.frontends.jsonrpc": (
         "agent.core", "agent.log", "agent.frontends.jsonrpc", "agent.service",
     ),
+    "agent.systemd": ("agent.log",),
+    "agent.metrics": ("agent.log",),
     "agent.daemon": ("agent",),
 }  # fmt: skip
 

@@ -195,24 +195,32 @@ async def serve_api(
     *,
     group: str | None = None,
     inflight: InFlight | None = None,
+    activated: stdsocket.socket | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Listen on `path` (mode 0660, group `group`) until cancelled.
+    """Listen on `path` (mode 0660, group `group`) until cancelled; or, when systemd passed
+    the listening socket (`activated`, see `agent.systemd`), serve on that one.
 
     Resource handling:
-        The socket file is replaced if stale and removed on exit.
+        The socket file is replaced if stale and removed on exit; an `activated` socket's
+        file belongs to the socket unit and is left alone.
     """
     gid = grp.getgrnam(group).gr_gid if group else None
     counter = inflight or InFlight()
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
-    await sock.bind(path)
-    os.chmod(path, 0o660)
-    if gid is not None:
-        os.chown(path, 0, gid)
-    sock.listen(1024)
+    owned = activated is None
+    if activated is not None:
+        sock = trio.socket.from_stdlib_socket(activated)
+        path = sock.getsockname() or path
+    else:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+        await sock.bind(path)
+        os.chmod(path, 0o660)
+        if gid is not None:
+            os.chown(path, 0, gid)
+        sock.listen(1024)
     listener = trio.SocketListener(sock)
 
     async def handle(stream: trio.SocketStream) -> None:
@@ -243,8 +251,9 @@ async def serve_api(
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, handle, [listener])
-            log.info("api.listening", socket=path)
+            log.info("api.listening", socket=path, activated=not owned)
             task_status.started()
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
+        if owned:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)

@@ -1,0 +1,318 @@
+"""agentd under systemd: the unit files, socket activation, readiness, watchdog, hardening.
+
+There is no systemd as PID 1 here, so each part is checked with systemd's own tools and the
+protocols they speak: `systemd-analyze verify` and `security` read the shipped units;
+`systemd-socket-activate` passes a listening socket exactly as a socket unit does
+(LISTEN_FDS/LISTEN_PID); a datagram socket of the test is NOTIFY_SOCKET; `setpriv` runs agentd
+with the unit's capability bounding set and no_new_privs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.frontends.jsonrpc.client import Client
+from tests.e2e.harness import VENV_BIN, Host, ipv4_of, sh, unique
+
+ROOT = Path(__file__).resolve().parents[2]
+UNITS = ROOT / "systemd"
+INSTALLED_AGENTD = "/opt/netagent/.venv/bin/agentd"
+MAX_EXPOSURE = 4.0  # systemd-analyze security: "OK" and better
+
+
+def _units_here(tmp_path: Path) -> Path:
+    """The shipped units with ExecStart pointing at this checkout's agentd (verify checks that
+    the executable exists; nothing else is changed)."""
+    for unit in ("agentd.service", "agentd.socket"):
+        text = (UNITS / unit).read_text().replace(INSTALLED_AGENTD, str(VENV_BIN / "agentd"))
+        (tmp_path / unit).write_text(text)
+    return tmp_path
+
+
+def test_units_verify(tmp_path: Path) -> None:
+    units = _units_here(tmp_path)
+    r = sh(
+        "systemd-analyze", "verify", str(units / "agentd.service"), str(units / "agentd.socket"),
+        check=False,
+    )  # fmt: skip
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr
+
+
+def _unit_settings(name: str) -> dict[str, list[str]]:
+    settings: dict[str, list[str]] = {}
+    for line in (UNITS / name).read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key, []).append(value)
+    return settings
+
+
+def test_unit_settings() -> None:
+    service = _unit_settings("agentd.service")
+    assert service["Type"] == ["notify"]
+    assert float(service["WatchdogSec"][0]) > 0
+    assert service["NoNewPrivileges"] == ["yes"]
+    assert service["ProtectSystem"] == ["strict"]
+    assert set(service["RestrictAddressFamilies"][0].split()) == {
+        "AF_UNIX", "AF_NETLINK", "AF_INET", "AF_INET6",
+    }  # fmt: skip
+    socket_unit = _unit_settings("agentd.socket")
+    listen = socket_unit["ListenStream"][0]
+    assert socket_unit["Accept"] == ["no"]
+    assert listen in service["ExecStart"][0]  # agentd is told the path systemd listens on
+
+
+def test_security_exposure() -> None:
+    r = sh("systemd-analyze", "security", "--offline=true", str(UNITS / "agentd.service"))
+    m = re.search(r"Overall exposure level for agentd\.service: ([0-9.]+) (\w+)", r.stdout)
+    assert m is not None, r.stdout[-2000:]
+    assert float(m.group(1)) <= MAX_EXPOSURE, r.stdout
+
+
+# -- running agentd the way systemd does -----------------------------------------------------
+
+
+def _spawn(host: Host, prefix: list[str], env: dict[str, str] | None = None) -> None:
+    argv = [
+        "nsenter", f"--net=/run/netns/{host.name}", *prefix, str(VENV_BIN / "agentd"),
+        "--socket", host.socket, "--state-dir", host.state_dir, *host.extra_args,
+    ]  # fmt: skip
+    with open(host.log_path, "ab") as log:
+        host.proc = subprocess.Popen(
+            argv, stdout=log, stderr=log, env={**os.environ, **(env or {})}
+        )
+
+
+def _wait_serving(host: Host, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert host.proc is not None and host.proc.poll() is None, host.log()
+        with contextlib.suppress(Exception):
+            Client(host.socket, timeout=5).call("system.info")
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"agentd not serving:\n{host.log()}")
+
+
+@contextlib.contextmanager
+def _host() -> Iterator[Host]:
+    host = Host()
+    try:
+        yield host
+    finally:
+        host.close()
+
+
+@pytest.mark.kernel
+def test_socket_activation_serves_on_the_passed_socket() -> None:
+    with _host() as host:
+        _spawn(host, ["systemd-socket-activate", "-l", host.socket])
+        deadline = time.monotonic() + 10
+        while not os.path.exists(host.socket):
+            assert time.monotonic() < deadline and host.proc.poll() is None, host.log()
+            time.sleep(0.01)
+        inode = os.stat(host.socket).st_ino
+        # a client connecting while agentd is still starting is answered once it serves:
+        # the connection waits in the socket's backlog (agentd never rebinds the socket)
+        early = Client(host.socket, timeout=30)
+        assert early.call("system.info")["socket"] == host.socket
+        assert os.stat(host.socket).st_ino == inode
+        assert '"activated":true' in host.log().replace(" ", "")
+        host.ctl("network", "create", "--subnet", "10.61.0.0/24", "act")
+        assert host.stop() == 0
+        # the socket file belongs to the socket unit: agentd leaves it in place
+        assert os.stat(host.socket).st_ino == inode
+
+
+@pytest.mark.kernel
+def test_activation_without_a_listening_socket_is_refused(tmp_path: Path) -> None:
+    with _host() as host:
+        # --accept passes a connected socket per connection (Accept=yes): not agentd's model
+        _spawn(host, ["systemd-socket-activate", "--accept", "-l", host.socket])
+        deadline = time.monotonic() + 10
+        while not os.path.exists(host.socket):
+            assert time.monotonic() < deadline, host.log()
+            time.sleep(0.01)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(host.socket)  # starts one agentd with the connection as fd 3
+            s.settimeout(20)
+            assert s.recv(100) == b""  # that agentd exits without serving
+        deadline = time.monotonic() + 20
+        while "no listening Unix stream socket" not in host.log():
+            assert time.monotonic() < deadline, host.log()
+            time.sleep(0.05)
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[tuple[float, dict[str, str]]] = []
+
+    def read_until(self, key: str, timeout: float = 20.0, value: str | None = None) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            for _, msg in self.messages:
+                if key in msg and (value is None or msg[key] == value):
+                    return msg
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"no {key} in {self.messages}"
+            self.sock.settimeout(remaining)
+            with contextlib.suppress(TimeoutError):
+                self.receive_one()
+
+    def receive_one(self) -> dict[str, str]:
+        data = self.sock.recv(4096).decode()
+        msg = dict(line.split("=", 1) for line in data.splitlines() if line)
+        self.messages.append((time.monotonic(), msg))
+        return msg
+
+    def drain(self, seconds: float) -> list[dict[str, str]]:
+        """Every message received during the next `seconds`."""
+        got: list[dict[str, str]] = []
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            self.sock.settimeout(remaining)
+            with contextlib.suppress(TimeoutError):
+                got.append(self.receive_one())
+        return got
+
+
+@pytest.mark.kernel
+def test_notify_ready_after_adoption_watchdog_and_status(tmp_path: Path) -> None:
+    notify = NotifySocket(tmp_path / "notify")
+    with _host() as host:
+        host.start()  # a first run makes a network and an endpoint to adopt
+        c = unique("sd-")
+        host.ctl("network", "create", "--subnet", "10.62.0.0/24", "kept")
+        host.ctl("run", "--network", "kept", c)
+        host.stop()
+        env = {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "400000"}
+        _spawn(host, [], env)
+        ready = notify.read_until("READY")
+        # READY=1 comes after adoption: the adopted state is served at once
+        assert ready["READY"] == "1" and ready["MAINPID"] == str(host.proc.pid)
+        assert ready["STATUS"] == "serving: 2 networks, 1 endpoints"
+        assert "agentd.ready" in host.log()
+        names = {n["name"] for n in Client(host.socket, timeout=5).call("network.list", {})}
+        assert "kept" in names
+        assert ipv4_of(c, "eth0") == ["10.62.0.2/24"]
+        earlier = [m for _, m in notify.messages[:-1]]
+        assert any(m.get("STATUS", "").startswith("adopting") for m in earlier)
+        assert not any("READY" in m for m in earlier)
+        # WATCHDOG=1 every WATCHDOG_USEC/2 (0.2 s), from the running loop
+        pings = [m for m in notify.drain(1.5) if m.get("WATCHDOG") == "1"]
+        assert 3 <= len(pings) <= 10, pings
+        # a stopped loop sends none; it resumes when the loop runs again
+        host.proc.send_signal(signal.SIGSTOP)
+        try:
+            notify.drain(0.1)  # anything already queued
+            assert not [m for m in notify.drain(1.0) if "WATCHDOG" in m]
+        finally:
+            host.proc.send_signal(signal.SIGCONT)
+        assert [m for m in notify.drain(1.0) if "WATCHDOG" in m]
+        # STATUS= follows the topology
+        host.ctl("network", "create", "--subnet", "10.63.0.0/24", "more")
+        notify.read_until("STATUS", value="serving: 3 networks, 1 endpoints", timeout=5)
+        host.proc.send_signal(signal.SIGTERM)
+        assert notify.read_until("STOPPING")["STOPPING"] == "1"
+        assert host.proc.wait(20) == 0
+        host.proc = None
+
+
+@pytest.mark.kernel
+def test_no_notify_socket_no_messages(tmp_path: Path) -> None:
+    """Without NOTIFY_SOCKET agentd runs as before (and its children get none)."""
+    with _host() as host:
+        host.start()
+        env = Path(f"/proc/{host.proc.pid}/environ").read_bytes()
+        assert b"NOTIFY_SOCKET" not in env
+
+
+# -- the unit's capabilities --------------------------------------------------------------
+
+
+def _bounding_set() -> list[str]:
+    caps = _unit_settings("agentd.service")["CapabilityBoundingSet"][0].split()
+    return [c.removeprefix("CAP_").lower() for c in caps]
+
+
+def _setpriv(caps: list[str]) -> list[str]:
+    allowed = ",".join(f"+{c}" for c in caps)
+    return [
+        "setpriv", f"--bounding-set=-all,{allowed}", f"--inh-caps=-all,{allowed}",
+        "--no-new-privs", "--",
+    ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def _held_namespace() -> Iterator[tuple[str, int]]:
+    """A named namespace and the pid of a root process (all capabilities) inside it."""
+    name = unique("held-")
+    sh("ip", "netns", "add", name)
+    holder = subprocess.Popen(["ip", "netns", "exec", name, "sleep", "60"])
+    try:
+        deadline = time.monotonic() + 10
+        while not (pids := sh("ip", "netns", "pids", name).stdout.split()):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        yield name, int(pids[0])
+    finally:
+        holder.kill()
+        holder.wait()
+        sh("ip", "netns", "del", name, check=False)
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="util-linux setpriv missing")
+def test_agentd_works_with_the_units_capabilities() -> None:
+    """Everything agentd does (bridges, veths into namespaces, IPv4 and IPv6 rules, published
+    ports and their conntrack flush, namespaces it makes, a namespace given as
+    /proc/PID/ns/net) within the bounding set."""
+    with _host() as host, _held_namespace() as (held, pid):
+        _spawn(host, _setpriv(_bounding_set()))
+        _wait_serving(host)
+        status = Path(f"/proc/{host.proc.pid}/status").read_text()
+        bounding = int(re.search(r"CapBnd:\s+([0-9a-f]+)", status).group(1), 16)
+        assert bin(bounding).count("1") == len(_bounding_set())
+        assert re.search(r"NoNewPrivs:\s+1", status)
+        host.ctl("network", "create", "--ipv6", "--subnet", "10.64.0.0/24", "caps")
+        made = unique("ca-")
+        host.ctl("run", "--network", "caps", "-p", "8080:80", made)  # agentd makes it
+        host.ctl("network", "connect", "caps", f"/proc/{pid}/ns/net")
+        assert ipv4_of(held, "eth0") == ["10.64.0.3/24"]
+        assert "10.64.0.2:80" in host.ctl("ruleset").stdout
+        host.ctl("network", "disconnect", "caps", f"/proc/{pid}/ns/net")
+        host.ctl("rm", made)
+        host.ctl("network", "rm", "caps")
+        assert host.stop() == 0
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="util-linux setpriv missing")
+def test_each_capability_is_needed() -> None:
+    """The check above is meaningful: without CAP_SYS_PTRACE a namespace given by a more
+    privileged process's /proc path cannot be opened; without CAP_NET_ADMIN nothing starts."""
+    with _host() as host, _held_namespace() as (_, pid):
+        _spawn(host, _setpriv([c for c in _bounding_set() if c != "sys_ptrace"]))
+        _wait_serving(host)
+        r = host.ctl("network", "connect", "bridge", f"/proc/{pid}/ns/net", check=False)
+        assert r.returncode != 0 and "Permission denied" in r.stderr
+        host.stop()
+        _spawn(host, _setpriv([c for c in _bounding_set() if c != "net_admin"]))
+        assert host.proc.wait(30) != 0
+        host.proc = None
