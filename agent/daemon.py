@@ -18,13 +18,16 @@ from functools import partial
 
 import trio
 
-from agent import __version__, accel, firewall
+from agent import __version__, accel, firewall, metrics
 from agent.core import naming, plan, pools
 from agent.core.topology import Topology
+from agent.firewall.base import Firewall
 from agent.firewall.monitor import serve_nft_changes
 from agent.frontends.jsonrpc import handlers
 from agent.frontends.jsonrpc import protocol as p
+from agent.frontends.jsonrpc.observe import observed
 from agent.frontends.jsonrpc.server import InFlight, serve_api
+from agent.kernel import base as kernel_base
 from agent.kernel import netns
 from agent.kernel.client import open_kernel
 from agent.kernel.events import serve_link_events
@@ -59,6 +62,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
     started = time.monotonic()
     activated = activated_socket()  # systemd's socket (agentd.socket), else None: we bind
     notifier = Notifier()  # sd_notify; a no-op without NOTIFY_SOCKET
+    stats = metrics.Metrics()  # counted always (agentctl info); served with --metrics
     notifier.status("loading state")
     chosen = tuple(pools.parse_pool(x) for x in args.pool) if args.pool else pools.DEFAULT_POOLS
     with (
@@ -83,6 +87,7 @@ async def run_daemon(args: argparse.Namespace) -> None:
                     )
                 )
                 await nursery.start(serve_nft_changes, nft_send)
+            stats.instrument(kernel, kernel_base.Kernel, stats.kernel_seconds)
             await kernel.set_ip_forward()
             await kernel.reap()  # links a crash left retired (cut off, not yet deleted)
             phases = {"load": time.monotonic() - started}
@@ -96,8 +101,14 @@ async def run_daemon(args: argparse.Namespace) -> None:
             )
             phases["adopt"] = time.monotonic() - started
             fw = firewall.create(args.firewall)
+            stats.instrument(fw, Firewall, stats.firewall_seconds)
             svc = Service(
                 topo=topo, kernel=kernel, firewall=fw, namespaces=ns, store=store, pools=chosen
+            )  # fmt: skip
+            stats.tap(svc.bus)
+            stats.watch(
+                lambda: len(topo.networks), lambda: len(topo.endpoints),
+                lambda: svc.reaper.backlog,
             )  # fmt: skip
             await fw.setup(svc.shared.policy())
             await nursery.start(fw.serve)
@@ -112,11 +123,14 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 await nursery.start(reconciler.serve_link_events, link_events)
                 await nursery.start(reconciler.serve_firewall_events, nft_events)
                 await nursery.start(reconciler.serve_firewall_repair)
-            table = handlers.build(svc, reconciler, partial(_info, svc, args, started))
+            info = partial(_info, svc, args, started, stats)
+            table = observed(handlers.build(svc, reconciler, info), stats.observe_request)
+            if args.metrics:
+                await nursery.start(metrics.serve_metrics, stats, args.metrics)
             inflight = InFlight()
             serve = partial(
                 serve_api, table, args.socket, group=args.socket_group, inflight=inflight,
-                activated=activated,
+                activated=activated, on_connection=stats.connection,
             )  # fmt: skip
             await nursery.start(serve)
             log.info(
@@ -151,7 +165,7 @@ def _status(svc: Service) -> str:
     return f"serving: {len(topo.networks)} networks, {len(topo.endpoints)} endpoints"
 
 
-def _info(svc: Service, args: argparse.Namespace, started: float) -> p.Info:
+def _info(svc: Service, args: argparse.Namespace, started: float, stats: metrics.Metrics) -> p.Info:
     return p.Info(
         version=__version__,
         pid=os.getpid(),
@@ -163,7 +177,20 @@ def _info(svc: Service, args: argparse.Namespace, started: float) -> p.Info:
         firewall=svc.shared.firewall.name,
         uptime_s=round(time.monotonic() - started, 3),
         pending_deletions=svc.reaper.backlog,
+        connections=stats.connections,
+        requests=stats.requests_total,
+        request_errors=stats.request_errors,
+        repairs=stats.repairs_total,
+        metrics=stats.address,
     )
+
+
+def _metrics_address(addr: str) -> str:
+    try:
+        metrics.parse_address(addr)
+    except metrics.AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return addr
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -186,6 +213,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repair", choices=("live", "manual"), default="live",
         help="live: repair links and rules as soon as the kernel reports a change (default); "
         "manual: only on `agentctl reconcile`",
+    )  # fmt: skip
+    ap.add_argument(
+        "--metrics", default=None, metavar="ADDR", type=_metrics_address,
+        help="serve Prometheus metrics at ADDR: HOST:PORT (e.g. 127.0.0.1:9464) or a socket path",
     )  # fmt: skip
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--log-format", choices=("json", "console"), default="json")

@@ -196,10 +196,12 @@ async def serve_api(
     group: str | None = None,
     inflight: InFlight | None = None,
     activated: stdsocket.socket | None = None,
+    on_connection: Callable[[int], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on `path` (mode 0660, group `group`) until cancelled; or, when systemd passed
     the listening socket (`activated`, see `agent.systemd`), serve on that one.
+    `on_connection(+1)` and `(-1)` are called as connections open and close (metrics).
 
     Resource handling:
         The socket file is replaced if stale and removed on exit; an `activated` socket's
@@ -226,6 +228,8 @@ async def serve_api(
     async def handle(stream: trio.SocketStream) -> None:
         pid, uid, peer_gid = peer_credentials(stream.socket)
         structlog.contextvars.bind_contextvars(peer_uid=uid, peer_pid=pid)
+        if on_connection is not None:
+            on_connection(1)
         try:
             if not peer_allowed(pid, uid, peer_gid, gid):
                 log.warning("api.peer.refused", uid=uid, pid=pid)
@@ -245,6 +249,8 @@ async def serve_api(
         except Exception:  # a broken client must never take the server down
             log.exception("api.connection.failed")
         finally:
+            if on_connection is not None:
+                on_connection(-1)
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
