@@ -193,3 +193,92 @@ def test_audit_line_per_mutation_with_peer_credentials() -> None:
             assert line["peer_uid"] == os.getuid() and line["peer_pid"] == os.getpid()
         assert lines[0]["params"]["name"] == "audited"
         assert lines[0]["params"]["subnet"] == "10.71.0.0/24"
+
+
+# -- the hooks, without a daemon -------------------------------------------------------------
+
+
+async def test_observed_outcomes_and_audit(capsys: pytest.CaptureFixture[str]) -> None:
+    import trio
+
+    from agent.core.errors import Conflict
+    from agent.frontends.jsonrpc.observe import observed
+    from agent.log import configure
+
+    configure("info", "json")
+    seen: list[tuple[str, str]] = []
+
+    async def ok(params):
+        return "done"
+
+    async def taken(params):
+        raise Conflict("name taken")
+
+    async def broken(params):
+        raise RuntimeError("bug")
+
+    async def slow(params):
+        await trio.sleep(10)
+
+    table = observed(
+        {"network.create": ok, "network.remove": taken, "network.prune": broken,
+         "network.list": ok, "endpoint.connect": slow},
+        lambda method, outcome, seconds: seen.append((method, outcome)),
+    )  # fmt: skip
+    params = p.NetworkCreate(name="n")
+    assert await table["network.create"](params) == "done"
+    with pytest.raises(Conflict):
+        await table["network.remove"](params)
+    with pytest.raises(RuntimeError):
+        await table["network.prune"](params)
+    assert await table["network.list"](params) == "done"
+    with trio.move_on_after(0.01):
+        await table["endpoint.connect"](params)
+    assert seen == [
+        ("network.create", "ok"), ("network.remove", "conflict"), ("network.prune", "internal"),
+        ("network.list", "ok"), ("endpoint.connect", "cancelled"),
+    ]  # fmt: skip
+    audit = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "audit" in line]
+    assert [(a["method"], a["outcome"]) for a in audit] == [
+        ("network.create", "ok"),
+        ("network.remove", "conflict"),
+        ("network.prune", "internal"),
+        ("endpoint.connect", "cancelled"),
+    ]  # fmt: skip  (network.list is read-only: not audited)
+    assert audit[0]["params"]["name"] == "n"
+
+
+async def test_instrument_times_protocol_coroutines_only() -> None:
+    from typing import Protocol
+
+    from agent.metrics import Metrics
+
+    class Proto(Protocol):
+        async def work(self, x: int) -> int: ...
+        async def fail(self) -> None: ...
+        def plain(self) -> int: ...
+
+    class Impl:
+        async def work(self, x: int) -> int:
+            return x * 2
+
+        async def fail(self) -> None:
+            raise OSError("boom")
+
+        def plain(self) -> int:
+            return 7
+
+        async def other(self) -> int:
+            return 1
+
+    m = Metrics()
+    impl = Impl()
+    m.instrument(impl, Proto, m.kernel_seconds)
+    assert await impl.work(21) == 42
+    with pytest.raises(OSError, match="boom"):
+        await impl.fail()
+    assert impl.plain() == 7 and await impl.other() == 1
+    got = _samples(m.text().decode())
+    assert value(got, KERNEL, call="work", outcome="ok") == 1
+    assert value(got, KERNEL, call="fail", outcome="error") == 1
+    assert not any(dict(labels).get("call") in ("plain", "other") for _, labels in got)

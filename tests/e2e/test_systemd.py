@@ -316,3 +316,150 @@ def test_each_capability_is_needed() -> None:
         _spawn(host, _setpriv([c for c in _bounding_set() if c != "net_admin"]))
         assert host.proc.wait(30) != 0
         host.proc = None
+
+
+# -- the unit's system call filter ----------------------------------------------------------
+
+
+def _expand(group: str, seen: set[str] | None = None) -> set[str]:
+    """The system calls of a `SystemCallFilter=` group or name, nested groups expanded."""
+    seen = set() if seen is None else seen
+    if not group.startswith("@"):
+        return {group}
+    if group in seen:
+        return set()
+    seen.add(group)
+    out = sh("systemd-analyze", "syscall-filter", group).stdout.splitlines()[1:]
+    calls: set[str] = set()
+    for line in out:
+        item = line.strip()
+        if item and not item.startswith("#"):
+            calls |= _expand(item, seen)
+    return calls
+
+
+def _filter_allows() -> set[str]:
+    allowed: set[str] = set()
+    for value in _unit_settings("agentd.service")["SystemCallFilter"]:
+        deny = value.startswith("~")
+        calls = set().union(*(_expand(g) for g in value.removeprefix("~").split()))
+        allowed = allowed - calls if deny else allowed | calls
+    return allowed
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace missing")
+def test_system_call_filter_allows_every_call_agentd_makes(tmp_path: Path) -> None:
+    """Every system call agentd, its kernel worker and the tools it runs make through start,
+    create, run with ports (IPv4 and IPv6), connect, disconnect, rm, network rm, reconcile and
+    stop (counted by strace -f) is allowed by the unit's SystemCallFilter= lines."""
+    summary = tmp_path / "strace.txt"
+    with _host() as host, _held_namespace() as (held, _):
+        _spawn(host, ["strace", "-f", "-c", "-o", str(summary)])
+        _wait_serving(host, timeout=60)
+        host.ctl("network", "create", "--ipv6", "--subnet", "10.65.0.0/24", "sc")
+        made = unique("sc-")
+        host.ctl("run", "--network", "sc", "-p", "8080:80", made)
+        host.ctl("network", "connect", "sc", held)
+        sh("ip", "-n", host.name, "link", "set", host.call("network.inspect", network="sc")[
+            "network"]["bridge"], "down")  # fmt: skip
+        host.ctl("reconcile")
+        host.ctl("network", "disconnect", "sc", held)
+        host.ctl("rm", made)
+        host.ctl("network", "rm", "sc")
+        # SIGTERM to agentd itself (strace's child); strace exits with its status
+        tracer = host.proc.pid
+        agentd = int(Path(f"/proc/{tracer}/task/{tracer}/children").read_text().split()[0])
+        os.kill(agentd, signal.SIGTERM)
+        assert host.proc.wait(60) == 0
+        host.proc = None
+    used = set()
+    for line in summary.read_text().splitlines():
+        fields = line.split()
+        if fields and fields[0][0].isdigit() and fields[-1] not in ("total",):
+            used.add(fields[-1])
+    assert {"setns", "mount", "sendmsg"} <= used  # the summary was read
+    assert used - _filter_allows() == set()
+
+
+# -- agent.systemd's parsing, without a daemon ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "fds"),
+    [
+        ({}, []),
+        ({"LISTEN_FDS": "1"}, []),  # no LISTEN_PID: not for us
+        ({"LISTEN_PID": "1", "LISTEN_FDS": "1"}, []),  # another process's
+        ({"LISTEN_PID": "x", "LISTEN_FDS": "1"}, []),
+        ({"LISTEN_PID": "{pid}", "LISTEN_FDS": "0"}, []),
+    ],
+)
+def test_listen_fds_cases(env: dict[str, str], fds: list[int]) -> None:
+    from agent.systemd import listen_fds
+
+    given = {k: v.format(pid=os.getpid()) for k, v in env.items()}
+    given["LISTEN_FDNAMES"] = "x"
+    assert listen_fds(given) == fds
+    assert given == {}  # every variable removed, used or not
+
+
+def test_listen_fds_passed_to_us() -> None:
+    from agent.systemd import ActivationError, activated_socket, listen_fds
+
+    env = {"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "two"}
+    with pytest.raises(ActivationError, match="two"):
+        listen_fds(env)
+    # fd 3 is whatever the test process has there: a socket that is not a listening Unix
+    # stream socket, or not a socket at all, is refused with a message naming the unit's fix
+    placed = not _fd_open(3)
+    if placed:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 3)
+        os.close(null)
+    elif _is_listening_unix(3):
+        pytest.skip("fd 3 is a listening Unix socket in this process")
+    try:
+        with pytest.raises(ActivationError, match="ListenStream"):
+            activated_socket({"LISTEN_PID": str(os.getpid()), "LISTEN_FDS": "1"})
+        assert os.get_inheritable(3) is False
+    finally:
+        if placed:
+            os.close(3)
+
+
+def _fd_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+def _is_listening_unix(fd: int) -> bool:
+    import stat
+
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        return False
+    s = socket.socket(fileno=os.dup(fd))
+    try:
+        return s.family == socket.AF_UNIX and bool(
+            s.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        )
+    finally:
+        s.close()
+
+
+def test_watchdog_usec_only_for_this_pid(monkeypatch: pytest.MonkeyPatch) -> None:
+    from agent.systemd import Notifier
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.setenv("WATCHDOG_PID", "1")
+    n = Notifier()
+    assert n.watchdog_usec == 0 and not n.enabled
+    assert "WATCHDOG_USEC" not in os.environ and "WATCHDOG_PID" not in os.environ
+    monkeypatch.setenv("WATCHDOG_USEC", "30000000")
+    monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
+    assert Notifier().watchdog_usec == 30_000_000
+    n.ready("x")  # without NOTIFY_SOCKET: nothing sent, nothing raised
