@@ -318,6 +318,84 @@ def test_each_capability_is_needed() -> None:
         host.proc = None
 
 
+# -- the unit's read-only file system -------------------------------------------------------
+
+# ProtectSystem=strict + ProtectKernelTunables=yes + ReadWritePaths=, as systemd builds them: in
+# a mount namespace of its own every mount is remounted read-only except the API file systems
+# (/proc, /sys, /dev), /proc/sys read-only too, then the writable paths bound read-write.
+_READ_ONLY_FS = r"""
+set -e
+# (not the namespace files: nsfs mounts are not file systems agentd writes to)
+for mp in $(awk '{for (i = 7; $i != "-"; i++); if ($(i+1) != "nsfs") print $5}' \
+            /proc/self/mountinfo | sort -u); do
+  case "$mp" in /proc|/proc/*|/sys|/sys/*|/dev|/dev/*) continue;; esac
+  mount -o remount,bind,ro "$mp" 2>/dev/null || true
+done
+mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys
+for p in $RW_PATHS; do mount --rbind "$p" "$p" && mount -o remount,bind,rw "$p"; done
+exec "$@"
+"""
+
+
+def _read_only_fs(rw_paths: list[str]) -> list[str]:
+    script = _READ_ONLY_FS.replace("$RW_PATHS", " ".join(rw_paths))
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
+
+
+def _spawn_read_only(host: Host, rw_paths: list[str]) -> None:
+    argv = [
+        "nsenter", f"--net=/run/netns/{host.name}", *_read_only_fs(rw_paths),
+        str(VENV_BIN / "agentd"), "--socket", host.socket, "--state-dir", host.state_dir,
+    ]  # fmt: skip
+    with open(host.log_path, "ab") as log:
+        host.proc = subprocess.Popen(argv, stdout=log, stderr=log)
+
+
+def _writable_paths() -> list[str]:
+    """The unit's writable paths, by what they are for (its RuntimeDirectory= and
+    StateDirectory= are the test host's directory here)."""
+    service = _unit_settings("agentd.service")
+    assert service["ProtectSystem"] == ["strict"] and service["ProtectKernelTunables"] == ["yes"]
+    assert set(service["RuntimeDirectory"][0].split()) == {"netagent", "netns"}
+    return [*service["ReadWritePaths"][0].split(), "/run/netns"]
+
+
+@pytest.mark.kernel
+def test_agentd_works_on_the_units_read_only_file_system() -> None:
+    with _host() as host, _held_namespace() as (held, _):
+        rw = [*_writable_paths(), str(host.dir)]
+        _spawn_read_only(host, rw)
+        _wait_serving(host)
+        with pytest.raises(OSError, match="Read-only"):  # the sandbox is real
+            _in_agentd_mounts(host, "touch /var/tmp/netagent-probe /etc/netagent-probe")
+        host.ctl("network", "create", "--ipv6", "--subnet", "10.66.0.0/24", "ro")
+        made = unique("ro-")
+        assert host.ctl("run", "--network", "ro", "-p", "8080:80", made).stdout.strip()
+        host.ctl("network", "connect", "ro", held)
+        assert ipv4_of(held, "eth0") == ["10.66.0.3/24"]
+        host.ctl("network", "disconnect", "ro", held)
+        host.ctl("rm", made)
+        host.ctl("network", "rm", "ro")
+        assert host.stop() == 0
+        assert "Read-only" not in host.log()
+
+
+@pytest.mark.kernel
+def test_read_only_file_system_without_proc_sys_net_fails() -> None:
+    """The check above is meaningful: without /proc/sys/net writable agentd cannot start."""
+    with _host() as host:
+        _spawn_read_only(host, ["/run/netns", str(host.dir)])
+        assert host.proc.wait(30) != 0
+        host.proc = None
+        assert "Read-only" in host.log()
+
+
+def _in_agentd_mounts(host: Host, command: str) -> None:
+    r = sh("nsenter", f"--mount=/proc/{host.proc.pid}/ns/mnt", "sh", "-c", command, check=False)
+    if r.returncode != 0:
+        raise OSError(r.stderr)
+
+
 # -- the unit's system call filter ----------------------------------------------------------
 
 
