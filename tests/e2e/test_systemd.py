@@ -105,6 +105,22 @@ def _wait_serving(host: Host, timeout: float = 20.0) -> None:
     raise AssertionError(f"agentd not serving:\n{host.log()}")
 
 
+def _wait_listening(host: Host, timeout: float = 10.0) -> socket.socket:
+    """A connection to the socket systemd-socket-activate made (it binds, then listens: the
+    file exists a moment before connections are accepted)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert host.proc.poll() is None, host.log()
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(host.socket)
+            return s
+        except (FileNotFoundError, ConnectionRefusedError):
+            s.close()
+            assert time.monotonic() < deadline, host.log()
+            time.sleep(0.01)
+
+
 @contextlib.contextmanager
 def _host() -> Iterator[Host]:
     host = Host()
@@ -118,10 +134,7 @@ def _host() -> Iterator[Host]:
 def test_socket_activation_serves_on_the_passed_socket() -> None:
     with _host() as host:
         _spawn(host, ["systemd-socket-activate", "-l", host.socket])
-        deadline = time.monotonic() + 10
-        while not os.path.exists(host.socket):
-            assert time.monotonic() < deadline and host.proc.poll() is None, host.log()
-            time.sleep(0.01)
+        _wait_listening(host).close()
         inode = os.stat(host.socket).st_ino
         # a client connecting while agentd is still starting is answered once it serves:
         # the connection waits in the socket's backlog (agentd never rebinds the socket)
@@ -140,12 +153,7 @@ def test_activation_without_a_listening_socket_is_refused(tmp_path: Path) -> Non
     with _host() as host:
         # --accept passes a connected socket per connection (Accept=yes): not agentd's model
         _spawn(host, ["systemd-socket-activate", "--accept", "-l", host.socket])
-        deadline = time.monotonic() + 10
-        while not os.path.exists(host.socket):
-            assert time.monotonic() < deadline, host.log()
-            time.sleep(0.01)
-        with socket.socket(socket.AF_UNIX) as s:
-            s.connect(host.socket)  # starts one agentd with the connection as fd 3
+        with _wait_listening(host) as s:  # starts one agentd with the connection as fd 3
             s.settimeout(20)
             assert s.recv(100) == b""  # that agentd exits without serving
         deadline = time.monotonic() + 20
@@ -425,22 +433,29 @@ def _filter_allows() -> set[str]:
     return allowed
 
 
-@pytest.mark.kernel
-@pytest.mark.skipif(shutil.which("strace") is None, reason="strace missing")
-def test_system_call_filter_allows_every_call_agentd_makes(tmp_path: Path) -> None:
-    """Every system call agentd, its kernel worker and the tools it runs make through start,
-    create, run with ports (IPv4 and IPv6), connect, disconnect, rm, network rm, reconcile and
-    stop (counted by strace -f) is allowed by the unit's SystemCallFilter= lines."""
-    summary = tmp_path / "strace.txt"
+_TRACE: dict[str, str] = {}
+
+
+@pytest.fixture
+def trace(tmp_path: Path) -> str:
+    """strace -f of agentd (its kernel worker and the tools it runs included) through start,
+    create, run with ports (IPv4 and IPv6), connect, a repair, reconcile, disconnect, rm,
+    network rm and stop: every call with its arguments, then the count of each (`-C`).
+    Made once for the tests that read it."""
+    if shutil.which("strace") is None:
+        pytest.skip("strace missing")
+    if "text" in _TRACE:
+        return _TRACE["text"]
+    out = tmp_path / "strace.txt"
     with _host() as host, _held_namespace() as (held, _):
-        _spawn(host, ["strace", "-f", "-c", "-o", str(summary)])
+        _spawn(host, ["strace", "-f", "-C", "-qq", "-s", "0", "-o", str(out)])
         _wait_serving(host, timeout=60)
         host.ctl("network", "create", "--ipv6", "--subnet", "10.65.0.0/24", "sc")
         made = unique("sc-")
         host.ctl("run", "--network", "sc", "-p", "8080:80", made)
         host.ctl("network", "connect", "sc", held)
-        sh("ip", "-n", host.name, "link", "set", host.call("network.inspect", network="sc")[
-            "network"]["bridge"], "down")  # fmt: skip
+        bridge = host.call("network.inspect", network="sc")["network"]["bridge"]
+        sh("ip", "-n", host.name, "link", "set", bridge, "down")
         host.ctl("reconcile")
         host.ctl("network", "disconnect", "sc", held)
         host.ctl("rm", made)
@@ -451,13 +466,58 @@ def test_system_call_filter_allows_every_call_agentd_makes(tmp_path: Path) -> No
         os.kill(agentd, signal.SIGTERM)
         assert host.proc.wait(60) == 0
         host.proc = None
-    used = set()
-    for line in summary.read_text().splitlines():
-        fields = line.split()
-        if fields and fields[0][0].isdigit() and fields[-1] not in ("total",):
-            used.add(fields[-1])
+    _TRACE["text"] = out.read_text(errors="replace")
+    return _TRACE["text"]
+
+
+def _calls(trace: str, name: str) -> list[str]:
+    """The argument lists of every traced `name(...)` call."""
+    return re.findall(rf"^\d+ +{name}\((.*?)\) += ", trace, flags=re.M)
+
+
+@pytest.mark.kernel
+def test_system_call_filter_allows_every_call_agentd_makes(trace: str) -> None:
+    summary = trace[trace.index("% time") :].splitlines()[2:]
+    used = {line.split()[-1] for line in summary if line.strip() and line.split()[0][0].isdigit()}
+    used.discard("total")
     assert {"setns", "mount", "sendmsg"} <= used  # the summary was read
     assert used - _filter_allows() == set()
+
+
+@pytest.mark.kernel
+def test_only_the_units_address_families_are_used(trace: str) -> None:
+    allowed = set(_unit_settings("agentd.service")["RestrictAddressFamilies"][0].split())
+    families = {args.split(",")[0] for args in _calls(trace, "socket")}
+    assert {"AF_NETLINK", "AF_UNIX"} <= families
+    assert families <= allowed
+
+
+@pytest.mark.kernel
+def test_only_network_namespaces_are_made_or_entered(trace: str) -> None:
+    """RestrictNamespaces=net: unshare, clone and setns name no other namespace type
+    (and setns always names one: systemd refuses setns(fd, 0) when types are restricted)."""
+    kinds = set(_unit_settings("agentd.service")["RestrictNamespaces"][0].split())
+    allowed = {f"CLONE_NEW{k.upper()}" for k in kinds}
+    flags: list[str] = []
+    flags += _calls(trace, "unshare")
+    flags += [a.split(", ", 1)[1] for a in _calls(trace, "setns")]
+    flags += re.findall(r"clone3?\(.*?flags=([A-Z_|]+)", trace)
+    assert any("CLONE_NEWNET" in f for f in flags)  # the scenario made and entered some
+    used = {x for f in flags for x in f.split("|") if x.startswith("CLONE_NEW")}
+    assert used <= allowed
+    assert not [a for a in _calls(trace, "setns") if a.endswith(", 0")]
+
+
+@pytest.mark.kernel
+def test_no_writable_executable_memory(trace: str) -> None:
+    """MemoryDenyWriteExecute=yes: no mapping is made writable and executable, and no
+    mapping is made executable after the fact (what systemd's filter refuses)."""
+    if _unit_settings("agentd.service").get("MemoryDenyWriteExecute") != ["yes"]:
+        pytest.skip("the unit allows it")
+    wx = [a for a in _calls(trace, "mmap") if "PROT_WRITE" in a and "PROT_EXEC" in a]
+    assert wx == []
+    assert [a for a in _calls(trace, "mprotect") if "PROT_EXEC" in a] == []
+    assert _calls(trace, "mmap")  # the trace has them
 
 
 # -- agent.systemd's parsing, without a daemon ---------------------------------------------
