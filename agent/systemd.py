@@ -102,11 +102,14 @@ class Notifier:
 
     def __init__(self) -> None:
         self.watchdog_usec = _watchdog_usec()
+        address = os.environ.get("NOTIFY_SOCKET")
         self._notifier = sdnotify.SystemdNotifier()  # connects to NOTIFY_SOCKET, if set
         os.environ.pop("NOTIFY_SOCKET", None)
         sock = getattr(self._notifier, "socket", None)
         if sock is not None:
             sock.setblocking(False)  # a full queue drops a message, never blocks the loop
+        elif address:  # systemd would wait for READY=1 in vain: say why
+            log.warning("systemd.notify.unreachable", notify_socket=address)
         self.enabled = sock is not None
 
     def notify(self, message: str) -> None:

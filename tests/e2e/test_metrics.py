@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.frontends.jsonrpc import protocol as p
 from agent.frontends.jsonrpc.client import Client
 from agent.frontends.jsonrpc.observe import READ_ONLY
-from agent.metrics import AddressError, parse_address
+from agent.metrics import MAX_SCRAPERS, AddressError, parse_address
 from tests.e2e.harness import VENV_BIN, Host, ns_exec, running_host, sh, unique
 
 PORT = 9464
@@ -138,6 +139,19 @@ def test_metrics_on_a_unix_socket_and_http_edges(tmp_path: Path) -> None:
         sh("sh", "-c", f"printf 'NOT HTTP\\r\\n\\r\\n' | curl -s --unix-socket {path} "
            "telnet://x -m 2 >/dev/null || true")  # fmt: skip
         assert sh("curl", "-sf", "--unix-socket", path, url).returncode == 0
+        # idle scrapers beyond the limit are closed at once; the others do not block a scrape
+        # once they go
+        idle = []
+        for _ in range(MAX_SCRAPERS):
+            s = socket.socket(socket.AF_UNIX)
+            s.connect(path)
+            idle.append(s)
+        time.sleep(0.2)
+        refused = sh("curl", "-s", "-m", "5", "--unix-socket", path, url, check=False)
+        assert refused.returncode in (7, 52, 56) and refused.stdout == ""  # not served
+        for s in idle:
+            s.close()
+        wait_for(lambda: sh("curl", "-sf", "--unix-socket", path, url, check=False).returncode == 0)
         assert host.stop() == 0
         assert not os.path.exists(path)  # its socket file goes with it
 

@@ -449,25 +449,31 @@ def trace(tmp_path: Path) -> str:
     out = tmp_path / "strace.txt"
     with _host() as host, _held_namespace() as (held, _):
         _spawn(host, ["strace", "-f", "-C", "-qq", "-s", "0", "-o", str(out)])
-        _wait_serving(host, timeout=60)
-        host.ctl("network", "create", "--ipv6", "--subnet", "10.65.0.0/24", "sc")
-        made = unique("sc-")
-        host.ctl("run", "--network", "sc", "-p", "8080:80", made)
-        host.ctl("network", "connect", "sc", held)
-        bridge = host.call("network.inspect", network="sc")["network"]["bridge"]
-        sh("ip", "-n", host.name, "link", "set", bridge, "down")
-        host.ctl("reconcile")
-        host.ctl("network", "disconnect", "sc", held)
-        host.ctl("rm", made)
-        host.ctl("network", "rm", "sc")
-        # SIGTERM to agentd itself (strace's child); strace exits with its status
         tracer = host.proc.pid
-        agentd = int(Path(f"/proc/{tracer}/task/{tracer}/children").read_text().split()[0])
-        os.kill(agentd, signal.SIGTERM)
+        try:
+            _trace_scenario(host, held)
+        finally:  # agentd is strace's child: SIGTERM to it; strace exits with its status
+            children = Path(f"/proc/{tracer}/task/{tracer}/children")
+            for pid in children.read_text().split() if children.exists() else ():
+                os.kill(int(pid), signal.SIGTERM)
         assert host.proc.wait(60) == 0
         host.proc = None
     _TRACE["text"] = out.read_text(errors="replace")
     return _TRACE["text"]
+
+
+def _trace_scenario(host: Host, held: str) -> None:
+    _wait_serving(host, timeout=60)
+    host.ctl("network", "create", "--ipv6", "--subnet", "10.65.0.0/24", "sc")
+    made = unique("sc-")
+    host.ctl("run", "--network", "sc", "-p", "8080:80", made)
+    host.ctl("network", "connect", "sc", held)
+    bridge = host.call("network.inspect", network="sc")["network"]["bridge"]
+    sh("ip", "-n", host.name, "link", "set", bridge, "down")
+    host.ctl("reconcile")
+    host.ctl("network", "disconnect", "sc", held)
+    host.ctl("rm", made)
+    host.ctl("network", "rm", "sc")
 
 
 def _calls(trace: str, name: str) -> list[str]:
