@@ -122,9 +122,12 @@ class Metrics:
 
     def instrument(self, obj: object, protocol: type, histogram: prom.Histogram) -> None:
         """Time every coroutine method `protocol` declares, on `obj` (an instance attribute
-        that shadows the class's method: callers see no difference)."""
+        that shadows the class's method: callers see no difference). `serve*` methods run
+        until cancelled: they are not calls to time."""
         for name, member in vars(protocol).items():
-            if not name.startswith("_") and inspect.iscoroutinefunction(member):
+            if name.startswith(("_", "serve")):
+                continue
+            if inspect.iscoroutinefunction(member):
                 setattr(obj, name, _timed(getattr(obj, name), histogram, name))
 
     def tap(self, bus: Any) -> None:

@@ -271,6 +271,7 @@ async def test_instrument_times_protocol_coroutines_only() -> None:
         async def work(self, x: int) -> int: ...
         async def fail(self) -> None: ...
         def plain(self) -> int: ...
+        async def serve(self) -> None: ...
 
     class Impl:
         async def work(self, x: int) -> int:
@@ -285,6 +286,9 @@ async def test_instrument_times_protocol_coroutines_only() -> None:
         async def other(self) -> int:
             return 1
 
+        async def serve(self) -> None:
+            return None
+
     m = Metrics()
     impl = Impl()
     m.instrument(impl, Proto, m.kernel_seconds)
@@ -292,7 +296,8 @@ async def test_instrument_times_protocol_coroutines_only() -> None:
     with pytest.raises(OSError, match="boom"):
         await impl.fail()
     assert impl.plain() == 7 and await impl.other() == 1
+    await impl.serve()
     got = _samples(m.text().decode())
     assert value(got, KERNEL, call="work", outcome="ok") == 1
     assert value(got, KERNEL, call="fail", outcome="error") == 1
-    assert not any(dict(labels).get("call") in ("plain", "other") for _, labels in got)
+    assert not any(dict(labels).get("call") in ("plain", "other", "serve") for _, labels in got)
