@@ -16,8 +16,9 @@ Theory of operation. Under `systemd/agentd.service` (Type=notify) with `systemd/
 
 The datagrams are sent by the `sdnotify` package (PyPI, pure Python, one class); its socket is
 made non-blocking here, so a full notify queue drops one message instead of blocking the Trio
-loop. `LISTEN_FDS` parsing is the few lines of sd_listen_fds(3) below: the packages that have it
-(systemd-python) are C extensions that need libsystemd's headers to build.
+loop. `LISTEN_FDS` parsing is the few lines of sd_listen_fds(3) below: the well-kept packages that
+have it (systemd-python, cysystemd) are C or Cython extensions built against libsystemd's
+headers.
 The variables are removed from the environment once read, as sd_listen_fds(3) and
 sd_notify(3) do with `unset_environment`, so agentd's children (the kernel worker,
 iptables-restore) do not take them for their own.
