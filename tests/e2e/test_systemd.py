@@ -243,12 +243,21 @@ def test_notify_ready_after_adoption_watchdog_and_status(tmp_path: Path) -> None
 
 
 @pytest.mark.kernel
-def test_no_notify_socket_no_messages(tmp_path: Path) -> None:
-    """Without NOTIFY_SOCKET agentd runs as before (and its children get none)."""
+def test_children_do_not_inherit_the_notify_variables(tmp_path: Path) -> None:
+    """NOTIFY_SOCKET and WATCHDOG_* are agentd's: its kernel worker (and any tool it runs)
+    must not take them for its own, as sd_notify(3)'s unset_environment says."""
+    notify = NotifySocket(tmp_path / "notify")
     with _host() as host:
-        host.start()
-        env = Path(f"/proc/{host.proc.pid}/environ").read_bytes()
-        assert b"NOTIFY_SOCKET" not in env
+        _spawn(host, [], {"NOTIFY_SOCKET": notify.path, "WATCHDOG_USEC": "10000000"})
+        notify.read_until("READY")
+        pid = host.proc.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        assert children  # the kernel worker
+        for child in children:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            names = {item.split(b"=", 1)[0] for item in env}
+            assert not names & {b"NOTIFY_SOCKET", b"WATCHDOG_USEC", b"WATCHDOG_PID"}
+            assert b"PATH" in names  # the rest of the environment is there
 
 
 # -- the unit's capabilities --------------------------------------------------------------
