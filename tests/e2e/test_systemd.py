@@ -142,6 +142,9 @@ def test_socket_activation_serves_on_the_passed_socket() -> None:
         assert early.call("system.info")["socket"] == host.socket
         assert os.stat(host.socket).st_ino == inode
         assert '"activated":true' in host.log().replace(" ", "")
+        pid = host.proc.pid  # its kernel worker does not take the socket for its own
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            assert b"LISTEN_FDS=" not in Path(f"/proc/{child}/environ").read_bytes()
         host.ctl("network", "create", "--subnet", "10.61.0.0/24", "act")
         assert host.stop() == 0
         # the socket file belongs to the socket unit: agentd leaves it in place
