@@ -248,7 +248,18 @@ async def _serve_http(stream: trio.abc.Stream, metrics: Metrics) -> None:
     """HTTP/1.1 with keep-alive: each request answered in turn until the client closes."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
     while True:
-        event = await _next_event(stream, conn)
+        try:
+            event = await _next_event(stream, conn)
+        except h11.RemoteProtocolError as exc:  # not HTTP, or too long: 400 if we still can
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                body = b"bad request\n"
+                head = [("content-type", "text/plain"), ("content-length", str(len(body)))]
+                response = h11.Response(status_code=exc.error_status_hint, headers=head)
+                await stream.send_all(
+                    conn.send(response) + conn.send(h11.Data(data=body))
+                    + conn.send(h11.EndOfMessage())
+                )  # fmt: skip
+            return
         if isinstance(event, h11.ConnectionClosed) or event is None:
             return
         if isinstance(event, h11.Request):

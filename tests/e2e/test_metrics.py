@@ -4,6 +4,7 @@ per mutation, and `agentctl info`'s headline figures."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from agent.frontends.jsonrpc import protocol as p
@@ -301,3 +304,55 @@ async def test_instrument_times_protocol_coroutines_only() -> None:
     assert value(got, KERNEL, call="work", outcome="ok") == 1
     assert value(got, KERNEL, call="fail", outcome="error") == 1
     assert not any(dict(labels).get("call") in ("plain", "other", "serve") for _, labels in got)
+
+
+# -- fuzz: parse or refuse, never anything else -----------------------------------------------
+
+
+@given(st.text(max_size=40))
+def test_parse_address_fuzz(addr: str) -> None:
+    try:
+        parsed = parse_address(addr)
+    except AddressError:
+        return
+    assert parsed == addr if isinstance(parsed, str) else 0 < parsed[1] < 65536
+
+
+_REQUEST_PARTS = st.sampled_from(
+    [b"GET /metrics HTTP/1.1\r\n", b"HEAD / HTTP/1.1\r\n", b"POST /metrics HTTP/1.1\r\n",
+     b"Host: x\r\n", b"Content-Length: 3\r\n", b"Transfer-Encoding: chunked\r\n",
+     b"Connection: close\r\n", b"\r\n", b"abc", b"3\r\nabc\r\n0\r\n\r\n", b"\x00\xff",
+     b"GET /metrics HTTP/1.0\r\n\r\n"]
+)  # fmt: skip
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.one_of(_REQUEST_PARTS, st.binary(max_size=30)), max_size=12))
+def test_http_responder_fuzz(chunks: list[bytes]) -> None:
+    """Whatever a client sends, the responder answers (400 for what is not HTTP) or closes,
+    never raises, and returns once the client has closed."""
+    import trio
+    import trio.testing
+
+    from agent.metrics import Metrics, _serve_http
+
+    metrics = Metrics()
+
+    async def main() -> None:
+        server, client = trio.testing.memory_stream_pair()
+        async with trio.open_nursery() as nursery:
+
+            async def talk() -> None:
+                with contextlib.suppress(trio.BrokenResourceError):  # answered and closed
+                    for chunk in chunks:
+                        await client.send_all(chunk)
+                    await client.send_eof()
+                while await client.receive_some(65536):
+                    pass
+
+            nursery.start_soon(talk)
+            with trio.fail_after(5):
+                await _serve_http(server, metrics)  # a bad request is answered, not raised
+            await server.aclose()
+
+    trio.run(main)
