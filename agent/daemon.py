@@ -21,19 +21,22 @@ from typing import NoReturn
 
 import trio
 
-from agent import __version__, accel, firewall, lockfile, preflight
+from agent import __version__, accel, firewall, lockfile, metrics, preflight
 from agent.core import names, naming, plan, pools
 from agent.core.errors import AgentError, StorageError
 from agent.core.topology import Topology
 from agent.dns.server import DnsServer
 from agent.dns.upstream import Upstreams
+from agent.firewall.base import Firewall
 from agent.firewall.monitor import serve_nft_changes
 from agent.frontends.docker.handlers import DockerPlugin
 from agent.frontends.docker.server import serve_docker_plugin
 from agent.frontends.jsonrpc import handlers
 from agent.frontends.jsonrpc import protocol as p
-from agent.frontends.jsonrpc.limits import Limits, SocketInUse, claim_socket
+from agent.frontends.jsonrpc.limits import Claimed, Limits, SocketInUse, claim_socket
+from agent.frontends.jsonrpc.observe import observed
 from agent.frontends.jsonrpc.server import InFlight, serve_api
+from agent.kernel import base as kernel_base
 from agent.kernel import netns
 from agent.kernel.client import open_kernel
 from agent.kernel.events import serve_link_events
@@ -42,6 +45,7 @@ from agent.service import Service, rebuild
 from agent.service.adopt import adopt
 from agent.service.reconcile import Reconciler
 from agent.store.sqlite import Store, open_store
+from agent.systemd import ActivationError, Notifier, activated_socket
 
 log = get_logger("agent.daemon")
 
@@ -78,6 +82,9 @@ class Namespaces:
 async def run_daemon(args: argparse.Namespace) -> None:
     """Start everything in order, serve until SIGTERM/SIGINT, then stop in reverse order."""
     started = time.monotonic()
+    notifier = Notifier()  # sd_notify; a no-op without NOTIFY_SOCKET
+    stats = metrics.Metrics()  # counted always (agentctl info); served with --metrics
+    notifier.status("loading state")
     chosen = tuple(pools.parse_pool(x) for x in args.pool) if args.pool else pools.DEFAULT_POOLS
     with (
         open_store(args.state_dir) as store,
@@ -101,9 +108,11 @@ async def run_daemon(args: argparse.Namespace) -> None:
                     )
                 )
                 await nursery.start(serve_nft_changes, nft_send)
+            stats.instrument(kernel, kernel_base.Kernel, stats.kernel_seconds)
             await kernel.set_ip_forward()
             await kernel.reap()  # links a crash left retired (cut off, not yet deleted)
             phases = {"load": time.monotonic() - started}
+            notifier.status("adopting the kernel's links")
             topo = Topology(accel.RangeAllocator)
             ns = Namespaces(args.netns_etc_dir)
             owned = await kernel.owned_links()
@@ -117,8 +126,14 @@ async def run_daemon(args: argparse.Namespace) -> None:
             )  # fmt: skip
             phases["adopt"] = time.monotonic() - started
             fw = firewall.create(args.firewall)
+            stats.instrument(fw, Firewall, stats.firewall_seconds)
             svc = Service(
                 topo=topo, kernel=kernel, firewall=fw, namespaces=ns, store=store, pools=chosen
+            )  # fmt: skip
+            stats.tap(svc.bus)
+            stats.watch(
+                lambda: len(topo.networks), lambda: len(topo.endpoints),
+                lambda: svc.reaper.backlog,
             )  # fmt: skip
             await fw.setup(svc.shared.policy())
             await nursery.start(fw.serve)
@@ -138,12 +153,15 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 await nursery.start(reconciler.serve_link_events, link_events)
                 await nursery.start(reconciler.serve_firewall_events, nft_events)
                 await nursery.start(reconciler.serve_firewall_repair)
-            table = handlers.build(svc, reconciler, partial(_info, svc, args, started))
+            info = partial(_info, svc, args, started, stats)
+            table = observed(handlers.build(svc, reconciler, info), stats.observe_request)
+            if args.metrics:
+                await nursery.start(metrics.serve_metrics, stats, args.metrics)
             inflight = InFlight()
             limits = Limits(args.max_connections, args.idle_timeout, args.request_timeout or None)
             serve = partial(
                 serve_api, table, args.socket, group=args.socket_group, inflight=inflight,
-                limits=limits, listener=args.listener,
+                limits=limits, listener=args.listener, on_connection=stats.connection,
             )  # fmt: skip
             await nursery.start(serve)
             if args.docker_plugin:  # Docker's remote network + IPAM driver protocol
@@ -159,8 +177,12 @@ async def run_daemon(args: argparse.Namespace) -> None:
                 startup_ms=round((time.monotonic() - started) * 1000, 1),
                 phases_ms={k: round(v * 1000, 1) for k, v in phases.items()},  # since start
             )
+            # only now can requests succeed: systemd's start job ends here (Type=notify)
+            notifier.ready(_status(svc))
+            await nursery.start(notifier.serve_watchdog, partial(_status, svc))
             async for signum in signals:
                 log.info("agentd.stopping", signal=signal.Signals(signum).name)
+                notifier.stopping("stopping: finishing in-flight requests")
                 await svc.lock.drain()  # the request being applied finishes; new ones: Busy
                 with trio.move_on_after(SHUTDOWN_GRACE):
                     await inflight.wait_idle()  # every answer is sent
@@ -180,7 +202,13 @@ async def _check_store(store: Store) -> None:
             store.verify()
 
 
-def _info(svc: Service, args: argparse.Namespace, started: float) -> p.Info:
+def _status(svc: Service) -> str:
+    """The one-line STATUS= systemd shows."""
+    topo = svc.topo
+    return f"serving: {len(topo.networks)} networks, {len(topo.endpoints)} endpoints"
+
+
+def _info(svc: Service, args: argparse.Namespace, started: float, stats: metrics.Metrics) -> p.Info:
     return p.Info(
         version=__version__,
         pid=os.getpid(),
@@ -192,7 +220,20 @@ def _info(svc: Service, args: argparse.Namespace, started: float) -> p.Info:
         firewall=svc.shared.firewall.name,
         uptime_s=round(time.monotonic() - started, 3),
         pending_deletions=svc.reaper.backlog,
+        connections=stats.connections,
+        requests=stats.requests_total,
+        request_errors=stats.request_errors,
+        repairs=stats.repairs_total,
+        metrics=stats.address,
     )
+
+
+def _metrics_address(addr: str) -> str:
+    try:
+        metrics.parse_address(addr)
+    except metrics.AddressError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    return addr
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -243,6 +284,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a request whose kernel work cannot begin within this long fails with 'busy' "
         "and changes nothing (default: %(default)s; 0: no deadline)",
     )  # fmt: skip
+    ap.add_argument(
+        "--metrics", default=None, metavar="ADDR", type=_metrics_address,
+        help="serve Prometheus metrics at ADDR: HOST:PORT (e.g. 127.0.0.1:9464) or a socket path",
+    )  # fmt: skip
     ap.add_argument("--log-level", default="info")
     ap.add_argument("--log-format", choices=("json", "console"), default="json")
     ap.add_argument("--version", action="version", version=f"agentd {__version__}")
@@ -261,7 +306,13 @@ def _positive(kind: type[float] | type[int]) -> Callable[[str], float]:
 
 
 #: errors that say all there is to say: printed as one line, without a traceback
-_CLEAR = (AgentError, preflight.MissingTool, lockfile.AlreadyRunning, SocketInUse)
+_CLEAR = (
+    AgentError,
+    preflight.MissingTool,
+    lockfile.AlreadyRunning,
+    SocketInUse,
+    ActivationError,
+)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
@@ -293,7 +344,11 @@ def main(argv: list[str] | None = None) -> None:
         with contextlib.ExitStack() as held:
             held.enter_context(lockfile.hold_state_dir(args.state_dir))
             os.makedirs(os.path.dirname(args.socket) or ".", exist_ok=True)
-            args.listener = claim_socket(args.socket, args.socket_group)
+            activated = activated_socket()  # systemd's socket (agentd.socket): never unlinked
+            if activated is not None:
+                args.listener = Claimed(activated, activated.getsockname() or args.socket, None)
+            else:
+                args.listener = claim_socket(args.socket, args.socket_group)
             held.callback(args.listener.release)
             preflight.check_tools(args.firewall)
             trio.run(run_daemon, args)

@@ -74,6 +74,8 @@ LAYERS: dict[str, tuple[str, ...]] = {
     # CNI: `spec` pure, `commands` calls the service; `plugin` (the client twin) stdlib only
     "agent.frontends.cni": ("agent.core", "agent.log", "agent.service", "agent.frontends.cni"),
     "agent.frontends.cni.plugin": (),
+    "agent.systemd": ("agent.log",),
+    "agent.metrics": ("agent.log",),
     "agent.daemon": ("agent",),
     "agent.lockfile": (),
     "agent.preflight": (),

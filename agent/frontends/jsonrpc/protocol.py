@@ -192,6 +192,11 @@ class Info(msgspec.Struct, kw_only=True):
     firewall: str
     uptime_s: float
     pending_deletions: int = 0  # retired links the reaper has not deleted yet
+    connections: int = 0  # open API connections (this one included)
+    requests: int = 0  # requests answered since start
+    request_errors: int = 0  # of which answered with an error
+    repairs: int = 0  # repairs made by the reconciler since start
+    metrics: str = ""  # the --metrics address ("" when not served)
 
 
 class Ruleset(msgspec.Struct, kw_only=True):

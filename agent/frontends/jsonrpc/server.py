@@ -312,10 +312,13 @@ async def serve_api(
     inflight: InFlight | None = None,
     limits: Limits | None = None,
     listener: Claimed | None = None,
+    on_connection: Callable[[int], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Listen on `path` (mode 0660, group `group`) until cancelled; `listener`: the socket
-    already bound and listening there (`limits.claim_socket`), else it is claimed here.
+    already bound and listening there (`limits.claim_socket`, or systemd's socket, see
+    `agent.systemd`), else it is claimed here. `on_connection(+1)` and `(-1)` are called as
+    connections open and close (metrics).
 
     Resource handling:
         A dead socket file at `path` is replaced; a live one (another process answers on it)
@@ -339,6 +342,8 @@ async def serve_api(
         nonlocal active
         pid, uid, peer_gid = peer_credentials(stream.socket)
         structlog.contextvars.bind_contextvars(peer_uid=uid, peer_pid=pid)
+        if on_connection is not None:
+            on_connection(1)
         try:
             if not peer_allowed(pid, uid, peer_gid, gid):
                 log_limited("api.peer.refused", uid, uid=uid, pid=pid)
@@ -353,6 +358,8 @@ async def serve_api(
             log_limited("api.connection.failed", uid, "exception", incident=incident)
         finally:
             active -= 1
+            if on_connection is not None:
+                on_connection(-1)
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
