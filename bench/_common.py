@@ -1,7 +1,7 @@
 """Shared plumbing of the comparative benchmarks: isolation, namespaces, agentd, stats, output.
 
 Safety: every bench calls `isolate()` first. Outside a private namespace it re-execs the script
-under `unshare --net --mount --propagation private` with a tmpfs on /run/netns and `lo` up, so
+under `unshare --net --mount --propagation private` with a tmpfs on /run/netns and /etc/netns and `lo` up, so
 every interface, namespace, rule and packet it makes lives in namespaces created for the run and
 vanishes with it. `ISOLATED_ENV` marks the re-exec'd process.
 
@@ -43,7 +43,8 @@ _libc = ctypes.CDLL(None, use_errno=True)
 _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 
 _SETUP = (
-    "mkdir -p /run/netns && mount -t tmpfs netagent-bench /run/netns "
+    "mkdir -p /run/netns /etc/netns && mount -t tmpfs netagent-bench /run/netns "
+    "&& mount -t tmpfs netagent-bench /etc/netns "
     '&& ip link set lo up && exec "$@"'
 )
 

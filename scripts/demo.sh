@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Install netagent, then show its main job in a throwaway network namespace: agentd starts,
 # and agentctl walks through what Docker does when a network is created and containers join it.
-# Nothing here touches the host's own network (unshare -n -m, tmpfs on /run/netns).
+# Nothing here touches the host's own network (unshare -n -m, tmpfs on /run/netns and /etc/netns).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/install.sh
-mkdir -p /run/netns
+mkdir -p /run/netns /etc/netns
 exec unshare --net --mount --propagation private -- bash -c '
 set -euo pipefail
 mount -t tmpfs netagent-demo /run/netns
+mount -t tmpfs netagent-demo /etc/netns
 ip link set lo up
 dir=$(mktemp -d /tmp/netagent-demo.XXXXXX)
 export NETAGENT_SOCKET=$dir/agent.sock PATH=$PWD/.venv/bin:$PATH

@@ -390,7 +390,8 @@ async def serve_api(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(accept_loop, nursery)
             log.info("api.listening", socket=path, max_connections=most,
-                     idle_timeout_s=limits.idle_timeout)  # fmt: skip
+                     idle_timeout_s=limits.idle_timeout,
+                     activated=claimed.identity is None)  # fmt: skip
             task_status.started()
     finally:
         sock.close()
