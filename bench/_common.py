@@ -1,9 +1,9 @@
 """Shared plumbing of the comparative benchmarks: isolation, namespaces, agentd, stats, output.
 
 Safety: every bench calls `isolate()` first. Outside a private namespace it re-execs the script
-under `unshare --net --mount --propagation private` with a tmpfs on /run/netns and /etc/netns and `lo` up, so
-every interface, namespace, rule and packet it makes lives in namespaces created for the run and
-vanishes with it. `ISOLATED_ENV` marks the re-exec'd process.
+under `unshare --net --mount --propagation private` with a tmpfs on /run/netns and /etc/netns
+and `lo` up, so every interface, namespace, rule and packet it makes lives in namespaces
+created for the run and vanishes with it. `ISOLATED_ENV` marks the re-exec'd process.
 
 Timing: `time.perf_counter` around the whole operation as a caller sees it (a socket round trip,
 a plugin's fork+exec+exit). Percentiles interpolate linearly between order statistics.
