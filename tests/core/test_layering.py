@@ -33,6 +33,8 @@ PURE_MODULES = (
     "agent.firewall.iptables.transaction",
     "agent.firewall.iptables.serialize",
     "agent.firewall.iptables.save",
+    "agent.firewall.nftables.render",
+    "agent.firewall.nftables.script",
 )
 
 #: module prefix -> the agent modules it may import (besides itself and its own package)
