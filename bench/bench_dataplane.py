@@ -182,20 +182,41 @@ class Bed:
         self.agentd.close()
 
 
-def transports(trials: int) -> dict[str, float]:
-    """p50 ms of one small transaction (add and delete one map element) per transport."""
+def transports(trials: int, sizes: tuple[int, ...]) -> dict[str, float]:
+    """p50 ms of a network create's transaction and of its rm's, per transport (libnftables in
+    process, the `nft` tool), on a table already holding `sizes` networks."""
+    from agent.core import naming, policy
+    from agent.core.model import Network
+    from agent.firewall.nftables import render, script
     from agent.firewall.nftables.transport import LibNftables, NftTool
 
-    out = {}
-    c.sh("nft", "add table inet bench; add map inet bench m { type ifname : verdict; }")
-    for t in (LibNftables(), NftTool()):
-        times = []
-        for i in range(trials):
-            t0 = time.perf_counter()
-            t.run(f'add element inet bench m {{ "x{i}" : drop }}\n')
-            times.append(time.perf_counter() - t0)
-        out[f"{t.name}_p50_ms"] = c.summarize(times)["p50"]
-    c.sh("nft", "delete table inet bench")
+    def net(i: int) -> Network:
+        ident = f"{i:012x}" + "ab" * 26
+        sub = f"10.{i // 256}.{i % 256}"
+        return Network(id=ident, name=f"n{i}", bridge=naming.bridge_name(ident),
+                       subnet=f"{sub}.0/24", gateway=f"{sub}.1")  # fmt: skip
+
+    out: dict[str, float] = {}
+    for size in sizes:
+        nets = [net(i) for i in range(size)]
+        base = render.render(policy.build(nets))
+        more = render.render(policy.build([*nets, net(size)]))
+        add = "\n".join(script.diff(base, more)) + "\n"
+        rm = "\n".join(script.diff(more, base)) + "\n"
+        lib, tool = LibNftables(), NftTool()
+        lib.run("\n".join(script.full(base)) + "\n")
+        for t in (lib, tool):
+            adds, rms = [], []
+            for _ in range(trials):
+                t0 = time.perf_counter()
+                t.run(add)
+                t1 = time.perf_counter()
+                t.run(rm)
+                adds.append(t1 - t0)
+                rms.append(time.perf_counter() - t1)
+            out[f"{t.name}_create_p50_ms_at_{size}"] = c.summarize(adds)["p50"]
+            out[f"{t.name}_rm_p50_ms_at_{size}"] = c.summarize(rms)["p50"]
+        lib.run("delete table inet netagent\n")
     return out
 
 
@@ -210,7 +231,8 @@ def main() -> None:
     if args.quick:
         args.networks, args.seconds, args.pings, args.trials = 20, 1, 50, 5
     c.isolate()
-    results: dict[str, Any] = {"transport": transports(200 if not args.quick else 20)}
+    sizes = (1, args.networks)
+    results: dict[str, Any] = {"transport": transports(50 if not args.quick else 5, sizes)}
     print("transaction p50 ms:", results["transport"], flush=True)
     for kind in args.backends.split(","):
         bed = Bed(kind)
@@ -239,9 +261,9 @@ def main() -> None:
                 first, last = r["many"]["first"][path][metric], r["many"]["last"][path][metric]
                 ratios = (c.ratio(first, v), c.ratio(last, v))
                 rows.append((kind, path, metric, v, first, last, *ratios))
-        rows.append((kind, "network", "create_p50_ms", one["create_p50_ms"],
+        rows.append((kind, "network", "create_p50_ms", r["one"]["create_p50_ms"],
                      r["many"]["create_p50_ms"], None, None, None))  # fmt: skip
-        rows.append((kind, "network", "rm_p50_ms", one["rm_p50_ms"], r["many"]["rm_p50_ms"],
+        rows.append((kind, "network", "rm_p50_ms", r["one"]["rm_p50_ms"], r["many"]["rm_p50_ms"],
                      None, None, None))  # fmt: skip
     heads = ("backend", "path", "metric", "1 net", f"{args.networks}: first", "last",
              "first/1", "last/1")  # fmt: skip

@@ -154,12 +154,15 @@ class Host:
         out += [f"\n{name}: {e}" for name in sorted(seen.elements) for e in seen.elements[name]]
         return "".join(sorted(out))
 
-    def network_chains(self) -> set[str]:
-        """The 12-hex network ids that have their own chains, whichever the backend."""
+    def firewall_bridges(self) -> set[str]:
+        """The bridges the firewall has rules for, whichever the backend (iptables: the
+        dispatch to a network chain; nftables: the `bridges` set)."""
         if self.backend == "nftables":
-            found = re.findall(r"^chain to-([0-9a-f]{12})$", self.nft_table(), re.M)
+            found = re.findall(r'^bridges: "([^"]+)"$', self.nft_table(), re.M)
         else:
-            found = re.findall(r"^:NETAGENT-N-([0-9a-f]{12}) ", self.iptables_save(), re.M)
+            found = re.findall(
+                r"^-A NETAGENT-FORWARD -o (\S+) -j NETAGENT-N-", self.iptables_save(), re.M
+            )
         return set(found)
 
     def publishes(self, host_port: int) -> bool:

@@ -63,7 +63,7 @@ def test_walkthrough() -> None:
         if host.backend == "iptables":
             assert "-A FORWARD -m comment --comment netagent -j NETAGENT-FORWARD" in baseline_rules
         else:
-            assert "chain forward: oifname vmap @to" in baseline_rules
+            assert "chain forward: oifname @bridges goto to-bridge" in baseline_rules
 
         # network create: a new bridge on the next pool, down until an endpoint joins
         net_id = host.ctl("network", "create", "test1").stdout.strip()
