@@ -3,7 +3,7 @@
 Theory of operation. Each `Policy` is rendered whole (`render.render`, memoised per network:
 microseconds per unchanged network) into the table's `State`; `apply` sends only
 `script.diff(applied, new)` as one transaction, so a network create among 1,000 sends its own
-three chains and five map elements, and the kernel is never re-read on the hot path. `setup`
+two to five set elements, and the kernel is never re-read on the hot path. `setup`
 and `repair` read the table once (`nft list table`), compare (`script.drift`) and, when it
 differs, converge with `script.full` in one transaction: the table is flushed and refilled
 atomically, so traffic never sees it half-written. A restart that finds the table as it should

@@ -3,11 +3,10 @@
 Theory of operation. A script is the text of one `nft -f` run: libnftables sends all of it as
 ONE netlink batch, so it commits whole or not at all.
 
-- `diff(old, new)` is what a request sends: the chains of networks that came (declared and
-  filled), the chains that changed (flushed and refilled), the set and map elements that went
-  and came, and last the chains that went (flushed and deleted once no map element names them).
-  Nothing is read from the kernel and nothing unchanged is sent: a network create among 1,000
-  sends its three chains and five elements.
+- `diff(old, new)` is what a request sends: the set and map elements that went and came (and,
+  should a future layout have chains that change, those chains declared, refilled or deleted
+  after the elements that name them). Nothing is read from the kernel and nothing unchanged is
+  sent: a network create among 1,000 sends its two to five elements.
 - `full(new, stale)` converges from anything (start-up, repair): declares the table, every chain
   (the user chain only if missing: `add` never rewrites it), set and map, flushes the agent's
   chains and sets and refills them, and deletes `stale` chains (found in the kernel, not in
@@ -16,7 +15,8 @@ ONE netlink batch, so it commits whole or not at all.
   checks (`drift`).
 
 Chains are declared before sets and maps: in one batch, a verdict map element naming a chain
-declared after its map fails with ENOENT (nftables 1.0.6).
+declared after its map fails with ENOENT (nftables 1.0.6); the renderer has no verdict map
+today, the scripts keep the order anyway.
 """
 
 from __future__ import annotations
