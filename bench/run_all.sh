@@ -30,6 +30,7 @@ run bench_restart $QUICK $SIZES
 run bench_cli $QUICK
 run bench_reactions $QUICK
 run bench_events --json "$OUT/events.json"
+run bench_dataplane $QUICK
 if [ -n "$failed" ]; then
     echo "FAILED:$failed" >&2
     exit 1

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 apt_pkgs=(iproute2 iptables iputils-ping conntrack python3-venv python3-dev gcc util-linux
-          containernetworking-plugins netavark)
+          containernetworking-plugins netavark
+          nftables libnftables1 iperf3)  # nftables backend (nft, libnftables.so.1); bench_dataplane
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
