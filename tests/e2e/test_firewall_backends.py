@@ -153,3 +153,30 @@ def test_reconcile_reports_repairs_of_the_table() -> None:
         ruleset = host.ctl("ruleset").stdout
         assert re.search(r"set same \{\n\t\ttype ifname . ifname", ruleset)
         assert "nftables" in host.ctl("info").stdout
+
+
+def counters(host: Host, chain: str) -> list[int]:
+    """Packet counters of `chain`'s rules, in order (iptables -L -v -x)."""
+    out = ns_exec(host.name, "iptables", "-L", chain, "-v", "-x", "-n").stdout.splitlines()
+    return [int(line.split()[0]) for line in out[2:] if line.strip()]
+
+
+@pytest.mark.backend("iptables")
+def test_iptables_walks_the_per_network_rules_for_a_flows_first_packet_only() -> None:
+    """The connmark shortcut: once a network's chain accepted a flow, its later packets (both
+    ways) are accepted at the head of NETAGENT-FORWARD, before isolation and dispatch."""
+    with running_host() as host:
+        outside, _, outside_ip = add_outside(host)
+        c1 = unique("c1-")
+        try:
+            for i in range(3):
+                host.ctl("network", "create", f"n{i}")
+            host.ctl("run", "--network", "n2", c1)
+            before = counters(host, "NETAGENT-ISOLATION-STAGE-1")
+            assert ns_exec(c1, "ping", "-c", "20", "-i", "0.01", "-q", outside_ip).returncode == 0
+            walked = sum(counters(host, "NETAGENT-ISOLATION-STAGE-1")) - sum(before)
+            assert walked == 1  # the first echo request; 19 more and 20 replies took the shortcut
+            assert counters(host, "NETAGENT-FORWARD")[1] >= 39
+        finally:
+            host.ctl("rm", c1, check=False)
+            sh("ip", "netns", "del", outside)
