@@ -71,7 +71,7 @@ def footprint(host: Host) -> tuple[bool, bool]:
     """(iptables backend's chains present, nftables backend's table or mark rule present)."""
     saved = ns_exec(host.name, "iptables-save").stdout + ns_exec(host.name, "ip6tables-save").stdout
     nft = ns_exec(host.name, "nft", "list", "tables").stdout
-    return "NETAGENT" in saved, "netagent" in nft or "0x2000000" in saved
+    return "NETAGENT" in saved, "netagent" in nft or "-m mark --mark 0x2000000" in saved
 
 
 @pytest.mark.backend("iptables")
