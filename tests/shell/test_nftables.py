@@ -68,6 +68,11 @@ def test_golden_tables_load_and_list_back_identically(
     assert words == sorted(golden.replace(",", " ").split())  # element order is the kernel's
 
 
+def test_a_missing_library_is_a_clear_error() -> None:
+    with pytest.raises(NftError, match=r"cannot load libnosuch\.so\.9 \(Debian: libnftables1\)"):
+        LibNftables("libnosuch.so.9")
+
+
 @pytest.mark.parametrize("transport", [LibNftables, NftTool])
 def test_transports_commit_all_or_nothing(transport: type) -> None:
     nft = transport()

@@ -62,7 +62,15 @@ class NftablesFirewall:
 
     @classmethod
     def default(cls) -> NftablesFirewall:
-        return cls(create_transport("libnftables"))
+        """The backend over libnftables in process.
+
+        Raises:
+            FirewallApply: libnftables.so.1 cannot be loaded.
+        """
+        try:
+            return cls(create_transport("libnftables"))
+        except NftError as exc:
+            raise FirewallApply(f"the nftables backend needs libnftables: {exc}") from exc
 
     async def _run(self, lines: list[str]) -> str:
         """One transaction (or a listing), in a worker thread, never cancelled halfway."""

@@ -47,7 +47,10 @@ class LibNftables:
     name = "libnftables"
 
     def __init__(self, soname: str = "libnftables.so.1") -> None:
-        lib = ctypes.CDLL(soname, use_errno=True)
+        try:
+            lib = ctypes.CDLL(soname, use_errno=True)
+        except OSError as exc:
+            raise NftError(f"cannot load {soname} (Debian: libnftables1): {exc}") from exc
         lib.nft_ctx_new.restype = ctypes.c_void_p
         lib.nft_ctx_new.argtypes = [ctypes.c_int]
         lib.nft_ctx_free.argtypes = [ctypes.c_void_p]
