@@ -16,8 +16,9 @@ For each backend in turn (same machine, same run), one agentd (`--firewall KIND`
 4. `--networks` - 1 more networks are created; the last, `last`, gets containers too; the paths
    are measured again for `first` and for `last`, and create/rm latency at N networks.
 Ratios (N networks / 1 network) per path say how a packet's cost grows with networks.
-The transport comparison (libnftables in process vs the `nft` tool, one small transaction
-each) runs first, in its own namespace.
+The transport comparison runs first: libnftables in process vs the `nft` tool, each sending
+a network create's transaction and then its rm's (`script.diff`), on a table holding 1 and
+`--networks` networks (p50 of 50 each).
 """
 
 from __future__ import annotations
