@@ -34,6 +34,7 @@ run bench_reactions $QUICK
 run bench_events --json "$OUT/events.json"
 run bench_dns $QUICK
 run bench_metrics $QUICK
+run bench_dataplane $QUICK
 if [ -n "$failed" ]; then
     echo "FAILED:$failed" >&2
     exit 1

@@ -6,7 +6,8 @@ cd "$(dirname "$0")/.."
 
 apt_pkgs=(iproute2 iptables iputils-ping conntrack python3-venv python3-dev gcc util-linux
           containernetworking-plugins netavark docker.io podman busybox-static dnsutils
-          dnsperf aardvark-dns systemd curl strace)
+          dnsperf aardvark-dns systemd curl strace
+          nftables libnftables1 iperf3)  # nftables backend (nft, libnftables.so.1); bench_dataplane
 missing=()
 for p in "${apt_pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

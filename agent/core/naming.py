@@ -23,6 +23,7 @@ CHAIN_ISOLATION_1 = "NETAGENT-ISOLATION-STAGE-1"
 CHAIN_ISOLATION_2 = "NETAGENT-ISOLATION-STAGE-2"
 CHAIN_POSTROUTING = "NETAGENT-POSTROUTING"
 CHAIN_DNAT = "NETAGENT-DNAT"  # nat: published ports, jumped to from PREROUTING and OUTPUT
+CHAIN_ACCEPT = "NETAGENT-ACCEPT"  # filter: marks the flow (connmark) and accepts it
 RULE_COMMENT = "netagent"
 
 # Ownership visible in the kernel: IFLA_IFALIAS on the links we create, and a link group

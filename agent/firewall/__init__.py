@@ -3,6 +3,7 @@
 Layout:
     base.py       the `Firewall` protocol the service and the reconciler use
     iptables/     the iptables backend (iptables-restore, ip6tables-restore)
+    nftables/     the nftables backend (one inet table, verdict maps, libnftables)
     conntrack.py  published ports' kernel side effects, shared by backends
     monitor.py    nf_tables change notifications (what `Firewall.foreign` judges)
 
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
     from agent.firewall.base import Firewall
 
 #: The backends `create` knows, by name; the first is the default.
-BACKENDS = ("iptables",)
+BACKENDS = ("iptables", "nftables")
 
 
 def create(kind: str) -> Firewall:
@@ -33,6 +34,10 @@ def create(kind: str) -> Firewall:
         from agent.firewall.iptables.backend import IptablesFirewall
 
         return IptablesFirewall.default()
+    if kind == "nftables":
+        from agent.firewall.nftables.backend import NftablesFirewall
+
+        return NftablesFirewall.default()
     raise InvalidArgument(
         f"unknown firewall backend {kind!r} (known: {', '.join(BACKENDS)})", firewall=kind
     )

@@ -12,26 +12,30 @@ from agent.core.errors import InvalidArgument
 from agent.firewall import BACKENDS, create
 from agent.firewall.base import Firewall
 from agent.firewall.iptables.backend import IptablesFirewall
+from agent.firewall.nftables.backend import NftablesFirewall
 from tests.conformance import assert_implements
 from tests.core.fakes import FakeFirewall
 
 
-def test_create_knows_iptables() -> None:
-    assert BACKENDS[0] == "iptables"
+def test_create_knows_iptables_first_and_nftables() -> None:
+    assert BACKENDS[:2] == ("iptables", "nftables")
     for kind in BACKENDS:
         fw = create(kind)
         assert fw.name == kind
     assert isinstance(create("iptables"), IptablesFirewall)
+    assert isinstance(create("nftables"), NftablesFirewall)
 
 
 def test_an_unknown_backend_is_an_invalid_argument() -> None:
-    with pytest.raises(InvalidArgument, match=r"'nftables'.*known: iptables") as info:
-        create("nftables")
-    assert info.value.data == {"firewall": "nftables"}
+    with pytest.raises(InvalidArgument, match=r"'pf'.*known: iptables, nftables") as info:
+        create("pf")
+    assert info.value.data == {"firewall": "pf"}
 
 
 @pytest.mark.parametrize(
-    "make", [IptablesFirewall.default, FakeFirewall], ids=["iptables", "service-fake"]
+    "make",
+    [IptablesFirewall.default, NftablesFirewall.default, FakeFirewall],
+    ids=["iptables", "nftables", "service-fake"],
 )
 def test_backend_and_fake_implement_the_firewall_protocol(make: type) -> None:
     assert_implements(make(), Firewall)

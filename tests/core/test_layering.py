@@ -36,6 +36,8 @@ PURE_MODULES = (
     "agent.frontends.docker.wire",
     "agent.frontends.docker.convert",
     "agent.frontends.cni.spec",
+    "agent.firewall.nftables.render",
+    "agent.firewall.nftables.script",
 )
 
 #: module prefix -> the agent modules it may import (besides itself and its own package)

@@ -125,7 +125,7 @@ def test_render_published_ports() -> None:
     assert own[-1] == ("-o", b, "-j", "DROP")
     assert own[-3] == ("-d", "172.18.0.3/32", "!", "-i", b, "-o", b, "-p", "tcp", "-m", "tcp",
                        "--dport", "80", "-m", "conntrack", "--ctstate", "DNAT",
-                       "-j", "ACCEPT")  # fmt: skip
+                       "-j", "NETAGENT-ACCEPT")  # fmt: skip
     # without ports, or on an internal network, nothing of this is rendered
     plain = render([NET])
     assert render([NET], [endpoint("172.18.0.3")]) == plain

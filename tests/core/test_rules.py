@@ -15,7 +15,7 @@ from agent.core import naming, policy
 from agent.core.model import Endpoint, Network, PortMapping
 from agent.firewall.iptables import rules, transaction
 
-VERDICTS = {"ACCEPT", "DROP", "RETURN", "MASQUERADE"}
+VERDICTS = {"ACCEPT", "DROP", "RETURN", "MASQUERADE", "CONNMARK"}
 BUILTINS = {
     "filter": ("INPUT", "FORWARD", "OUTPUT"),
     "nat": ("PREROUTING", "INPUT", "OUTPUT", "POSTROUTING"),
@@ -118,6 +118,9 @@ def chain_of(network: Network) -> tuple[tuple[str, ...], ...]:
     return render([network]).chains("filter")[naming.network_chain(network.id)]
 
 
+ACCEPT = "NETAGENT-ACCEPT"
+
+
 def test_render_default_network() -> None:
     n = net(1)
     b, c = n.bridge, naming.network_chain(n.id)
@@ -125,6 +128,7 @@ def test_render_default_network() -> None:
     assert ruleset.chains("filter") == {
         "NETAGENT-FORWARD": (
             ("-j", "NETAGENT-USER"),
+            rules.established_shortcut(),
             ("-j", "NETAGENT-ISOLATION-STAGE-1"),
             ("-o", b, "-j", c),
             ("-i", b, "-j", c),
@@ -134,17 +138,21 @@ def test_render_default_network() -> None:
         ),
         "NETAGENT-ISOLATION-STAGE-2": (("-o", b, "-j", "DROP"),),
         c: (
-            ("-o", b, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT"),
-            ("-i", b, "!", "-o", b, "-j", "ACCEPT"),
-            ("-i", b, "-o", b, "-j", "ACCEPT"),
+            ("-o", b, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", ACCEPT),
+            ("-i", b, "!", "-o", b, "-j", "NETAGENT-ACCEPT"),
+            ("-i", b, "-o", b, "-j", "NETAGENT-ACCEPT"),
             ("-o", b, "-j", "DROP"),
+        ),
+        "NETAGENT-ACCEPT": (
+            ("-j", "CONNMARK", "--set-xmark", "0x2000000/0x2000000"),
+            ("-j", "ACCEPT"),
         ),
     }
     assert ruleset.chains("nat") == {
         "NETAGENT-DNAT": (),
         "NETAGENT-POSTROUTING": (("-s", "10.0.1.0/24", "!", "-o", b, "-j", "MASQUERADE"),),
     }
-    assert ruleset.rule_count() == 4 + 1 + 1 + 4 + 1
+    assert ruleset.rule_count() == 5 + 1 + 1 + 4 + 2 + 1
 
 
 NO_NAT = {"NETAGENT-DNAT": (), "NETAGENT-POSTROUTING": ()}
@@ -157,7 +165,7 @@ def test_render_icc_off_drops_bridge_local_traffic() -> None:
 
 
 def test_render_internal_network() -> None:
-    for icc, verdict in ((True, "ACCEPT"), (False, "DROP")):
+    for icc, verdict in ((True, "NETAGENT-ACCEPT"), (False, "DROP")):
         n = net(3, internal=True, icc=icc)
         b = n.bridge
         assert chain_of(n) == (
@@ -228,7 +236,7 @@ def test_ruleset_is_immutable_and_ignores_dispatch_tail_order() -> None:
     with pytest.raises(TypeError):
         a.tables["filter"]["X"] = ()  # type: ignore[index]
     fwd = a.chains("filter")["NETAGENT-FORWARD"]
-    swapped = {**a.chains("filter"), "NETAGENT-FORWARD": fwd[:2] + fwd[2:][::-1]}
+    swapped = {**a.chains("filter"), "NETAGENT-FORWARD": fwd[:3] + fwd[3:][::-1]}
     b = rules.Ruleset({"filter": swapped, "nat": a.chains("nat")}, a.heads)
     assert a == b and hash(a) == hash(b)
     owned = naming.network_chain(net(1).id)

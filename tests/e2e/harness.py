@@ -2,7 +2,11 @@
 
 Each `Host` is a named namespace made with `ip netns add`; agentd runs in it through
 `nsenter --net=...` (same mount namespace, so /run/netns is shared with the tests). Checks use
-independent tools: `ip -n HOST -j ...`, `iptables-save` in the host namespace, real traffic.
+independent tools: `ip -n HOST -j ...`, `iptables-save` and `nft list` in the host namespace,
+real traffic.
+
+The firewall backend is `BACKEND` (`agentd --firewall`), which tests/e2e/conftest.py sets for
+each test: every e2e test runs once per backend (a test may name its own `--firewall`).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,9 +24,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from agent.firewall.nftables.script import parse_listing
 from agent.frontends.jsonrpc.client import Client
 
 VENV_BIN = Path(sys.executable).parent
+
+#: the firewall backend of the hosts started next (set per test by tests/e2e/conftest.py)
+BACKEND = "iptables"
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 30, **kw) -> subprocess.CompletedProcess:
@@ -76,6 +85,9 @@ class Host:
         self.socket = str(self.dir / "agent.sock")
         self.state_dir = str(self.dir / "state")
         self.extra_args = list(extra_args)
+        if "--firewall" not in self.extra_args:
+            self.extra_args += ["--firewall", BACKEND]
+        self.backend = self.extra_args[self.extra_args.index("--firewall") + 1]
         self.proc: subprocess.Popen | None = None
         self.log_path = self.dir / "agentd.log"
         sh("ip", "netns", "add", self.name)
@@ -124,11 +136,40 @@ class Host:
 
     # -- observation ----------------------------------------------------------------------
     def iptables_save(self) -> str:
-        """Rules only (no comments or counters), for exact comparisons."""
+        """Rules only (no comments or counters), for exact comparisons; with the nftables
+        backend, followed by the agent's table (`nft_table`)."""
         out = ns_exec(self.name, "iptables-save").stdout
-        return "\n".join(
+        text = "\n".join(
             line for line in out.splitlines() if line and not line.startswith("#")
         ).replace("[0:0]", "")
+        return text + self.nft_table() if self.backend == "nftables" else text
+
+    def nft_table(self) -> str:
+        """`nft list table inet netagent`, one line per rule and per set element (sorted), so
+        that equal tables give equal text ("" without the table)."""
+        r = ns_exec(self.name, "nft", "-s", "list", "table", "inet", "netagent", check=False)
+        seen = parse_listing(r.stdout if r.returncode == 0 else "")
+        out = [f"\nchain {c}: {rule}" for c in sorted(seen.chains) for rule in seen.chains[c]]
+        out += [f"\nchain {c}" for c in sorted(seen.chains)]
+        out += [f"\n{name}: {e}" for name in sorted(seen.elements) for e in seen.elements[name]]
+        return "".join(sorted(out))
+
+    def firewall_bridges(self) -> set[str]:
+        """The bridges the firewall has rules for, whichever the backend (iptables: the
+        dispatch to a network chain; nftables: the `bridges` set)."""
+        if self.backend == "nftables":
+            found = re.findall(r'^bridges: "([^"]+)"$', self.nft_table(), re.M)
+        else:
+            found = re.findall(
+                r"^-A NETAGENT-FORWARD -o (\S+) -j NETAGENT-N-", self.iptables_save(), re.M
+            )
+        return set(found)
+
+    def publishes(self, host_port: int) -> bool:
+        """Whether a DNAT of `host_port` is in the kernel, whichever the backend."""
+        if self.backend == "nftables":
+            return f" . {host_port} : " in self.nft_table()
+        return f"--dport {host_port} -j DNAT" in self.iptables_save()
 
     def settle(self, timeout: float = 5.0) -> None:
         """Wait until the agent's reaper has deleted every link it retired (a disconnect or

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.kernel
 
 
 @pytest.fixture(scope="module")
-def host():
+def host(backend: str):  # one host per firewall backend
     with running_host() as h:
         h.ctl("network", "create", "--subnet", "10.70.0.0/24", "taken")
         h.ns_name = unique("bad-")

@@ -184,6 +184,7 @@ def test_gateway_address_removed_is_restored(host: Host) -> None:
     ],
     ids=["flush-forward", "flush-isolation", "delete-jump", "flush-nat", "flush-and-delete-user"],
 )
+@pytest.mark.backend("iptables")  # the nftables table's: tests/e2e/test_firewall_backends.py
 def test_firewall_drift_is_repaired(host: Host, damage: list[str]) -> None:
     host.ctl("network", "create", "drift")
 
@@ -209,6 +210,7 @@ def test_foreign_rule_changes_are_left_alone(host: Host) -> None:
     assert after.replace("\n-A FORWARD -s 192.0.2.9/32 -j ACCEPT", "") == baseline
 
 
+@pytest.mark.backend("iptables")  # the nftables table's: tests/e2e/test_firewall_backends.py
 def test_reconcile_reports_repairs() -> None:
     with running_host("--repair", "manual") as host:
         assert host.ctl("reconcile").stdout.strip() == "nothing to repair"

@@ -60,7 +60,10 @@ def test_walkthrough() -> None:
         assert ns_exec(host.name, "sysctl", "-n", "net.ipv4.ip_forward").stdout.strip() == "1"
         baseline_rules = host.iptables_save()
         baseline_links = host.link_names()
-        assert "-A FORWARD -m comment --comment netagent -j NETAGENT-FORWARD" in baseline_rules
+        if host.backend == "iptables":
+            assert "-A FORWARD -m comment --comment netagent -j NETAGENT-FORWARD" in baseline_rules
+        else:
+            assert "chain forward: oifname @bridges goto to-bridge" in baseline_rules
 
         # network create: a new bridge on the next pool, down until an endpoint joins
         net_id = host.ctl("network", "create", "test1").stdout.strip()

@@ -93,21 +93,26 @@ async def test_setup_on_empty_ruleset_gives_exact_lines() -> None:
         ":INPUT ACCEPT [0:0]",
         ":FORWARD ACCEPT [0:0]",
         ":OUTPUT ACCEPT [0:0]",
+        ":NETAGENT-ACCEPT - [0:0]",
         ":NETAGENT-FORWARD - [0:0]",
         ":NETAGENT-ISOLATION-STAGE-1 - [0:0]",
         ":NETAGENT-ISOLATION-STAGE-2 - [0:0]",
         f":{c} - [0:0]",
         ":NETAGENT-USER - [0:0]",
         "-A FORWARD -m comment --comment netagent -j NETAGENT-FORWARD",
+        "-A NETAGENT-ACCEPT -j CONNMARK --set-xmark 0x2000000/0x2000000",
+        "-A NETAGENT-ACCEPT -j ACCEPT",
         "-A NETAGENT-FORWARD -j NETAGENT-USER",
+        "-A NETAGENT-FORWARD -m connmark --mark 0x2000000/0x2000000 -m conntrack --ctstate "
+        "RELATED,ESTABLISHED -j ACCEPT",
         "-A NETAGENT-FORWARD -j NETAGENT-ISOLATION-STAGE-1",
         f"-A NETAGENT-FORWARD -o {b} -j {c}",
         f"-A NETAGENT-FORWARD -i {b} -j {c}",
         f"-A NETAGENT-ISOLATION-STAGE-1 -i {b} ! -o {b} -j NETAGENT-ISOLATION-STAGE-2",
         f"-A NETAGENT-ISOLATION-STAGE-2 -o {b} -j DROP",
-        f"-A {c} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT",
-        f"-A {c} -i {b} ! -o {b} -j ACCEPT",
-        f"-A {c} -i {b} -o {b} -j ACCEPT",
+        f"-A {c} -o {b} -m conntrack --ctstate RELATED,ESTABLISHED -j NETAGENT-ACCEPT",
+        f"-A {c} -i {b} ! -o {b} -j NETAGENT-ACCEPT",
+        f"-A {c} -i {b} -o {b} -j NETAGENT-ACCEPT",
         f"-A {c} -o {b} -j DROP",
         "-A NETAGENT-USER -j RETURN",
         "COMMIT",
@@ -126,7 +131,7 @@ async def test_setup_on_empty_ruleset_gives_exact_lines() -> None:
     ]
     assert fw.applied == render([n])
     assert (await fw.observe()).ruleset() == fw.applied
-    assert fw.rule_count() == 11
+    assert fw.rule_count() == 14
     # What `agentctl ruleset` shows is exactly what start-up fed iptables-restore.
     assert fw.text() == pure_serialize(transaction.full(render([n])))
 
@@ -426,7 +431,7 @@ async def test_backend_puts_ipv4_back_when_ipv6_fails() -> None:
     assert f"-A NETAGENT-POSTROUTING -s fd00:2::/64 ! -o {b.bridge} -j MASQUERADE" in save(
         "ip6tables-save"
     )
-    assert "# ip6tables-restore" in fw.text() and fw.rule_count() == 2 * 20
+    assert "# ip6tables-restore" in fw.text() and fw.rule_count() == 2 * 23
     # drift: b's IPv6 masquerade is gone, so removing b fails in ip6tables' nat section
     masq = f"-s fd00:2::/64 ! -o {b.bridge} -j MASQUERADE"
     sh("ip6tables", "-t", "nat", "-D", "NETAGENT-POSTROUTING", *masq.split())

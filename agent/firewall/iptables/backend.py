@@ -31,6 +31,7 @@ from agent.firewall.conntrack import PortEffects
 from agent.firewall.iptables import rules
 from agent.firewall.iptables.applier import FamilyApplier
 from agent.firewall.iptables.restore import OWN_PIDS, Restorer
+from agent.firewall.nftables import coexist
 from agent.log import get_logger
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ class IptablesFirewall:
         self.v6 = v6
         self.v6_error = "" if v6 is not None else "ip6tables is not configured"
         self.own_pids = own_pids
+        self.retire_nftables = False  # `default()`: remove the nftables backend's table
         self._policy = EMPTY  # the last policy both families hold
         self._ports = PortEffects()
         self._lock = trio.Lock()
@@ -89,7 +91,9 @@ class IptablesFirewall:
         own: collections.deque[int] = collections.deque(maxlen=OWN_PIDS)
         v4 = FamilyApplier(Restorer("iptables-restore", "iptables-save", own_pids=own))
         v6 = FamilyApplier(Restorer("ip6tables-restore", "ip6tables-save", own_pids=own))
-        return cls(v4, v6, own_pids=own)
+        backend = cls(v4, v6, own_pids=own)
+        backend.retire_nftables = True
+        return backend
 
     @property
     def policy(self) -> Policy:
@@ -114,6 +118,8 @@ class IptablesFirewall:
         self._need_v6(policy)
         new4, new6 = rules.render(policy.v4), rules.render(policy.v6)
         async with self._lock:
+            if self.retire_nftables:  # switching from the nftables backend leaves nothing
+                await trio.to_thread.run_sync(coexist.retire_nftables)
             await self.v4.setup(new4)
             if self.v6 is not None:
                 try:

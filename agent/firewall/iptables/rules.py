@@ -14,12 +14,26 @@ and two more for published ports, below):
 Docker's bridge driver (18.09-20.10 layout) is reproduced in our own chains::
 
     NETAGENT-FORWARD            -j NETAGENT-USER                 (fixed head: user rules first)
+                                -m connmark --mark 0x2000000/0x2000000 -m conntrack
+                                --ctstate RELATED,ESTABLISHED -j ACCEPT   (flows already ours)
                                 -j NETAGENT-ISOLATION-STAGE-1    (then cross-network isolation)
                                 -o B -j C / -i B -j C            (per network: its own chain C)
     NETAGENT-ISOLATION-STAGE-1  -i B ! -o B -j NETAGENT-ISOLATION-STAGE-2
     NETAGENT-ISOLATION-STAGE-2  -o B -j DROP
     NETAGENT-POSTROUTING (nat)  -s S ! -o B -j MASQUERADE
     C = NETAGENT-N-<id12>       conntrack replies, egress, icc, then drop whatever else enters
+    NETAGENT-ACCEPT             -j CONNMARK --set-xmark 0x2000000/0x2000000, -j ACCEPT
+
+Every accept of a per-network chain is `-j NETAGENT-ACCEPT`, which sets one bit of the flow's
+conntrack mark. The second rule of the head then accepts every later packet of a flow the
+agent accepted, in both directions, before the per-network rules: the isolation and dispatch
+rules (two or three per network, walked linearly) are paid by a flow's first packet only,
+instead of by every packet (with 1,000 networks, 4-12x the RTT and a third of the throughput).
+Same semantics: a flow is marked only when a per-network chain accepted it, after isolation,
+and the chains accept the established packets of such a flow anyway (`conntrack_accept`,
+egress, ICC); a flow the agent dropped (another network, ICC off, not published) is never
+marked. The bit (0x2000000, the one the nftables backend marks packets with) is the agent's;
+tools that use the conntrack mark should leave it alone.
 
 Two kinds of chains:
 
@@ -89,12 +103,15 @@ ISOLATION_1 = naming.CHAIN_ISOLATION_1
 ISOLATION_2 = naming.CHAIN_ISOLATION_2
 POSTROUTING = naming.CHAIN_POSTROUTING
 DNAT = naming.CHAIN_DNAT
+ACCEPT_CHAIN = naming.CHAIN_ACCEPT
 LOCALHOST = "127.0.0.0/8"
+#: the conntrack mark bit of flows a per-network chain accepted (`-j NETAGENT-ACCEPT`)
+FLOW_MARK = "0x2000000/0x2000000"
 
 #: Dispatch chains and the length of their fixed head.
 DISPATCH_HEADS: Mapping[ChainKey, int] = MappingProxyType(
     {
-        (FILTER, FORWARD): 2,
+        (FILTER, FORWARD): 3,
         (FILTER, ISOLATION_1): 0,
         (FILTER, ISOLATION_2): 0,
         (NAT, POSTROUTING): 0,
@@ -109,6 +126,18 @@ DISPATCH_HEADS: Mapping[ChainKey, int] = MappingProxyType(
 def jump(target: str) -> Rule:
     """`-j TARGET` (the fixed head of NETAGENT-FORWARD: `-j NETAGENT-USER`, ...)."""
     return ("-j", target)
+
+
+def established_shortcut() -> Rule:
+    """`-m connmark --mark 0x2000000/0x2000000 -m conntrack --ctstate RELATED,ESTABLISHED
+    -j ACCEPT`: the rest of a flow a per-network chain accepted (third rule of the head)."""
+    return ("-m", "connmark", "--mark", FLOW_MARK,
+            "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT")  # fmt: skip
+
+
+def accept_rules() -> tuple[Rule, Rule]:
+    """`-A NETAGENT-ACCEPT -j CONNMARK --set-xmark 0x2000000/0x2000000` then `-j ACCEPT`."""
+    return ("-j", "CONNMARK", "--set-xmark", FLOW_MARK), ("-j", "ACCEPT")
 
 
 def builtin_jump(target: str) -> Rule:
@@ -137,18 +166,20 @@ def dispatch_rules(bridge: str, chain: str) -> tuple[Rule, Rule]:
 
 
 def conntrack_accept(bridge: str) -> Rule:
-    """`-A C -o B -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT`: replies come in."""
-    return ("-o", bridge, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED", "-j", "ACCEPT")
+    """`-A C -o B -m conntrack --ctstate RELATED,ESTABLISHED -j NETAGENT-ACCEPT`: replies."""
+    return ("-o", bridge, "-m", "conntrack", "--ctstate", "RELATED,ESTABLISHED",
+            "-j", ACCEPT_CHAIN)  # fmt: skip
 
 
 def egress_accept(bridge: str) -> Rule:
-    """`-A C -i B ! -o B -j ACCEPT`: the network may reach the outside (not internal)."""
-    return ("-i", bridge, "!", "-o", bridge, "-j", "ACCEPT")
+    """`-A C -i B ! -o B -j NETAGENT-ACCEPT`: the network may reach the outside."""
+    return ("-i", bridge, "!", "-o", bridge, "-j", ACCEPT_CHAIN)
 
 
 def icc(bridge: str, enabled: bool) -> Rule:
-    """`-A C -i B -o B -j ACCEPT` (`-j DROP` when inter-container communication is off)."""
-    return ("-i", bridge, "-o", bridge, "-j", "ACCEPT" if enabled else "DROP")
+    """`-A C -i B -o B -j NETAGENT-ACCEPT` (`-j DROP` when inter-container communication is
+    off)."""
+    return ("-i", bridge, "-o", bridge, "-j", ACCEPT_CHAIN if enabled else "DROP")
 
 
 def drop_in(bridge: str) -> Rule:
@@ -215,14 +246,15 @@ def port_dnat(f: Forward) -> Rule:
 
 
 def port_accept(f: Forward, bridge: str) -> Rule:
-    """`-A C -d C/32 ! -i B -o B -p tcp -m tcp --dport P -m conntrack --ctstate DNAT -j ACCEPT`.
+    """`-A C -d C/32 ! -i B -o B -p tcp -m tcp --dport P -m conntrack --ctstate DNAT
+    -j NETAGENT-ACCEPT`.
 
     Only DNATed flows: unlike Docker 20.10, a neighbour routing straight to C:P is dropped
     (Docker 28 added the same protection).
     """
     return ("-d", _host(f.address), "!", "-i", bridge, "-o", bridge,
             *_match_port(f.protocol, f.port),
-            "-m", "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT")  # fmt: skip
+            "-m", "conntrack", "--ctstate", "DNAT", "-j", ACCEPT_CHAIN)  # fmt: skip
 
 
 def port_hairpin(f: Forward) -> Rule:
@@ -372,7 +404,7 @@ def render(policy: FamilyPolicy) -> Ruleset:
     """
     family = policy.family
     forwards = policy.forwards
-    forward: list[Rule] = [jump(USER), jump(ISOLATION_1)]
+    forward: list[Rule] = [jump(USER), established_shortcut(), jump(ISOLATION_1)]
     stage1: list[Rule] = []
     stage2: list[Rule] = []
     postrouting: list[Rule] = []
@@ -398,6 +430,7 @@ def render(policy: FamilyPolicy) -> Ruleset:
         forward.extend(dispatch)
         postrouting.extend(masq)
     filter_chains.update({FORWARD: tuple(forward), ISOLATION_1: tuple(stage1)})
+    filter_chains[ACCEPT_CHAIN] = accept_rules()
     filter_chains[ISOLATION_2] = tuple(stage2)
     nat_chains.update({POSTROUTING: tuple(postrouting), DNAT: tuple(dnat)})
     return Ruleset._rendered({FILTER: filter_chains, NAT: nat_chains}, DISPATCH_HEADS)
