@@ -34,6 +34,7 @@ from agent.service import Service
 log = get_logger("agent.service.reconcile")
 
 DEBOUNCE = 0.05  # seconds: a burst of foreign iptables commands costs one drift check
+REPAIR_RETRY = 1.0  # seconds before a failed firewall repair is tried again
 
 
 class Reconciler:
@@ -197,8 +198,11 @@ class Reconciler:
             self._firewall_dirty = trio.Event()
             try:
                 await self.repair_firewall()
-            except AgentError as exc:
-                log.error("repair.firewall.failed", error=exc.message)
+            except (AgentError, OSError) as exc:  # e.g. no descriptor left: try again later
+                message = exc.message if isinstance(exc, AgentError) else str(exc)
+                log.error("repair.firewall.failed", error=message, retry_s=REPAIR_RETRY)
+                await trio.sleep(REPAIR_RETRY)
+                self._firewall_dirty.set()
 
     async def repair_firewall(self) -> list[str]:
         async with self.lock:

@@ -94,3 +94,33 @@ async def test_only_foreign_firewall_changes_trigger_a_repair(svc, monkeypatch) 
         await trio.sleep(0.2)
         assert len(repairs) == 1
         nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_firewall_repair_is_tried_again_and_never_stops_the_loop(
+    svc, monkeypatch
+) -> None:
+    """A repair that fails (here: no descriptor left, as under a low nofile) is logged and
+    tried again later; it must not take agentd down."""
+    from agent.service import reconcile
+
+    monkeypatch.setattr(reconcile, "REPAIR_RETRY", 0.05)
+    reconciler = Reconciler(svc)
+    calls: list[int] = []
+
+    async def repair(policy):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(24, "Too many open files")
+        return ["table restored"]
+
+    monkeypatch.setattr(svc.shared.firewall, "repair", repair)
+    monkeypatch.setattr(svc.shared.firewall, "foreign", lambda change: True)
+    send, receive = trio.open_memory_channel[object](10)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(reconciler.serve_firewall_events, receive)
+        await nursery.start(reconciler.serve_firewall_repair)
+        send.send_nowait(NftChange(2, 2, "theirs", frozenset()))
+        with trio.fail_after(5):
+            while len(calls) < 2:
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()

@@ -54,8 +54,12 @@ def test_reference_plugins_chain_after_netagent() -> None:
             assert any(i["ifname"].startswith("bwp") for i in links(host.name))  # bandwidth
             # portmap's DNAT into an agent bridge passes once the admin allows it in the
             # user chain (agentd never rewrites it): see README, "Chaining"
-            ns_exec(host.name, "iptables", "-I", "NETAGENT-USER", "-o", bridge, "-m",
-                    "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT")  # fmt: skip
+            if host.backend == "nftables":
+                ns_exec(host.name, "nft", "insert", "rule", "inet", "netagent", "user",
+                        "oifname", bridge, "ct", "status", "dnat", "accept")  # fmt: skip
+            else:
+                ns_exec(host.name, "iptables", "-I", "NETAGENT-USER", "-o", bridge, "-m",
+                        "conntrack", "--ctstate", "DNAT", "-j", "ACCEPT")  # fmt: skip
             with traffic.serve(name, tcp=[90]):
                 assert traffic.tcp(outside, host_ip, 9090) == outside_ip
             # CHECK through netagent with the final result, then DEL in reverse order

@@ -57,12 +57,18 @@ def consistent(host: Host) -> None:
     for n in nets:
         assert kernel[n["bridge"]]["ifalias"].startswith(f"netagent:net:{n['id']}")
     rules = host.iptables_save()
-    dnat = [line for line in rules.splitlines() if "-j DNAT" in line]
     published = [(e, p) for e in eps for p in e.get("ports") or []]
+    if host.backend == "nftables":  # one element of a dnat4 map per mapping
+        dnat = [line for line in rules.splitlines() if line.startswith("dnat4")]
+        wanted = [(f". {p['host_port']} :", f": {e['ip']} . {p['container_port']}")
+                  for e, p in published]  # fmt: skip
+    else:
+        dnat = [line for line in rules.splitlines() if "-j DNAT" in line]
+        wanted = [(f"--dport {p['host_port']}", f"--to-destination {e['ip']}:{p['container_port']}")
+                  for e, p in published]  # fmt: skip
     assert len(dnat) == len(published), rules
-    for e, p in published:
-        target = f"--to-destination {e['ip']}:{p['container_port']}"
-        assert any(f"--dport {p['host_port']}" in d and target in d for d in dnat), (p, rules)
+    for port, target in wanted:
+        assert any(port in d and target in d for d in dnat), (port, target, rules)
     for e in eps:
         assert kernel[e["host_ifname"]]["ifalias"].startswith(f"netagent:ep:{e['id']}")
         name = e["netns"].removeprefix("/run/netns/")

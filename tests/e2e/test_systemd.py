@@ -315,7 +315,7 @@ def test_agentd_works_with_the_units_capabilities() -> None:
         host.ctl("run", "--network", "caps", "-p", "8080:80", made)  # agentd makes it
         host.ctl("network", "connect", "caps", f"/proc/{pid}/ns/net")
         assert ipv4_of(held, "eth0") == ["10.64.0.3/24"]
-        assert "10.64.0.2:80" in host.ctl("ruleset").stdout
+        assert host.publishes(8080)  # the DNAT, whichever the backend
         host.ctl("network", "disconnect", "caps", f"/proc/{pid}/ns/net")
         host.ctl("rm", made)
         host.ctl("network", "rm", "caps")
