@@ -145,6 +145,11 @@ class Kernel:
         """Every non-default IPv4 route of the main table (the caller filters)."""
         return await self._call(Job.HOST_ROUTES)
 
+    async def route_changes(self) -> tuple[str, list[str], list[str]]:
+        """The host's routes as changes: ("full", routes, []) the first time (and after lost
+        notifications), then ("delta", added, removed) (see `agent.kernel.routewatch`)."""
+        return await self._call(Job.ROUTE_CHANGES)
+
     async def ifnames_in(self, netns_path: str) -> set[str]:
         """Names of the links inside the namespace at `netns_path` (not in the protocol: for
         tests and diagnostics)."""
