@@ -139,7 +139,7 @@ def plan_network(
         gateway=spec.gateway,
         ip_range=spec.ip_range,
         pools=pools,
-        used=topo.subnets(),
+        used=topo.subnets() if spec.subnet is not None else (),  # `taken` stands for it
         avoid=(),
         after=topo.last_subnet,
         taken=taken,

@@ -41,7 +41,6 @@ class Job(StrEnum):
     LINK_STATE = "link_state"
     OWNED_LINKS = "owned_links"
     HOST_ROUTES = "host_routes"
-    ROUTE_CHANGES = "route_changes"
     IFNAMES_IN = "ifnames_in"
     ADDRESSES_IN = "addresses_in"
     SET_IP_FORWARD = "set_ip_forward"

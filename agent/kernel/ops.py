@@ -36,7 +36,7 @@ from typing import Any
 
 from agent.core import naming
 from agent.core.errors import AgentError, Conflict, KernelError, NotFound
-from agent.kernel import dumps, hostveth, netns, routewatch, rtnl, rtsocket, sysctl
+from agent.kernel import dumps, hostveth, netns, rtnl, rtsocket, sysctl
 from agent.kernel.base import LinkInfo
 from agent.kernel.jobs import AttachFields, BridgeFields, Job
 from agent.kernel.rtsocket import NetlinkError, check, map_error, step
@@ -68,7 +68,6 @@ class Ops:
         self._reap_rt: rtsocket.RtSocket | None = None
         self._bridges: dict[str, int] = {}
         self._nsids = netns.NsidCounter()
-        self.routes = routewatch.RouteWatch()  # the host's routes as changes (owner thread)
 
     # --- resources -----------------------------------------------------------------------------
 
@@ -79,7 +78,6 @@ class Ops:
         self._nsids.resume(dumps.nsids(self._rt))
 
     def close(self) -> None:
-        self.routes.close()
         if self._rt is not None:
             self._rt.close()
         if self._home >= 0:
@@ -439,7 +437,6 @@ JOBS: dict[Job, Callable[..., Any]] = {
     Job.LINK_STATE: Ops.link_state,
     Job.OWNED_LINKS: Ops.owned_links,
     Job.HOST_ROUTES: Ops.host_routes,
-    Job.ROUTE_CHANGES: lambda ops: ops.routes.changes(ops._rt),
     Job.IFNAMES_IN: Ops.ifnames_in,
     Job.ADDRESSES_IN: Ops.addresses_in,
     Job.SET_IP_FORWARD: Ops.set_ip_forward,

@@ -69,7 +69,6 @@ CALLS: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = [
     ("link_state", ("br-0123456789ab",), {}),
     ("owned_links", (), {}),
     ("host_routes", (), {}),
-    ("route_changes", (), {}),
     ("ifnames_in", ("/run/netns/c1",), {}),
     ("addresses_in", ("/run/netns/c1", "eth0"), {}),
     ("set_ip_forward", (), {}),
