@@ -2,6 +2,7 @@
 
 Usage: .venv/bin/python bench/bench_dataplane.py [--networks 1000] [--seconds 2]
        [--pings 500] [--trials 20] [--backends iptables,nftables] [--quick] [--json PATH]
+       [--create-only [--rounds 3]]
 
 For each backend in turn (same machine, same run), one agentd (`--firewall KIND`, pool
 10.0.0.0/8 cut in /24s) and an "outside" namespace behind an uplink veth (the host's upstream):
@@ -19,6 +20,9 @@ Ratios (N networks / 1 network) per path say how a packet's cost grows with netw
 The transport comparison runs first: libnftables in process vs the `nft` tool, each sending
 a network create's transaction and then its rm's (`script.diff`), on a table holding 1 and
 `--networks` networks (p50 of 50 each).
+`--create-only` skips the paths and the transports: network create/rm p50 only, at 1 and at
+`--networks` networks, the backends alternated for `--rounds` rounds (medians of the rounds'
+p50s), with no container.
 """
 
 from __future__ import annotations
@@ -110,6 +114,12 @@ class Bed:
         c.sh("ip", "-n", self.outside, "link", "set", "lo", "up")
         self.host_ip, self.outside_ip = "192.168.99.1", "192.168.99.2"
         self.containers: dict[str, tuple[str, str, str, str]] = {}
+
+    def __enter__(self) -> Bed:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def network(self, name: str) -> None:
         """Network `name` with containers a (publishing two ports) and b."""
@@ -221,6 +231,28 @@ def transports(trials: int, sizes: tuple[int, ...]) -> dict[str, float]:
     return out
 
 
+def create_only(backends: list[str], networks: int, trials: int, rounds: int) -> None:
+    """Network create/rm p50 at 1 and at `networks` networks, backends alternated per round."""
+    got: dict[str, dict[str, list[float]]] = {k: {} for k in backends}
+    for n in range(rounds):
+        for kind in backends if n % 2 == 0 else backends[::-1]:
+            with Bed(kind) as bed:
+                bed.client.call("network.create", p.NetworkCreate(name="first"))
+                one = bed.create_rm(trials)
+                bed.fill(networks - 1)
+                many = bed.create_rm(trials)
+            for key, v in [*((f"{k}@1", x) for k, x in one.items()),
+                           *((f"{k}@{networks}", x) for k, x in many.items())]:  # fmt: skip
+                got[kind].setdefault(key, []).append(v)
+            print(kind, f"round {n}:", one, many, flush=True)
+    rows = []
+    for key in got[backends[0]]:
+        meds = [c.summarize([x / 1000 for x in got[k][key]])["p50"] for k in backends]
+        rows.append((key, *meds, *(c.ratio(m, meds[0]) for m in meds[1:])))
+    heads = ("p50 (median of rounds)", *backends, *(f"{k}/{backends[0]}" for k in backends[1:]))
+    print(c.table(heads, rows))
+
+
 def main() -> None:
     ap = c.base_parser("dataplane", __doc__)
     ap.add_argument("--networks", type=int, default=1000)
@@ -228,7 +260,13 @@ def main() -> None:
     ap.add_argument("--pings", type=int, default=500)
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--backends", default="iptables,nftables")
+    ap.add_argument("--create-only", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    if args.create_only:
+        c.isolate()
+        create_only(args.backends.split(","), args.networks, args.trials, args.rounds)
+        return
     if args.quick:
         args.networks, args.seconds, args.pings, args.trials = 20, 1, 50, 5
     c.isolate()

@@ -32,6 +32,7 @@ from agent.core.pools import (  # re-exported: the IPv4 pools are part of this m
     IPAddress,
     IPNetwork,
     Pool,
+    Taken,
     check_usable,
     choose_subnet,
     parse_network,
@@ -78,7 +79,9 @@ def _parse_address(text: str, what: str) -> IPAddress:
         raise InvalidArgument(f"invalid {what} {text!r}: not an IP address", value=text) from exc
 
 
-def _check_subnet(net: IPNetwork, used: Sequence[IPNetwork]) -> IPv4Network:
+def _check_subnet(
+    net: IPNetwork, used: Sequence[IPNetwork], used_index: Taken | None = None
+) -> IPv4Network:
     if not isinstance(net, IPv4Network):
         raise InvalidArgument(f"subnet {net}: only IPv4 subnets are supported", subnet=str(net))
     if net.prefixlen > MAX_PREFIX_V4:
@@ -87,6 +90,9 @@ def _check_subnet(net: IPNetwork, used: Sequence[IPNetwork]) -> IPv4Network:
             subnet=str(net),
         )
     check_usable(net)
+    lo, hi = int(net.network_address), int(net.broadcast_address)
+    if used_index is not None and used_index.overlap_end(lo, hi) is None:
+        return net  # the index says no overlap: no need to look for which one
     for other in used:
         if other.version == net.version and other.overlaps(net):
             raise Conflict(
@@ -106,8 +112,14 @@ def plan_subnet(
     used: Sequence[IPNetwork],
     avoid: Sequence[IPNetwork],
     after: IPNetwork | None,
+    taken: Taken | None = None,
+    used_index: Taken | None = None,
 ) -> tuple[IPv4Network, IPv4Address, IPv4Network | None]:
     """Validate the user's `--subnet/--gateway/--ip-range`, or choose a subnet from the pools.
+
+    `taken`, if given, stands for `used` and `avoid` in subnet choice (see `choose_subnet`);
+    `used_index`, if given, is `used` kept as an index: a given subnet is then checked in it,
+    and `used` is only scanned to name the network it overlaps.
 
     Returns:
         (subnet, gateway, ip_range); the gateway defaults to the first host address (.1).
@@ -124,11 +136,11 @@ def plan_subnet(
                 gateway=gateway,
                 ip_range=ip_range,
             )
-        net = choose_subnet(pools, used, avoid, after)
+        net = choose_subnet(pools, used, avoid, after, taken)
         if not isinstance(net, IPv4Network):
             raise InvalidArgument("IPv4 networks need IPv4 pools", pools=[str(p) for p in pools])
         return net, net.network_address + 1, None
-    net = _check_subnet(parse_network(subnet, "subnet"), used)
+    net = _check_subnet(parse_network(subnet, "subnet"), used, used_index)
     if gateway is None:
         gw = net.network_address + 1
     else:

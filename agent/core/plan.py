@@ -25,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from agent.core import ipam, ipam6, names, naming, ports
+from agent.core import blocks, ipam, ipam6, names, naming, ports
 from agent.core import options as option_table
 from agent.core.bitmap import RangeAllocator
 from agent.core.errors import AgentError, Conflict, InvalidArgument, PoolExhausted
@@ -92,7 +92,7 @@ def plan_network(
     *,
     topo: Topology,
     pools: Sequence[Pool],
-    routes: Iterable[IPNetwork],
+    routes: Iterable[IPNetwork] | None = None,
     new_id: str,
     random40: int,
     now: float,
@@ -103,7 +103,8 @@ def plan_network(
         spec: what was asked.
         topo: the current topology (names, bridges, subnets, the last subnet chosen).
         pools: where subnets come from.
-        routes: the host's routes; a chosen subnet avoids them (the networks' own are skipped).
+        routes: the host's routes; a chosen subnet avoids them. None: the topology's own
+            record of them (`Topology.routes4`, which the service keeps up to date).
         new_id: the id to use when the spec gives none (64 hex characters).
         random40: 40 random bits, used when a ULA /48 must be drawn for IPv6.
         now: creation time (unix).
@@ -128,16 +129,21 @@ def plan_network(
         bridge = naming.validate_ifname(spec.bridge, "bridge")
     if topo.network_of_bridge(bridge) is not None:
         raise Conflict(f"bridge {bridge!r} is already used by another network", bridge=bridge)
-    used = topo.subnets()
-    ours = set(used)
+    if routes is None:
+        taken = topo.taken4()
+    else:  # routes given as such (tests, one-off callers): an index of them built now
+        found = blocks.BlockSet(blocks.span(r) for r in routes if r.prefixlen > 0)
+        taken = blocks.Either(topo.used4, found)
     subnet, gateway, ip_range = ipam.plan_subnet(
         subnet=spec.subnet,
         gateway=spec.gateway,
         ip_range=spec.ip_range,
         pools=pools,
-        used=used,
-        avoid=[r for r in routes if r.prefixlen > 0 and r not in ours],
+        used=topo.subnets() if spec.subnet is not None else (),  # `taken` stands for it
+        avoid=(),
         after=topo.last_subnet,
+        taken=taken,
+        used_index=topo.used4,
     )
     _check_aux(spec.aux_addresses, subnet, gateway, ip_range, topo.range_allocator)
     v6, ula48 = _plan_v6(topo, spec, random40)

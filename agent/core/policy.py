@@ -118,23 +118,57 @@ def _forwards(endpoints: Iterable[Endpoint], family: int) -> dict[str, tuple[For
     }
 
 
-def _family(networks: list[Network], endpoints: list[Endpoint], family: int) -> FamilyPolicy:
-    nets = []
-    for n in networks:
-        subnet = n.subnet if family == 4 else n.subnet6
-        if family == 6 and not (n.ipv6 and subnet):
-            continue
-        assert subnet is not None
-        nets.append(network_policy(n.id, n.bridge, subnet, n.internal, n.icc, n.masquerade))
+#: one network's policies in both families, and the `Network` they were made of
+Parts = tuple[Network, NetworkPolicy, NetworkPolicy | None]
+
+
+def _parts(n: Network) -> Parts:
+    v6 = None
+    if n.ipv6 and n.subnet6:
+        v6 = network_policy(n.id, n.bridge, n.subnet6, n.internal, n.icc, n.masquerade)
+    return n, network_policy(n.id, n.bridge, n.subnet, n.internal, n.icc, n.masquerade), v6
+
+
+def _family(
+    nets: tuple[NetworkPolicy, ...], endpoints: list[Endpoint], family: int
+) -> FamilyPolicy:
     usable = {n.id for n in nets if not n.internal}
     forwards = {
         k: v for k, v in _forwards(endpoints, family).items() if k in usable
     }  # fmt: skip
-    return FamilyPolicy(family, tuple(nets), forwards)
+    return FamilyPolicy(family, nets, forwards)
 
 
-def build(networks: Iterable[Network], endpoints: Iterable[Endpoint] = ()) -> Policy:
-    """The policy of `networks` and of the ports `endpoints` publish (see the module header)."""
-    nets = sorted(networks, key=lambda n: n.id)
+def build(
+    networks: Iterable[Network],
+    endpoints: Iterable[Endpoint] = (),
+    cache: dict[str, Parts] | None = None,
+) -> Policy:
+    """The policy of `networks` and of the ports `endpoints` publish (see the module header).
+
+    `cache` (network id -> its `Parts`, kept by the caller from one build to the next) spares
+    the per-network work for every network whose `Network` value is the same object as last
+    time: a change of one network among 1,000 then costs a dict lookup per other network.
+    Entries of networks not given are dropped from it.
+    """
+    parts = [_parts(n) for n in networks] if cache is None else _cached(networks, cache)
+    parts.sort(key=lambda p: p[0].id)
     eps = [e for e in endpoints if e.ports]
-    return Policy(_family(nets, eps, 4), _family(nets, eps, 6))
+    v4 = tuple([p[1] for p in parts])
+    v6 = tuple([p[2] for p in parts if p[2] is not None])
+    return Policy(_family(v4, eps, 4), _family(v6, eps, 6))
+
+
+def _cached(networks: Iterable[Network], cache: dict[str, Parts]) -> list[Parts]:
+    parts = []
+    get = cache.get
+    for n in networks:
+        p = get(n.id)
+        if p is None or p[0] is not n:
+            p = cache[n.id] = _parts(n)
+        parts.append(p)
+    if len(cache) > len(parts):  # networks gone: forget them
+        keep = {p[0].id for p in parts}
+        for key in [k for k in cache if k not in keep]:
+            del cache[key]
+    return parts

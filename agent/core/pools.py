@@ -20,6 +20,7 @@ from bisect import bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
+from typing import Protocol
 
 from agent.core.errors import InvalidArgument, PoolExhausted
 
@@ -149,6 +150,13 @@ DEFAULT_POOLS: tuple[Pool, ...] = (
 )
 
 
+class Taken(Protocol):
+    """What subnet choice asks of the address space already taken (one IP version):
+    `Intervals` built at once, or `agent.core.blocks.BlockSet` kept incrementally."""
+
+    def overlap_end(self, lo: int, hi: int) -> int | None: ...
+
+
 class Intervals:
     """Sorted, merged, inclusive integer intervals of one IP version, for overlap tests."""
 
@@ -175,7 +183,7 @@ class Intervals:
         return None
 
 
-def _first_free(pool: Pool, k: int, stop: int, taken: Intervals) -> int | None:
+def _first_free(pool: Pool, k: int, stop: int, taken: Taken) -> int | None:
     """First candidate index in [k, stop) of `pool` overlapping nothing in `taken`."""
     base = int(pool.base.network_address)
     step = pool.step
@@ -204,6 +212,7 @@ def choose_subnet(
     used: Sequence[IPNetwork],
     avoid: Sequence[IPNetwork],
     after: IPNetwork | None = None,
+    taken: Taken | None = None,
 ) -> IPNetwork:
     """Pick the next free subnet, Docker style (IPv4 or IPv6: the pools' family).
 
@@ -212,13 +221,15 @@ def choose_subnet(
         used: subnets of existing networks.
         avoid: host routes (the caller leaves default routes out).
         after: the last subnet allocated; the search starts just after it and wraps.
+        taken: if given, what IPv4 candidates are checked against instead of `used` and
+            `avoid` (which then only serve other versions): kept incrementally by the caller.
 
     Raises:
         PoolExhausted: every candidate overlaps a network or a route.
     """
     if not pools:
         raise PoolExhausted("no address pools are configured")
-    by_version: dict[int, Intervals] = {}
+    by_version: dict[int, Taken] = {} if taken is None else {4: taken}
     p0, k0 = _start_after(pools, after)
     order: list[tuple[int, int, int | None]]
     order = [(p, k0 if p == p0 else 0, None) for p in range(p0, len(pools))]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable, Iterator
 
-from agent.core import ipam, ipam6
+from agent.core import blocks, ipam, ipam6
 from agent.core.bitmap import RangeAllocator
 from agent.core.errors import InvalidArgument, NotFound
 from agent.core.model import Endpoint, Network, Sandbox
@@ -38,6 +38,9 @@ class Topology:
         self._by_veth: dict[str, str] = {}
         self._by_attachment: dict[str, str] = {}
         self._with_ports: dict[str, Endpoint] = {}
+        self.used4 = blocks.BlockSet()  # the networks' IPv4 subnets, kept as they come and go
+        #: the host's IPv4 routes as last seen (the service keeps it, `Networks.routes`)
+        self.routes4 = blocks.BlockSet()
 
     # -- networks ---------------------------------------------------------------------------
 
@@ -55,6 +58,7 @@ class Topology:
         for aux in net.aux_addresses.values():
             alloc.reserve(ipaddress.IPv4Address(aux))
         self.allocators[net.id] = alloc
+        self.used4.add(*blocks.span(alloc.subnet))
         if net.ipv6 and net.subnet6 and net.gateway6:
             self.allocators6[net.id] = ipam6.AddressAllocator6(
                 ipaddress.IPv6Network(net.subnet6), ipaddress.IPv6Address(net.gateway6)
@@ -65,12 +69,17 @@ class Topology:
         addresses `ipaddress` caches, so subnet choice costs no parsing per network."""
         return [alloc.subnet for alloc in self.allocators.values()]
 
+    def taken4(self) -> blocks.Either:
+        """The IPv4 space a chosen subnet must avoid: the networks' subnets and the host's
+        routes (`routes4`), both kept incrementally."""
+        return blocks.Either(self.used4, self.routes4)
+
     def remove_network(self, network_id: str) -> None:
         """Forget a network (its endpoints must be gone already)."""
         net = self.networks.pop(network_id)
         del self._by_name[net.name]
         del self._by_bridge[net.bridge]
-        del self.allocators[network_id]
+        self.used4.remove(*blocks.span(self.allocators.pop(network_id).subnet))
         self.allocators6.pop(network_id, None)
         assert not self._of_network.pop(network_id), "network removed with endpoints"
 

@@ -34,7 +34,6 @@ import trio
 from agent.core import names
 from agent.core.errors import AgentError
 from agent.core.events import Event
-from agent.core.model import Network
 from agent.core.topology import Topology
 from agent.dns import upstream, wire
 from agent.log import get_logger
@@ -128,6 +127,7 @@ class DnsServer:
         self.upstreams = upstreams
         self.listeners: dict[tuple[str, str], Listener] = {}  # (network id, gateway) ->
         self._tables: dict[str, names.Table] = {}
+        self._unbound: set[str] = set()  # networks with a failed bind, tried at the next change
         # network -> query after its id -> the answers after their id (one per round-robin
         # order of its records; one for most names)
         self._cache: dict[str, dict[bytes, tuple[bytes, ...]]] = {}
@@ -152,7 +152,7 @@ class DnsServer:
                 self._forget(net_id)
         elif event.type == "network":
             self._forget()
-            self.sync()
+            self.sync(event.id)
 
     def _forget(self, net_id: str | None = None) -> None:
         if net_id is None:
@@ -188,31 +188,48 @@ class DnsServer:
                 lst.close()
             self.listeners.clear()
 
-    def sync(self) -> None:
+    def sync(self, changed: str | None = None) -> None:
         """Sockets for exactly the DNS-enabled networks (a failed bind is logged and tried
-        again at the next network change)."""
+        again at the next network change). With `changed` (the id of a network created or
+        removed), only that network's sockets and the failed ones are looked at: the others
+        are as they were, so a network change costs the same with 1,000 networks as with one."""
         if self._bound is None:
             return
-        wanted: dict[tuple[str, str], tuple[Network, str]] = {}
-        for net in self.topo.networks.values():
-            if names.dns_enabled(net):
-                wanted[net.id, net.gateway] = net, net.subnet
-                if net.gateway6 and net.subnet6:
-                    wanted[net.id, net.gateway6] = net, net.subnet6
-        for key, lst in list(self.listeners.items()):
-            if key not in wanted:
-                lst.close()
-                del self.listeners[key]
-        for key, (net, subnet) in wanted.items():
-            if key in self.listeners:
+        if changed is None:
+            nets = list(self.topo.networks.values())
+            for key, lst in list(self.listeners.items()):
+                if key[0] not in self.topo.networks or not self._wants(key):
+                    lst.close()
+                    del self.listeners[key]
+        else:
+            nets = [n for i in {changed, *self._unbound} if (n := self.topo.networks.get(i))]
+            for key in [k for k in self.listeners if k[0] == changed]:
+                if changed not in self.topo.networks:
+                    self.listeners.pop(key).close()
+        self._unbound.clear()
+        for net in nets:
+            if not names.dns_enabled(net):
                 continue
-            try:
-                lst = Listener(net.id, key[1], subnet)
-            except OSError as exc:
-                log.error("dns.bind.failed", network=net.name, address=key[1], error=str(exc))
-                continue
-            self.listeners[key] = lst
-            self._bound.send_nowait(lst)
+            wanted = [(net.gateway, net.subnet)]
+            if net.gateway6 and net.subnet6:
+                wanted.append((net.gateway6, net.subnet6))
+            for address, subnet in wanted:
+                if (net.id, address) in self.listeners:
+                    continue
+                try:
+                    lst = Listener(net.id, address, subnet)
+                except OSError as exc:
+                    log.error("dns.bind.failed", network=net.name, address=address, error=str(exc))
+                    self._unbound.add(net.id)
+                    continue
+                self.listeners[net.id, address] = lst
+                self._bound.send_nowait(lst)
+
+    def _wants(self, key: tuple[str, str]) -> bool:
+        """Whether the listener `key` is one of its (existing) network's DNS addresses."""
+        net = self.topo.networks[key[0]]
+        six = bool(net.gateway6 and net.subnet6) and key[1] == net.gateway6
+        return names.dns_enabled(net) and (key[1] == net.gateway or six)
 
     async def _run(self, lst: Listener) -> None:
         with lst.scope:

@@ -81,6 +81,8 @@ async def flush(forwards: list[Forward]) -> int:
 
 def published(family: FamilyPolicy) -> Published:
     """`(bridge, forward)` of every forward `family` holds."""
+    if not family.forwards:  # no walk over every network when nothing is published
+        return set()
     bridges = {n.id: n.bridge for n in family.networks}
     return {
         (bridges[net], f) for net, forwards in family.forwards.items() if net in bridges

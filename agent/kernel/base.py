@@ -88,6 +88,11 @@ class Kernel(Protocol):
         """Every non-default IPv4 route of the main table."""
         ...
 
+    async def route_changes(self) -> tuple[str, list[str], list[str]]:
+        """The host's non-default main-table IPv4 routes as changes since the last call:
+        ("full", routes, []) or ("delta", added, removed), one entry per route."""
+        ...
+
     async def addresses_in(self, netns_path: str, ifname: str) -> list[str] | None:
         """The addresses ("address/prefix", both families) of `ifname` inside the namespace
         at `netns_path`; None when it has no such link. NotFound if the namespace is gone."""

@@ -24,6 +24,7 @@ from msgspec.structs import astuple
 from agent.core import naming
 from agent.core.attach import Attachment, Bridge
 from agent.core.errors import InvalidArgument, KernelError
+from agent.kernel import routewatch
 from agent.kernel.base import LinkInfo
 from agent.kernel.connection import WorkerConnection, start
 from agent.kernel.jobs import Job
@@ -43,6 +44,7 @@ class Kernel:
 
     def __init__(self, conn: WorkerConnection) -> None:
         self._conn = conn
+        self._routes = routewatch.RouteWatch()  # in agentd: see `agent.kernel.routewatch`
 
     async def _call(self, job: Job, *args: Any) -> Any:
         """One job; a low-level error that escaped mapping becomes KernelError."""
@@ -145,6 +147,14 @@ class Kernel:
         """Every non-default IPv4 route of the main table (the caller filters)."""
         return await self._call(Job.HOST_ROUTES)
 
+    async def route_changes(self) -> tuple[str, list[str], list[str]]:
+        """The host's routes as changes: ("full", routes, []) the first time (and after lost
+        notifications), then ("delta", added, removed) (see `agent.kernel.routewatch`)."""
+        try:
+            return self._routes.pending()  # no I/O but a non-blocking read: no worker job
+        except routewatch.Lost:
+            return await trio.to_thread.run_sync(self._routes.dump)
+
     async def ifnames_in(self, netns_path: str) -> set[str]:
         """Names of the links inside the namespace at `netns_path` (not in the protocol: for
         tests and diagnostics)."""
@@ -186,3 +196,4 @@ async def open_kernel(log_level: str = "info", log_format: str = "json") -> Asyn
                 await kernel._call(Job.CLOSE_REAPER)
                 await kernel._call(Job.CLOSE)
             await conn.stop()  # ends `serve`, and with it the nursery
+            kernel._routes.close()

@@ -1,7 +1,8 @@
 """Network requests: create, list, inspect, remove, prune.
 
 Theory of operation. A create is decided by the core (`plan.plan_network`) against the
-topology and the host's routes, then applied: the bridge and the firewall rules at once (the
+topology and the host's routes (kept up to date from the kernel worker's route changes, not
+dumped per create: `refresh_routes`), then applied: the bridge and the firewall rules at once (the
 rules only name the bridge), then the store. Whatever succeeded is undone if a later step
 fails, and the first error is the one reported. A removal takes the rules out in one
 transaction, then the store; the bridge, with no port and no rule left, goes to the reaper,
@@ -19,7 +20,7 @@ from collections.abc import Iterable
 
 import trio
 
-from agent.core import ipam, names, plan
+from agent.core import blocks, ipam, names, plan
 from agent.core.attach import bridge_of
 from agent.core.errors import Busy, InvalidArgument
 from agent.core.model import Endpoint, Network
@@ -37,6 +38,7 @@ class Networks:
         self.s = shared
         self.endpoints = endpoints
         self._dying_subnets: dict[str, ipaddress.IPv4Network] = {}  # reaper key -> its subnet
+        self._routes_lock = trio.Lock()  # route changes are applied in the order they came
 
     async def create(self, spec: plan.NetworkSpec) -> Network:
         """Create the network `spec` asks for; all or nothing."""
@@ -46,12 +48,11 @@ class Networks:
             await dying.wait()  # a bridge of that name is being deleted: let it go first
         async with s.lock:
             await self._wait_for_dying_subnets(spec.subnet)  # under the lock: no rm slips in
-            routes = await s.kernel.host_routes()
+            await self.refresh_routes()
             decided = plan.plan_network(
                 spec,
                 topo=s.topo,
                 pools=s.pools,
-                routes=routes,
                 new_id=secrets.token_hex(32),
                 random40=secrets.randbits(40),
                 now=time.time(),
@@ -135,14 +136,27 @@ class Networks:
         avoiding the `pending` subnets; nothing is reserved. An engine's IPAM asks this
         before it creates the network (Docker's RequestPool)."""
         s = self.s
-        routes = await s.kernel.host_routes()
-        used = s.topo.subnets()
+        await self.refresh_routes()
+        more = blocks.BlockSet(blocks.span(n) for n in pending)
         net, gateway, _ = ipam.plan_subnet(
             subnet=subnet, gateway=None, ip_range=None, pools=s.pools,
-            used=[*used, *pending], avoid=[r for r in routes if r.prefixlen and r not in used],
-            after=s.topo.last_subnet,
+            used=[*s.topo.subnets(), *pending], avoid=(), after=s.topo.last_subnet,
+            taken=blocks.Either(s.topo.used4, s.topo.routes4, more),
         )  # fmt: skip
         return net, gateway
+
+    async def refresh_routes(self) -> None:
+        """Bring `topo.routes4` up to date with the host's routes: only the changes since the
+        last time cross from the kernel worker (`agent.kernel.routewatch`)."""
+        async with self._routes_lock:
+            kind, added, removed = await self.s.kernel.route_changes()
+            routes = self.s.topo.routes4
+            if kind == "full":
+                routes = self.s.topo.routes4 = blocks.BlockSet()
+            for text in added:
+                routes.add(*blocks.span(ipaddress.IPv4Network(text)))
+            for text in removed:
+                routes.remove(*blocks.span(ipaddress.IPv4Network(text)))
 
     def filter(self, labels: Iterable[str] = ()) -> list[Network]:
         """Networks with every label filter (`K` or `K=V`), oldest first."""

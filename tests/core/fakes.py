@@ -103,6 +103,9 @@ class FakeKernel:
     async def host_routes(self) -> list[ipaddress.IPv4Network]:
         return list(self.routes)
 
+    async def route_changes(self) -> tuple[str, list[str], list[str]]:
+        return "full", [str(r) for r in self.routes], []
+
     async def addresses_in(self, netns_path: str, ifname: str) -> list[str] | None:
         return self.inside.get((netns_path, ifname))
 

@@ -3,6 +3,7 @@ labels, several networks per namespace -- each checked with real traffic both wa
 
 from __future__ import annotations
 
+import ipaddress
 import json
 
 import pytest
@@ -167,3 +168,24 @@ def test_two_networks_in_one_namespace() -> None:
         finally:
             for name in (multi, f1, b1):
                 host.ctl("rm", name, check=False)
+
+
+def test_chosen_subnets_follow_routes_added_and_deleted_between_creates() -> None:
+    """Host routes are no longer dumped per create but followed as changes: a route someone
+    adds just before a create is still avoided, and one deleted is free again."""
+    with running_host() as host:
+
+        def subnet(name: str) -> str:
+            host.ctl("network", "create", name)
+            return host.call("network.inspect", network=name)["network"]["subnet"]
+
+        first = ipaddress.IPv4Network(subnet("r1"))
+        nxt = [ipaddress.IPv4Network((int(first.network_address) + k * first.num_addresses,
+                                      first.prefixlen)) for k in (1, 2, 3)]  # fmt: skip
+        sh("ip", "-n", host.name, "route", "add", "blackhole", str(nxt[0]))
+        sh("ip", "-n", host.name, "route", "add", "blackhole", str(nxt[2]))
+        assert subnet("r2") == str(nxt[1])  # the route added last is avoided
+        sh("ip", "-n", host.name, "route", "del", "blackhole", str(nxt[2]))
+        assert subnet("r3") == str(nxt[2])  # and the one deleted is free again
+        for name in ("r1", "r2", "r3"):
+            host.ctl("network", "rm", name)

@@ -128,7 +128,7 @@ def test_the_client_implements_the_protocol_exactly() -> None:
     methods = {
         n for n, v in vars(base.Kernel).items() if inspect.isfunction(v) and not n.startswith("_")
     }
-    assert len(methods) == 15  # attach_host: Docker's Join; addresses_in: CNI CHECK
+    assert len(methods) == 16  # attach_host: Docker's Join; addresses_in: CNI CHECK; route_changes
     for name in methods:
         ours, theirs = getattr(client.Kernel, name), getattr(base.Kernel, name)
         assert inspect.iscoroutinefunction(ours), name
