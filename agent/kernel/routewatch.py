@@ -27,6 +27,7 @@ import socket
 import struct
 
 from agent.core.nlattrs import attrs, exact, u32
+from agent.kernel import events
 
 RTMGRP_IPV4_ROUTE = 0x40
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
@@ -38,8 +39,6 @@ RT_TABLE_MAIN = 254
 #: test_jobs.py), so the two netlink headers this reads are spelled here
 NLMSGHDR = struct.Struct("=IHHII")
 RTMSG = struct.Struct("=BBBBBBBBI")
-_RCVBUF = 4 << 20
-SO_RCVBUFFORCE = 33
 
 Key = tuple[str, int, int, int]  # (destination CIDR, TOS, metric, output interface)
 Changes = tuple[str, list[str], list[str]]
@@ -84,21 +83,7 @@ class RouteWatch:
             self._sock = None
 
     def _open(self) -> socket.socket:
-        sock = socket.socket(
-            socket.AF_NETLINK,
-            socket.SOCK_RAW | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC,
-            socket.NETLINK_ROUTE,
-        )
-        try:
-            try:  # root may exceed net.core.rmem_max
-                sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, _RCVBUF)
-            except PermissionError:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _RCVBUF)
-            sock.bind((0, RTMGRP_IPV4_ROUTE))
-        except BaseException:
-            sock.close()
-            raise
-        return sock
+        return events.open_netlink(socket.NETLINK_ROUTE, RTMGRP_IPV4_ROUTE)
 
     @property
     def watching(self) -> bool:

@@ -123,4 +123,5 @@ async def test_a_failed_firewall_repair_is_tried_again_and_never_stops_the_loop(
         with trio.fail_after(5):
             while len(calls) < 2:
                 await trio.sleep(0.01)
+        assert len(calls) == 2  # the failed repair was tried again, by the same loop
         nursery.cancel_scope.cancel()
