@@ -33,6 +33,7 @@ class Topology:
         self.ula48: ipaddress.IPv6Network | None = None  # the host's ULA /48 (store meta)
         self._by_name: dict[str, str] = {}
         self._by_bridge: dict[str, str] = {}
+        self._by_gateway: dict[str, str] = {}  # gateway address (either family) -> network id
         self._of_network: dict[str, dict[str, Endpoint]] = {}
         self._in_netns: dict[str, dict[str, Endpoint]] = {}
         self._by_veth: dict[str, str] = {}
@@ -48,6 +49,9 @@ class Topology:
         self.networks[net.id] = net
         self._by_name[net.name] = net.id
         self._by_bridge[net.bridge] = net.id
+        for gateway in (net.gateway, net.gateway6):
+            if gateway:
+                self._by_gateway[gateway] = net.id
         self._of_network.setdefault(net.id, {})
         alloc = ipam.AddressAllocator(
             ipaddress.IPv4Network(net.subnet),
@@ -79,6 +83,9 @@ class Topology:
         net = self.networks.pop(network_id)
         del self._by_name[net.name]
         del self._by_bridge[net.bridge]
+        for gateway in (net.gateway, net.gateway6):
+            if gateway and self._by_gateway.get(gateway) == network_id:
+                del self._by_gateway[gateway]
         self.used4.remove(*blocks.span(self.allocators.pop(network_id).subnet))
         self.allocators6.pop(network_id, None)
         assert not self._of_network.pop(network_id), "network removed with endpoints"
@@ -101,6 +108,11 @@ class Topology:
     def network_of_bridge(self, bridge: str) -> Network | None:
         net_id = self._by_bridge.get(bridge)
         return None if net_id is None else self.networks[net_id]
+
+    def network_of_gateway(self, address: str) -> Network | None:
+        """The network whose IPv4 or IPv6 gateway is `address` (as the network spells it)."""
+        net_id = self._by_gateway.get(address)
+        return None if net_id is None else self.networks.get(net_id)
 
     # -- endpoints --------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ class Shared:
         self.lock = TopologyLock()
         self.netns_locks = KeyedLocks()
         self.reaper = Reaper(kernel, topo.release_addresses)
-        self.policy_parts: dict[str, policy.Parts] = {}  # policy.build's cache, per network
+        self.policy_builder = policy.Builder()  # policy.build, kept from one call to the next
 
     def policy(
         self,
@@ -63,7 +63,7 @@ class Shared:
         joined `endpoints` publish (default: every joined endpoint with ports)."""
         nets = self.topo.networks.values() if networks is None else networks
         eps = self.topo.with_ports() if endpoints is None else endpoints
-        return policy.build(nets, (e for e in eps if e.joined), self.policy_parts)
+        return self.policy_builder.build(nets, [e for e in eps if e.joined])
 
     async def apply_firewall(
         self,

@@ -118,9 +118,9 @@ class Reconciler:
     async def _on_addr(self, ev: Any) -> None:
         if ev.action != "del" or ev.family not in (2, 10):
             return
-        for net in list(self.topo.networks.values()):
-            if ev.address in (net.gateway, net.gateway6):
-                await self.repair_network(net.id, why=f"gateway {ev.address} removed")
+        net = self.topo.network_of_gateway(ev.address)  # not a walk: rm deletes addresses
+        if net is not None:
+            await self.repair_network(net.id, why=f"gateway {ev.address} removed")
 
     async def repair_network(self, network_id: str, *, why: str) -> list[str]:
         """Bridge back (address, up if it has endpoints), its endpoints' veths re-enslaved."""

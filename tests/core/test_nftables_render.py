@@ -193,3 +193,45 @@ def test_options_are_set_memberships() -> None:
     plain = render.render(policy.build([net(3, masquerade=False)]))
     assert not plain.elements["masq"] and not plain.elements["internal"]
     assert not plain.elements["icc_off"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(topologies, min_size=1, max_size=6), st.booleans())
+def test_the_incremental_renderer_equals_render(steps: list, copies: bool) -> None:
+    """Any sequence of topologies, networks kept as the same objects between steps (as the
+    service's `policy.Builder` keeps them) or all copies: the same state as `render`, and a
+    policy `render` refuses is refused too, after which the next one is right again."""
+    builder, incremental = policy.Builder(), render.Incremental()
+    made: dict[tuple[int, bool, bool, bool], Network] = {}
+    for topology in steps:
+        nets, eps = [], []
+        for i, internal, icc, masq, ports in topology:
+            key = (i, internal, icc, masq)
+            n = net(i, internal=internal, icc=icc, masquerade=masq)
+            nets.append(n if copies else made.setdefault(key, n))
+            specs = sorted({(p, 10000 + k, 80 + k) for p, k in ports})  # may clash: refused
+            if specs:
+                eps.append(endpoint(nets[-1], 2 + len(eps), *specs))
+        pol = builder.build(nets, eps)
+        try:
+            expected = render.render(pol)
+        except ValueError:
+            with pytest.raises(ValueError):
+                incremental.render(pol)
+            continue
+        got = incremental.render(pol)
+        assert got == expected
+        assert script.diff(got, expected) == []
+
+
+def test_the_incremental_renderer_keeps_unchanged_sets() -> None:
+    """A create among many networks makes new network sets (not a copy of the port sets),
+    and a policy with nothing changed returns every set as the same object."""
+    nets = [net(i) for i in range(1, 101)]
+    builder, incremental = policy.Builder(), render.Incremental()
+    before = incremental.render(builder.build(nets))
+    after = incremental.render(builder.build([*nets, net(101)]))
+    assert after.elements["dnat4"] is before.elements["dnat4"]
+    assert len(after.elements["bridges"]) == 101
+    again = incremental.render(builder.build([*nets, net(101)]))
+    assert all(again.elements[k] is after.elements[k] for k in render.SETS)

@@ -125,3 +125,19 @@ async def test_a_failed_firewall_repair_is_tried_again_and_never_stops_the_loop(
                 await trio.sleep(0.01)
         assert len(calls) == 2  # the failed repair was tried again, by the same loop
         nursery.cancel_scope.cancel()
+
+
+async def test_a_gateway_is_found_by_either_family_and_forgotten_with_its_network(svc) -> None:
+    """The address index behind `_on_addr` (no walk over every network on each deletion)."""
+    await svc.networks.create(
+        NetworkSpec(name="a", subnet="10.1.0.0/24", ipv6=True, subnet6="fd00:1::/64")
+    )
+    await svc.endpoints.connect(EndpointSpec(network="a", netns="ok1"))
+    gone = await svc.networks.create(NetworkSpec(name="b", subnet="10.2.0.0/24"))
+    await svc.networks.remove("b")
+    kernel = svc.shared.kernel
+    reconciler = Reconciler(svc)
+    await reconciler.on_event(AddrEvent("del", 3, 2, gone.gateway, 24))  # removed: nothing
+    assert kernel.enslaved == [] and svc.topo.network_of_gateway(gone.gateway) is None
+    await reconciler.on_event(AddrEvent("del", 3, 10, "fd00:1::1", 64))
+    assert len(kernel.enslaved) == 1

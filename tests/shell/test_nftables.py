@@ -156,6 +156,30 @@ async def test_setup_adopts_a_table_without_rewriting_it() -> None:
     assert fw.applied == render.render(pol)
 
 
+async def test_an_earlier_layouts_sets_and_maps_are_deleted_at_setup() -> None:
+    """An upgrade from a layout with other sets (the first version had an interval map of
+    subnets, verdict maps): setup deletes what the layout no longer has, and says so."""
+    pol = policy.build([net(1)])
+    await NftablesFirewall(LibNftables(), coexistence=False).setup(pol)
+    sh(
+        "nft",
+        "add",
+        "set",
+        "inet",
+        "netagent",
+        "old_subnets",
+        "{ type ipv4_addr; flags interval; }",
+    )
+    sh("nft", "add", "element", "inet", "netagent", "old_subnets", "{ 10.9.0.0/16 }")
+    sh("nft", "add", "map", "inet", "netagent", "old_vmap", "{ type ifname : verdict; }")
+    fw = NftablesFirewall(LibNftables(), coexistence=False)
+    assert await fw.repair(pol) == ["set old_subnets removed", "map old_vmap removed"]
+    text = listed()
+    assert "old_subnets" not in text and "old_vmap" not in text
+    assert script.parse_listing(text).state() == render.render(pol)
+    assert await fw.repair(pol) == []
+
+
 class monitor_changes:
     """Collect the nf_tables commits made while the block runs (in `changes`, as they come)."""
 

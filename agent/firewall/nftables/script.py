@@ -21,7 +21,7 @@ today, the scripts keep the order anyway.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 
 from agent.firewall.nftables.render import BASE_CHAINS, FAMILY, SETS, TABLE, USER, State
 
@@ -71,7 +71,7 @@ def diff(old: State, new: State) -> list[str]:
     adds: list[str] = []
     for name in SETS:
         was, now = old.elements.get(name, frozenset()), new.elements.get(name, frozenset())
-        if was != now:
+        if was is not now and was != now:  # `is`: an unchanged set of 1,000 is not compared
             lines += _delete_elements(name, was - now)
             adds += _add_elements(name, now - was)
     lines += adds
@@ -80,8 +80,12 @@ def diff(old: State, new: State) -> list[str]:
     return lines
 
 
-def full(new: State, stale: Collection[str] = ()) -> list[str]:
-    """Converge the table from anything to `new`; `stale` chains are flushed and deleted."""
+def full(
+    new: State, stale: Collection[str] = (), stale_sets: Mapping[str, str] | None = None
+) -> list[str]:
+    """Converge the table from anything to `new`; `stale` chains are flushed and deleted, and
+    so are `stale_sets` (name -> "set" or "map": an earlier layout's, nothing names them once
+    the chains are flushed)."""
     lines = [f"add table {PREFIX}", f"add chain {PREFIX} {USER}"]
     lines += [_declare_chain(name) for name in new.chains]
     lines += declarations()[2 + len(BASE_CHAINS) :]  # the sets and maps
@@ -89,6 +93,7 @@ def full(new: State, stale: Collection[str] = ()) -> list[str]:
     lines += [f"flush {SETS[name][0]} {PREFIX} {name}" for name in SETS]
     for name in sorted(stale):
         lines += [f"flush chain {PREFIX} {name}", f"delete chain {PREFIX} {name}"]
+    lines += [f"delete {kind} {PREFIX} {n}" for n, kind in sorted((stale_sets or {}).items())]
     for name, rules in new.chains.items():
         lines += _fill(name, rules)
     for name in SETS:
@@ -101,6 +106,11 @@ def stale(seen: Collection[str], new: State) -> set[str]:
     return {c for c in seen if c not in new.chains and c != USER}
 
 
+def stale_sets(seen: Listing) -> dict[str, str]:
+    """Sets and maps found in the kernel that the layout does not have: name -> kind."""
+    return {name: kind for name, kind in seen.kinds.items() if name not in SETS}
+
+
 class Listing:
     """What `nft list table inet netagent` showed: chains (user chain included), the
     declaration lines of each base chain, set and map, and the elements."""
@@ -109,6 +119,7 @@ class Listing:
         self.chains: dict[str, list[str]] = {}
         self.specs: dict[str, list[str]] = {}
         self.elements: dict[str, set[str]] = {}
+        self.kinds: dict[str, str] = {}  # set or map name -> "set" or "map"
 
     def state(self) -> State:
         """The agent's part (the user chain aside), comparable with a rendered `State`."""
@@ -148,6 +159,7 @@ def parse_listing(text: str) -> Listing:
                 current = seen.chains.setdefault(name, [])
             else:
                 seen.elements.setdefault(name, set())
+                seen.kinds[name] = head[0]
                 current = None
             seen.specs.setdefault(name, [])
         elif line.startswith("elements = {"):
@@ -181,6 +193,7 @@ def drift(seen: Listing, new: State) -> list[str]:
         elif seen.elements[name] != new.elements.get(name, frozenset()):
             problems.append(f"{kind} {name} elements restored")
     problems += [f"chain {c} removed" for c in sorted(stale(seen.chains, new))]
+    problems += [f"{kind} {name} removed" for name, kind in sorted(stale_sets(seen).items())]
     return problems
 
 
