@@ -249,8 +249,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="address pool, e.g. 10.200.0.0/16:24 (repeatable; default: Docker's)",
     )
     ap.add_argument(
-        "--firewall", choices=firewall.BACKENDS, default=firewall.BACKENDS[0],
-        help="firewall backend (default: %(default)s)",
+        "--firewall", choices=firewall.CHOICES, default=firewall.BACKENDS[0],
+        help="firewall backend; auto: nftables where libnftables works (default: %(default)s)",
     )  # fmt: skip
     ap.add_argument(
         "--repair", choices=("live", "manual"), default="live",
@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 args.listener = claim_socket(args.socket, args.socket_group)
             held.callback(args.listener.release)
+            args.firewall = firewall.resolve(args.firewall)
             preflight.check_tools(args.firewall)
             trio.run(run_daemon, args)
     except Exception as exc:

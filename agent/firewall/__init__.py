@@ -22,6 +22,18 @@ if TYPE_CHECKING:
 
 #: The backends `create` knows, by name; the first is the default.
 BACKENDS = ("iptables", "nftables")
+#: What `agentd --firewall` takes: a backend, or "auto" (`resolve` picks one).
+CHOICES = (*BACKENDS, "auto")
+
+
+def resolve(kind: str) -> str:
+    """`kind`, or for "auto" the backend this host runs best: nftables where libnftables loads
+    and the kernel answers it (one `list tables`), iptables otherwise."""
+    if kind != "auto":
+        return kind
+    from agent.firewall.nftables.backend import NftablesFirewall
+
+    return "nftables" if NftablesFirewall.usable() else "iptables"
 
 
 def create(kind: str) -> Firewall:

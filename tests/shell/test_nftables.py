@@ -13,6 +13,7 @@ import msgspec
 import pytest
 import trio
 
+from agent import firewall
 from agent.core import naming, policy
 from agent.core.errors import FirewallApply
 from agent.core.model import Network
@@ -178,6 +179,13 @@ async def test_an_earlier_layouts_sets_and_maps_are_deleted_at_setup() -> None:
     assert "old_subnets" not in text and "old_vmap" not in text
     assert script.parse_listing(text).state() == render.render(pol)
     assert await fw.repair(pol) == []
+
+
+def test_auto_picks_nftables_where_libnftables_works() -> None:
+    assert firewall.resolve("auto") == "nftables"  # the test namespace has nf_tables
+    assert firewall.resolve("iptables") == "iptables"
+    assert NftablesFirewall.usable()
+    assert not NftablesFirewall.usable("libnftables-missing.so.1")
 
 
 class monitor_changes:

@@ -30,7 +30,7 @@ from agent.firewall.conntrack import PortEffects
 from agent.firewall.monitor import NFPROTO_INET, NFPROTO_IPV4, NFPROTO_IPV6, NftChange
 from agent.firewall.nftables import coexist, script
 from agent.firewall.nftables.render import FAMILY, TABLE, Incremental, State, render
-from agent.firewall.nftables.transport import NftError, Transport
+from agent.firewall.nftables.transport import LibNftables, NftError, Transport
 from agent.firewall.nftables.transport import create as create_transport
 from agent.log import get_logger
 
@@ -73,6 +73,21 @@ class NftablesFirewall:
             return cls(create_transport("libnftables"))
         except NftError as exc:
             raise FirewallApply(f"the nftables backend needs libnftables: {exc}") from exc
+
+    @staticmethod
+    def usable(soname: str = "libnftables.so.1") -> bool:
+        """Whether libnftables loads and the kernel's nf_tables answers it (`--firewall auto`)."""
+        try:
+            nft = LibNftables(soname)
+        except NftError:
+            return False
+        try:
+            nft.run("list tables")
+        except NftError:
+            return False
+        finally:
+            nft.close()
+        return True
 
     async def _run(self, lines: list[str]) -> str:
         """One transaction (or a listing), in a worker thread, never cancelled halfway."""
