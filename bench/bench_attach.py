@@ -5,7 +5,8 @@ Usage: .venv/bin/python bench/bench_attach.py [--trials 200] [--quick] [--json P
 Contenders, side by side in one run, each with its own host namespace (agentd, the plugins and
 the floor never share a bridge or a ruleset):
 - `netagent`: `endpoint.connect` / `endpoint.disconnect` over one persistent Client connection
-  to agentd running in its host namespace;
+  to agentd running in its host namespace; `netagent-nft` the same with `agentd --firewall
+  nftables` (issue 13: no slower than iptables);
 - `cni-bridge`: /usr/lib/cni/bridge + host-local (CNI 1.0.0, isGateway, ipMasq), ADD / DEL,
   one fork+exec each, like a runtime calls it;
 - `netavark`: /usr/lib/podman/netavark setup / teardown (iptables driver, static IP, no DNS);
@@ -247,11 +248,12 @@ def build(names: list[str], workdir: Path, keep: list[Any]) -> tuple[list[Conten
     """Set up every contender that can run here; returns them and the reasons for the others."""
     out: list[Contender] = []
     skipped: dict[str, str] = {}
-    agentd = c.Agentd("h-netagent", "--pool", "10.200.0.0/16:24", workdir=workdir)
-    keep.append(agentd)
     for name in names:
         try:
-            if name == "netagent":
+            if name in ("netagent", "netagent-nft"):  # -nft: `agentd --firewall nftables`
+                fw = ("--firewall", "nftables") if name == "netagent-nft" else ()
+                agentd = c.Agentd(f"h-{name}", "--pool", "10.200.0.0/16:24", *fw, workdir=workdir)
+                keep.append(agentd)
                 agentd.start()
                 from agent.frontends.jsonrpc import protocol as p
 
@@ -344,7 +346,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="unrecorded trials first")
     ap.add_argument(
         "--only",
-        default="netagent,cni-bridge,netavark,floor",
+        default="netagent,netagent-nft,cni-bridge,netavark,floor",
         help="comma-separated contenders (default: %(default)s)",
     )
     args = ap.parse_args()

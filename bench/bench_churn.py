@@ -5,6 +5,7 @@ Usage: .venv/bin/python bench/bench_churn.py [--clients 64] [--duration 20] [--q
 For each contender in turn (never at the same time), `--clients` threads each own one
 namespace and loop attach -> detach until the deadline:
 - `netagent`: each thread has its own Client connection to agentd (one network);
+- `netagent-nft`: the same with `agentd --firewall nftables` (issue 13: no worse than iptables);
 - `cni-bridge`: each thread runs the CNI bridge plugin (ADD / DEL) as a process, so 64 plugin
   processes run in parallel (host-local serialises on its file lock, as in production);
 - `netavark`: each thread runs `netavark setup / teardown` with its own static address.
@@ -28,7 +29,7 @@ from typing import Any
 import _common as c
 from bench_attach import CniBridge, NetagentApi, Netavark
 
-PREFIX = {"netagent": "na", "cni-bridge": "cb", "netavark": "nv"}
+PREFIX = {"netagent": "na", "netagent-nft": "nn", "cni-bridge": "cb", "netavark": "nv"}
 
 
 class Loop:
@@ -104,8 +105,9 @@ def run_contender(name: str, args: Any, workdir: Path, keep: list[Any]) -> dict[
     namespaces = [f"{PREFIX[name]}{i}" for i in range(args.clients)]
     c.add_netns([*namespaces, f"{PREFIX[name]}keeper"])
     keeper = ("keeper", f"/run/netns/{PREFIX[name]}keeper", 249)
-    if name == "netagent":
-        agentd = c.Agentd(host, "--pool", "10.200.0.0/16:24", workdir=workdir)
+    if name.startswith("netagent"):  # netagent (iptables), netagent-nft (--firewall nftables)
+        fw = ("--firewall", "nftables") if name == "netagent-nft" else ()
+        agentd = c.Agentd(host, "--pool", "10.200.0.0/16:24", *fw, workdir=workdir)
         keep.append(agentd)
         agentd.start()
         from agent.frontends.jsonrpc import protocol as p
@@ -125,7 +127,7 @@ def run_contender(name: str, args: Any, workdir: Path, keep: list[Any]) -> dict[
             worker.close()
         loops = [Loop(i, impl, ns, f"/run/netns/{host}") for i, ns in enumerate(namespaces)]
     result = churn(loops, args.duration)
-    if name == "netagent":  # a detach answers once the veth is cut off; deletion is batched
+    if name.startswith("netagent"):  # a detach answers once the veth is cut off (batched)
         client = keep[-1].client()
         deadline = time.monotonic() + 10
         while client.call("system.info")["pending_deletions"] and time.monotonic() < deadline:
@@ -141,8 +143,8 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=20.0, help="seconds per contender")
     ap.add_argument(
         "--only",
-        default="netagent,cni-bridge,netavark",
-        help="comma-separated contenders (default: %(default)s)",
+        default="netagent,netagent-nft,cni-bridge,netavark",
+        help="comma-separated contenders (default: %(default)s); netagent-nft: --firewall nftables",
     )
     args = ap.parse_args()
     if args.quick:
