@@ -16,11 +16,12 @@ Both are backend-neutral: `PortEffects` computes them from each policy a backend
 
 from __future__ import annotations
 
+import bisect
 import shutil
 
 import trio
 
-from agent.core.policy import FamilyPolicy, Forward, Policy
+from agent.core.policy import FamilyPolicy, Forward, NetworkPolicy, Policy
 from agent.log import get_logger
 
 log = get_logger("agent.firewall.conntrack")
@@ -80,14 +81,31 @@ async def flush(forwards: list[Forward]) -> int:
 
 
 def published(family: FamilyPolicy) -> Published:
-    """`(bridge, forward)` of every forward `family` holds."""
-    if not family.forwards:  # no walk over every network when nothing is published
+    """`(bridge, forward)` of every forward `family` holds.
+
+    No walk over every network: each publishing network is found by bisection (a policy's
+    networks are sorted by id), and only a policy that is not sorted (made by hand) is read
+    whole.
+    """
+    if not family.forwards:
         return set()
-    bridges = {n.id: n.bridge for n in family.networks}
+    nets = family.networks
+    bridges: dict[str, str] = {}
+    for net_id in family.forwards:
+        i = bisect.bisect_left(nets, net_id, key=_id)
+        if i < len(nets) and nets[i].id == net_id:
+            bridges[net_id] = nets[i].bridge
+        elif any(n.id == net_id for n in nets):  # not sorted after all
+            bridges = {n.id: n.bridge for n in nets}
+            break
     return {
         (bridges[net], f) for net, forwards in family.forwards.items() if net in bridges
         for f in forwards
     }  # fmt: skip
+
+
+def _id(net: NetworkPolicy) -> str:
+    return net.id
 
 
 def _order(item: tuple[str, Forward]) -> tuple[str, str, str, int, int, str]:
