@@ -6,7 +6,7 @@ checks it on real sockets with hypothesis-made datagrams and caches); read the p
 docstring for the rules.
 
 Speed (why it exists: docs/ARCHITECTURE.md, "Names (DNS)"): one `recvmmsg` reads up to `size`
-datagrams into buffers allocated once, with the GIL released; the source check is an integer
+datagrams, with the GIL released, into buffers allocated once and shared by every Batch; the source check is an integer
 compare on the raw address; a hit's reply is two iovecs (the query's id in the receive buffer,
 the cached octets in place) and all replies of the call go out in one `sendmmsg`. Only misses
 become Python objects (the datagram and a source tuple as `socket.recvfrom` makes it).
@@ -89,6 +89,54 @@ cdef enum:
     ADDRSTRLEN = 64
 
 
+# The buffers, shared by every Batch (there is one per network and gateway: 1,000 networks
+# must not cost 1,000 sets of 64 x 4 KiB): `serve` uses them only from its start to its return
+# (misses are copied out, replies sent) and one call at a time (`_busy`: a second thread
+# entering while the first has the GIL released is refused).
+cdef Py_ssize_t BUFLEN = MAX_QUERY + 1
+cdef int _capacity = 0
+cdef bint _busy = False
+cdef char* bufs = NULL
+cdef sockaddr_storage* names = NULL
+cdef iovec* in_iov = NULL
+cdef mmsghdr* in_msgs = NULL
+cdef iovec* out_iov = NULL
+cdef mmsghdr* out_msgs = NULL
+cdef PyObject** held = NULL
+
+
+cdef int _reserve(int size) except -1:
+    """Buffers for `size` datagrams (grown, never shrunk: the largest size asked for)."""
+    global _capacity, bufs, names, in_iov, in_msgs, out_iov, out_msgs, held
+    cdef int i
+    if size <= _capacity:
+        return 0
+    free(bufs)
+    free(names)
+    free(in_iov)
+    free(in_msgs)
+    free(out_iov)
+    free(out_msgs)
+    free(held)
+    _capacity = 0
+    bufs = <char*>calloc(size, BUFLEN)
+    names = <sockaddr_storage*>calloc(size, sizeof(sockaddr_storage))
+    in_iov = <iovec*>calloc(size, sizeof(iovec))
+    in_msgs = <mmsghdr*>calloc(size, sizeof(mmsghdr))
+    out_iov = <iovec*>calloc(2 * size, sizeof(iovec))
+    out_msgs = <mmsghdr*>calloc(size, sizeof(mmsghdr))
+    held = <PyObject**>calloc(size, sizeof(PyObject*))
+    if not (bufs and names and in_iov and in_msgs and out_iov and out_msgs and held):
+        raise MemoryError()
+    for i in range(size):
+        in_iov[i].iov_base = bufs + i * BUFLEN
+        in_iov[i].iov_len = BUFLEN
+        in_msgs[i].msg_hdr.msg_iov = &in_iov[i]
+        in_msgs[i].msg_hdr.msg_iovlen = 1
+    _capacity = size
+    return 0
+
+
 cdef class Batch:
     """One UDP socket's hot path (see `agent.dns.udpbatch.Batch`)."""
 
@@ -99,27 +147,18 @@ cdef class Batch:
     cdef uint8_t mask6[16]
     cdef uint32_t base4
     cdef uint32_t mask4
-    cdef Py_ssize_t buflen
-    cdef char* bufs
-    cdef sockaddr_storage* names
-    cdef iovec* in_iov
-    cdef mmsghdr* in_msgs
-    cdef iovec* out_iov
-    cdef mmsghdr* out_msgs
-    cdef PyObject** held
 
     def __cinit__(self, sock, str subnet, int size=SIZE):
+        cdef int i
         if size < 1:
             raise ValueError(f"batch size must be at least 1, not {size}")
         self.sock = sock
         self.size = size
         self.family = sock.family
-        self.buflen = MAX_QUERY + 1
         width = 128 if self.family == socket.AF_INET6 else 32
         base, _, bits = subnet.partition("/")
         mask = ((1 << width) - 1) ^ ((1 << (width - int(bits))) - 1)
         number = int.from_bytes(socket.inet_pton(self.family, base), "big") & mask
-        cdef int i
         if self.family == socket.AF_INET6:
             for i, octet in enumerate(number.to_bytes(16, "big")):
                 self.base6[i] = octet
@@ -128,30 +167,6 @@ cdef class Batch:
         else:
             self.base4 = number
             self.mask4 = mask
-        self.bufs = <char*>calloc(size, self.buflen)
-        self.names = <sockaddr_storage*>calloc(size, sizeof(sockaddr_storage))
-        self.in_iov = <iovec*>calloc(size, sizeof(iovec))
-        self.in_msgs = <mmsghdr*>calloc(size, sizeof(mmsghdr))
-        self.out_iov = <iovec*>calloc(2 * size, sizeof(iovec))
-        self.out_msgs = <mmsghdr*>calloc(size, sizeof(mmsghdr))
-        self.held = <PyObject**>calloc(size, sizeof(PyObject*))
-        if not (self.bufs and self.names and self.in_iov and self.in_msgs and self.out_iov
-                and self.out_msgs and self.held):
-            raise MemoryError()
-        for i in range(size):
-            self.in_iov[i].iov_base = self.bufs + i * self.buflen
-            self.in_iov[i].iov_len = self.buflen
-            self.in_msgs[i].msg_hdr.msg_iov = &self.in_iov[i]
-            self.in_msgs[i].msg_hdr.msg_iovlen = 1
-
-    def __dealloc__(self):
-        free(self.bufs)
-        free(self.names)
-        free(self.in_iov)
-        free(self.in_msgs)
-        free(self.out_iov)
-        free(self.out_msgs)
-        free(self.held)
 
     cdef bint _allowed(self, sockaddr_storage* name) noexcept nogil:
         cdef sockaddr_in* v4
@@ -184,22 +199,34 @@ cdef class Batch:
 
     def serve(self, cache, turn):
         """Serve what is waiting: (read, turn, misses); see the pure twin."""
+        global _busy
         cdef int fd = self.sock.fileno()
-        cdef int i, n, got, sent, start, count
+        if cache is not None and not isinstance(cache, dict):
+            raise TypeError("cache must be a dict or None")
+        if _busy:
+            raise RuntimeError("Batch.serve is already running in another thread")
+        _reserve(self.size)
+        _busy = True
+        try:
+            return self._serve(fd, cache, turn)
+        finally:
+            _busy = False
+
+    cdef object _serve(self, int fd, object cache, object turn):
+        cdef int i, got, sent, start, count
         cdef unsigned int length
         cdef char* data
         cdef long long turns = turn
         cdef PyObject* found
-        cdef object key, hit, misses = []
+        cdef object key, hit
+        cdef list misses = []
         cdef Py_ssize_t options
-        if cache is not None and not isinstance(cache, dict):
-            raise TypeError("cache must be a dict or None")
         for i in range(self.size):
-            self.in_msgs[i].msg_hdr.msg_name = &self.names[i]
-            self.in_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
-            self.in_msgs[i].msg_hdr.msg_flags = 0
+            in_msgs[i].msg_hdr.msg_name = &names[i]
+            in_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
+            in_msgs[i].msg_hdr.msg_flags = 0
         with nogil:
-            got = recvmmsg(fd, self.in_msgs, self.size, MSG_DONTWAIT, NULL)
+            got = recvmmsg(fd, in_msgs, self.size, MSG_DONTWAIT, NULL)
         if got < 0:
             if errno == EAGAIN or errno == EWOULDBLOCK or errno == EINTR:
                 return 0, turns, misses
@@ -207,13 +234,13 @@ cdef class Batch:
         count = 0
         try:
             for i in range(got):
-                length = self.in_msgs[i].msg_len
+                length = in_msgs[i].msg_len
                 if (length < HEADER or length > MAX_QUERY
-                        or self.in_msgs[i].msg_hdr.msg_flags & MSG_TRUNC):
+                        or in_msgs[i].msg_hdr.msg_flags & MSG_TRUNC):
                     continue
-                if not self._allowed(&self.names[i]):
+                if not self._allowed(&names[i]):
                     continue
-                data = self.bufs + i * self.buflen
+                data = bufs + i * BUFLEN
                 found = NULL
                 if cache is not None:
                     key = PyBytes_FromStringAndSize(data + 2, length - 2)
@@ -221,7 +248,7 @@ cdef class Batch:
                 if found is NULL or not PyTuple_Check(<object>found) or \
                         PyTuple_GET_SIZE(<object>found) == 0:
                     misses.append((PyBytes_FromStringAndSize(data, length),
-                                   self._source(&self.names[i])))
+                                   self._source(&names[i])))
                     continue
                 options = PyTuple_GET_SIZE(<object>found)
                 if options == 1:
@@ -232,23 +259,23 @@ cdef class Batch:
                 if not PyBytes_Check(hit):
                     raise TypeError("cached answers must be bytes")
                 Py_INCREF(hit)
-                self.held[count] = <PyObject*>hit
-                self.out_iov[2 * count].iov_base = data
-                self.out_iov[2 * count].iov_len = 2
-                self.out_iov[2 * count + 1].iov_base = PyBytes_AS_STRING(hit)
-                self.out_iov[2 * count + 1].iov_len = PyBytes_GET_SIZE(hit)
-                memset(&self.out_msgs[count], 0, sizeof(mmsghdr))
-                self.out_msgs[count].msg_hdr.msg_name = &self.names[i]
-                self.out_msgs[count].msg_hdr.msg_namelen = self.in_msgs[i].msg_hdr.msg_namelen
-                self.out_msgs[count].msg_hdr.msg_iov = &self.out_iov[2 * count]
-                self.out_msgs[count].msg_hdr.msg_iovlen = 2
+                held[count] = <PyObject*>hit
+                out_iov[2 * count].iov_base = data
+                out_iov[2 * count].iov_len = 2
+                out_iov[2 * count + 1].iov_base = PyBytes_AS_STRING(hit)
+                out_iov[2 * count + 1].iov_len = PyBytes_GET_SIZE(hit)
+                memset(&out_msgs[count], 0, sizeof(mmsghdr))
+                out_msgs[count].msg_hdr.msg_name = &names[i]
+                out_msgs[count].msg_hdr.msg_namelen = in_msgs[i].msg_hdr.msg_namelen
+                out_msgs[count].msg_hdr.msg_iov = &out_iov[2 * count]
+                out_msgs[count].msg_hdr.msg_iovlen = 2
                 count += 1
         finally:
             start = 0
             with nogil:
                 while start < count:  # a failed message is skipped: UDP may lose it
-                    sent = sendmmsg(fd, self.out_msgs + start, count - start, MSG_DONTWAIT)
+                    sent = sendmmsg(fd, out_msgs + start, count - start, MSG_DONTWAIT)
                     start += sent if sent > 0 else 1
             for i in range(count):
-                Py_DECREF(<object>self.held[i])
+                Py_DECREF(<object>held[i])
         return got, turns, misses

@@ -156,6 +156,29 @@ def test_a_call_reads_at_most_its_size_and_never_blocks(impl: Any, net: Net) -> 
 
 
 @pytest.mark.parametrize("impl", IMPLS)
+def test_batches_of_several_sockets_and_sizes_keep_to_their_own(impl: Any, net: Net) -> None:
+    # the Cython twin's buffers are shared by every Batch (grown to the largest size)
+    other = Net()
+    try:
+        small = impl.Batch(net.server, Net.SUBNET, 2)
+        large = impl.Batch(other.server, Net.SUBNET, 5)
+        net.send([(0, bytes([1, i]) + QUESTION) for i in range(3)])
+        other.send([(1, bytes([2, i]) + QUESTION) for i in range(6)])
+        assert small.serve({QUESTION: (b"small",)}, 0)[0] == 2
+        assert large.serve({QUESTION: (b"large",)}, 0)[0] == 5
+        assert small.serve({QUESTION: (b"small",)}, 0)[0] == 1
+        assert large.serve(None, 0) == (
+            1,
+            0,
+            [(bytes([2, 5]) + QUESTION, other.clients[1].getsockname())],
+        )
+        assert net.received()[0] == [bytes([1, i]) + b"small" for i in range(3)]
+        assert other.received()[1] == [bytes([2, i]) + b"large" for i in range(5)]
+    finally:
+        other.close()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_a_closed_socket_raises_oserror(impl: Any, net: Net) -> None:
     batch = impl.Batch(net.server, Net.SUBNET)
     net.server.close()
