@@ -1,4 +1,4 @@
-# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, binding=False
 """The DNS server's UDP hot path: Cython twin of `agent/dns/udpbatch.py`.
 
 Same socket, same cache, same replies, drops, turns and misses (tests/core/test_dns_udpbatch.py
