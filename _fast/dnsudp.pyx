@@ -5,10 +5,12 @@ Same socket, same cache, same replies, drops, turns and misses (tests/core/test_
 checks it on real sockets with hypothesis-made datagrams and caches); read the pure twin's
 docstring for the rules.
 
-Speed (why it exists: docs/ARCHITECTURE.md, "Names (DNS)"): one `recvmmsg` reads up to `size`
-datagrams, with the GIL released, into buffers allocated once and shared by every Batch; the source check is an integer
+Speed (why it exists: docs/ARCHITECTURE.md, "Names (DNS)"): one `recvmmsg` (non-blocking, GIL
+held: see `_serve`) reads up to `size` datagrams into buffers allocated once and shared by
+every Batch; the source check is an integer
 compare on the raw address; a hit's reply is two iovecs (the query's id in the receive buffer,
-the cached octets in place) and all replies of the call go out in one `sendmmsg`. Only misses
+the cached octets in place) and all replies of the call go out in one `sendmmsg` (GIL
+released). Only misses
 become Python objects (the datagram and a source tuple as `socket.recvfrom` makes it).
 """
 
@@ -197,40 +199,43 @@ cdef class Batch:
         inet_ntop(AF_INET, &v4.sin_addr, text, ADDRSTRLEN)
         return (text.decode("ascii"), ntohs(v4.sin_port))
 
-    def serve(self, cache, turn):
+    def serve(self, dict caches not None, key, turn):
         """Serve what is waiting: (read, turn, misses); see the pure twin."""
         global _busy
         cdef int fd = self.sock.fileno()
-        if cache is not None and not isinstance(cache, dict):
-            raise TypeError("cache must be a dict or None")
         if _busy:
             raise RuntimeError("Batch.serve is already running in another thread")
         _reserve(self.size)
         _busy = True
         try:
-            return self._serve(fd, cache, turn)
+            return self._serve(fd, caches, key, turn)
         finally:
             _busy = False
 
-    cdef object _serve(self, int fd, object cache, object turn):
+    cdef object _serve(self, int fd, dict caches, object key, object turn):
         cdef int i, got, sent, start, count
         cdef unsigned int length
         cdef char* data
         cdef long long turns = turn
         cdef PyObject* found
-        cdef object key, hit
+        cdef object qkey, hit, cache
         cdef list misses = []
         cdef Py_ssize_t options
         for i in range(self.size):
             in_msgs[i].msg_hdr.msg_name = &names[i]
             in_msgs[i].msg_hdr.msg_namelen = sizeof(sockaddr_storage)
             in_msgs[i].msg_hdr.msg_flags = 0
-        with nogil:
-            got = recvmmsg(fd, in_msgs, self.size, MSG_DONTWAIT, NULL)
+        # with the GIL held (the call does not block): no other thread changes `caches`
+        # between this read and the lookups below (see the pure twin's docstring)
+        got = recvmmsg(fd, in_msgs, self.size, MSG_DONTWAIT, NULL)
         if got < 0:
             if errno == EAGAIN or errno == EWOULDBLOCK or errno == EINTR:
                 return 0, turns, misses
             raise OSError(errno, os.strerror(errno))
+        found = PyDict_GetItem(caches, key)
+        cache = None if found is NULL else <object>found
+        if cache is not None and not isinstance(cache, dict):
+            raise TypeError("a cache must be a dict")
         count = 0
         try:
             for i in range(got):
@@ -243,8 +248,8 @@ cdef class Batch:
                 data = bufs + i * BUFLEN
                 found = NULL
                 if cache is not None:
-                    key = PyBytes_FromStringAndSize(data + 2, length - 2)
-                    found = PyDict_GetItem(cache, key)
+                    qkey = PyBytes_FromStringAndSize(data + 2, length - 2)
+                    found = PyDict_GetItem(cache, qkey)
                 if found is NULL or not PyTuple_Check(<object>found) or \
                         PyTuple_GET_SIZE(<object>found) == 0:
                     misses.append((PyBytes_FromStringAndSize(data, length),

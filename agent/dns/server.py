@@ -40,6 +40,7 @@ from agent.core.errors import AgentError
 from agent.core.events import Event
 from agent.core.topology import Topology
 from agent.dns import upstream, wire
+from agent.dns.udpthread import UdpThread
 from agent.log import get_logger
 
 log = get_logger("agent.dns")
@@ -77,6 +78,7 @@ class Listener:
             self.udp.close()
             raise
         self.scope = trio.CancelScope()
+        self.nursery: trio.Nursery | None = None  # its tasks' (forwards), once it is served
         self.closed = False
 
     def allowed(self, source: str) -> bool:
@@ -139,6 +141,7 @@ class DnsServer:
         # bound sockets, handed to `serve`'s own task to be served: a task started from
         # `changed` would inherit the context (log fields) of the request that changed things
         self._bound: trio.MemorySendChannel[Listener] | None = None
+        self._udp: UdpThread | None = None  # serves every UDP socket's cache hits
         self._forwarding = 0
         self._tcp_open = 0
         self._turn = 0  # round robin: which order of several records goes next
@@ -179,6 +182,7 @@ class DnsServer:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind every DNS-enabled network's sockets, report started, serve until cancelled."""
         send, receive = trio.open_memory_channel[Listener](float("inf"))
+        self._udp = UdpThread(self._cache, self._udp_misses)
         try:
             async with trio.open_nursery() as nursery:
                 self._bound = send
@@ -190,8 +194,15 @@ class DnsServer:
         finally:
             self._bound = None
             for lst in self.listeners.values():
-                lst.close()
+                self._close(lst)
             self.listeners.clear()
+            self._udp.close()
+            self._udp = None
+
+    def _close(self, lst: Listener) -> None:
+        if self._udp is not None:
+            self._udp.remove(lst)  # no batch of it in progress from here on
+        lst.close()
 
     def sync(self, changed: str | None = None) -> None:
         """Sockets for exactly the DNS-enabled networks (a failed bind is logged and tried
@@ -204,13 +215,13 @@ class DnsServer:
             nets = list(self.topo.networks.values())
             for key, lst in list(self.listeners.items()):
                 if key[0] not in self.topo.networks or not self._wants(key):
-                    lst.close()
+                    self._close(lst)
                     del self.listeners[key]
         else:
             nets = [n for i in {changed, *self._unbound} if (n := self.topo.networks.get(i))]
             for key in [k for k in self.listeners if k[0] == changed]:
                 if changed not in self.topo.networks:
-                    self.listeners.pop(key).close()
+                    self._close(self.listeners.pop(key))
         self._unbound.clear()
         for net in nets:
             if not names.dns_enabled(net):
@@ -239,27 +250,26 @@ class DnsServer:
     async def _run(self, lst: Listener) -> None:
         with lst.scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._serve_udp, lst, nursery)
+                lst.nursery = nursery
+                if self._udp is not None and not lst.closed:
+                    self._udp.add(lst)
                 nursery.start_soon(self._serve_tcp, lst, nursery)
 
     # -- UDP ----------------------------------------------------------------------------
 
-    async def _serve_udp(self, lst: Listener, nursery: trio.Nursery) -> None:
-        sock, serve = lst.udp, lst.batch.serve
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            # the hot path (`agent.accel.dnsudp`): what is waiting, up to BATCH datagrams,
-            # answered from the cache; the misses come back to be parsed here
+    def _udp_misses(self, lst: Listener, misses: list[tuple[bytes, Any]]) -> None:
+        """What the UDP thread's batch could not answer from the cache (in the Trio thread):
+        parsed, answered (and cached) or forwarded."""
+        if lst.closed or lst.nursery is None:
+            return
+        for data, peer in misses:
             try:
-                _, self._turn, misses = serve(self._cache.get(lst.net_id), self._turn)
-            except OSError:
-                if lst.closed:
-                    return
+                reply = self._udp_answer(lst, data, peer, lst.nursery)
+            except Exception:  # a callback of the run loop must not raise
+                log.exception("dns.udp.answer.failed", network=lst.net_id)
                 continue
-            for data, peer in misses:
-                reply = self._udp_answer(lst, data, peer, nursery)
-                if reply is not None:
-                    _send(sock, reply, peer)
+            if reply is not None:
+                _send(lst.udp, reply, peer)
 
     def _udp_answer(
         self, lst: Listener, data: bytes, peer: Any, nursery: trio.Nursery

@@ -1,8 +1,10 @@
 """The UDP hot path of the DNS server: one socket's waiting datagrams served from the answer
 cache, the rest handed back. Pure-Python twin of `_fast/dnsudp.pyx` (chosen by `agent.accel`).
 
-`Batch(sock, subnet).serve(cache, turn)` reads at most `size` datagrams that are waiting (never
-blocks) and, for each, in arrival order:
+`Batch(sock, subnet).serve(caches, key, turn)` reads at most `size` datagrams that are waiting
+(never blocks) and, for each, in arrival order (`cache` is `caches.get(key)`, looked up once
+the datagram is read: what a thread changes in `caches` while another serves is seen by every
+datagram read after the change):
 - shorter than a DNS header (12 octets) or longer than `MAX_QUERY`: dropped (never a query);
 - its source address outside `subnet` (or an IPv6 source with a scope, link-local): dropped;
 - the octets after its id a key of `cache`: the reply is the id followed by the cached octets
@@ -56,7 +58,9 @@ class Batch:
             return False
         return number & self.mask == self.base
 
-    def serve(self, cache: Cache | None, turn: int) -> tuple[int, int, list[tuple[bytes, Any]]]:
+    def serve(
+        self, caches: dict[str, Cache], key: str, turn: int
+    ) -> tuple[int, int, list[tuple[bytes, Any]]]:
         """Serve what is waiting (see the module docstring): (read, turn, misses)."""
         recvfrom, sendto, known = self.sock.recvfrom, self.sock.sendto, self._allowed
         misses: list[tuple[bytes, Any]] = []
@@ -80,6 +84,7 @@ class Batch:
                 ok = known[peer[0]] = self.allowed(peer[0])
             if not ok:
                 continue
+            cache = caches.get(key)
             hit = None if cache is None else cache.get(data[2:])
             if not hit:
                 misses.append((data, peer))

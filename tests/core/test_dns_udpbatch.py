@@ -36,6 +36,11 @@ QUESTION = b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x03web\x00\x00\x01\x00\x01
 ANSWER = b"\x85\x80" + b"\x00\x01" * 2 + b"\x00\x00" * 2 + b"(records)"
 
 
+def caches(cache: dict[bytes, tuple[bytes, ...]] | None) -> dict[str, Any]:
+    """The server's network -> cache dict, with `cache` as network "n"'s."""
+    return {} if cache is None else {"n": cache}
+
+
 class Net:
     """A server socket on 127.0.0.1 and three clients: two in 127.0.0.0/31, one (127.0.0.2)
     outside it."""
@@ -95,7 +100,7 @@ def net() -> Iterator[Net]:
 def serve(impl: Any, net: Net, cache: Any, turn: int, size: int = 64, subnet: str = "") -> Any:
     """One `serve` call; the misses' sources as client indexes, and what each client got."""
     batch = impl.Batch(net.server, subnet or Net.SUBNET, size)
-    read, turn, misses = batch.serve(cache, turn)
+    read, turn, misses = batch.serve(caches(cache), "n", turn)
     named = []
     for data, peer in misses:
         assert peer == net.clients[net.ports[peer[1]]].getsockname()  # as recvfrom gives it
@@ -149,9 +154,9 @@ def test_without_a_cache_everything_allowed_is_a_miss(impl: Any, net: Net) -> No
 def test_a_call_reads_at_most_its_size_and_never_blocks(impl: Any, net: Net) -> None:
     net.send([(0, bytes([0, i]) + QUESTION) for i in range(5)])
     batch = impl.Batch(net.server, Net.SUBNET, 3)
-    assert batch.serve({QUESTION: (ANSWER,)}, 0)[0] == 3
-    assert batch.serve({QUESTION: (ANSWER,)}, 0)[0] == 2
-    assert batch.serve({QUESTION: (ANSWER,)}, 0) == (0, 0, [])
+    assert batch.serve(caches({QUESTION: (ANSWER,)}), "n", 0)[0] == 3
+    assert batch.serve(caches({QUESTION: (ANSWER,)}), "n", 0)[0] == 2
+    assert batch.serve(caches({QUESTION: (ANSWER,)}), "n", 0) == (0, 0, [])
     assert net.received()[0] == [bytes([0, i]) + ANSWER for i in range(5)]
 
 
@@ -164,10 +169,10 @@ def test_batches_of_several_sockets_and_sizes_keep_to_their_own(impl: Any, net: 
         large = impl.Batch(other.server, Net.SUBNET, 5)
         net.send([(0, bytes([1, i]) + QUESTION) for i in range(3)])
         other.send([(1, bytes([2, i]) + QUESTION) for i in range(6)])
-        assert small.serve({QUESTION: (b"small",)}, 0)[0] == 2
-        assert large.serve({QUESTION: (b"large",)}, 0)[0] == 5
-        assert small.serve({QUESTION: (b"small",)}, 0)[0] == 1
-        assert large.serve(None, 0) == (
+        assert small.serve(caches({QUESTION: (b"small",)}), "n", 0)[0] == 2
+        assert large.serve(caches({QUESTION: (b"large",)}), "n", 0)[0] == 5
+        assert small.serve(caches({QUESTION: (b"small",)}), "n", 0)[0] == 1
+        assert large.serve(caches(None), "n", 0) == (
             1,
             0,
             [(bytes([2, 5]) + QUESTION, other.clients[1].getsockname())],
@@ -183,7 +188,7 @@ def test_a_closed_socket_raises_oserror(impl: Any, net: Net) -> None:
     batch = impl.Batch(net.server, Net.SUBNET)
     net.server.close()
     with pytest.raises(OSError):
-        batch.serve({}, 0)
+        batch.serve(caches({}), "n", 0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -193,7 +198,7 @@ def test_ipv6_sources_are_checked_against_the_subnet(impl: Any, subnet: str, all
     try:
         net.send([(0, b"\x00\x01" + QUESTION), (1, b"\x00\x02" + QUESTION.upper())])
         batch = impl.Batch(net.server, subnet)
-        read, _, misses = batch.serve({QUESTION: (ANSWER,)}, 0)
+        read, _, misses = batch.serve(caches({QUESTION: (ANSWER,)}), "n", 0)
         assert read == 2
         assert [data for data, _ in misses] == ([b"\x00\x02" + QUESTION.upper()] if allowed else [])
         for _, peer in misses:
