@@ -16,14 +16,14 @@ Theory of operation.
   other question forwarded upstream (`agent.dns.upstream`); garbage, responses, oversized
   queries are dropped; a malformed but readable query gets FORMERR/NOTIMP (never larger than
   a header and its question, so never an amplification).
-- Speed: each wake-up of a UDP socket serves what is waiting, up to `BATCH` datagrams, through
-  `agent.accel.dnsudp` (`_fast/dnsudp.pyx`: one recvmmsg, the subnet check on the raw address,
-  cache hits sent with one sendmmsg; its pure twin `agent.dns.udpbatch` is the per-datagram
-  loop). The answers to names of the table are cached per network by the query's bytes
-  after its id (forgotten when that network's records change), so a repeated query costs a
-  dict lookup and no parsing; what the cache cannot answer comes back here and is parsed.
-  Forwarded queries each get a task (at most `MAX_FORWARDS` at once; past that, SERVFAIL at
-  once).
+- Speed: one thread (`agent.dns.udpthread`) serves every UDP socket: each wake-up serves what
+  is waiting, up to `BATCH` datagrams, through `agent.accel.dnsudp` (`_fast/dnsudp.pyx`: one
+  recvmmsg, the subnet check on the raw address, cache hits sent with one sendmmsg; its pure
+  twin `agent.dns.udpbatch` is the per-datagram loop). The answers to names of the table are
+  cached per network by the query's bytes after its id (forgotten when that network's
+  records change), so a repeated query costs a dict lookup and no parsing; what the cache
+  cannot answer comes back to the Trio loop (`_udp_misses`) and is parsed here. Forwarded
+  queries each get a task (at most `MAX_FORWARDS` at once; past that, SERVFAIL at once).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ PORT = 53
 IP_FREEBIND = 15  # <linux/in.h>; Python's socket module lacks the constant
 IPV6_FREEBIND = 78  # <linux/in6.h>
 MAX_QUERY = 4096  # octets; a longer "query" is dropped unread
-BATCH = 64  # UDP datagrams handled per wake-up before others run
+BATCH = 64  # UDP datagrams of one socket served per wake-up before the others
 MAX_FORWARDS = 512  # forwarded queries in flight (all networks)
 MAX_TCP = 128  # TCP connections open (all networks)
 TCP_IDLE = 10.0  # seconds a TCP connection may wait between queries
