@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import signal
 import sys
@@ -167,9 +168,14 @@ async def run_daemon(args: argparse.Namespace) -> None:
             if args.docker_plugin:  # Docker's remote network + IPAM driver protocol
                 plugin = DockerPlugin(svc)
                 await nursery.start(serve_docker_plugin, plugin.handle, args.docker_plugin)
+            # what start-up made lives as long as agentd: frozen, the collector never walks it
+            # again, so a full collection stalls the loop (and every DNS answer) ~0.05 ms
+            # instead of 11-20 ms (docs/ARCHITECTURE.md, "Names (DNS)")
+            gc.freeze()
             log.info(
                 "agentd.ready",
                 pid=os.getpid(),
+                gc_frozen=gc.get_freeze_count(),
                 socket=args.socket,
                 networks=len(topo.networks),
                 endpoints=len(topo.endpoints),

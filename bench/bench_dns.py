@@ -1,6 +1,7 @@
 """DNS: agentd's embedded server against aardvark-dns (run by netavark), side by side.
 
 Usage: .venv/bin/python bench/bench_dns.py [--seconds 5] [--rounds 3] [--quick] [--json P]
+       [--queries 3000] [--fresh 20] [--server-only]
 
 Everything runs in a private network namespace (`_common.isolate`). Two hosts are made there:
 - `netagent`: agentd; a network `n1`; `run --name web` (the name asked) and a client namespace;
@@ -358,6 +359,10 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="alternated runs per contender")
     ap.add_argument("--queries", type=int, default=3000, help="sequential queries for latency")
     ap.add_argument("--fresh", type=int, default=20, help="new containers asked at once")
+    ap.add_argument(
+        "--server-only", action="store_true",
+        help="only the server figures (1-3): no DNS-cost or wire-library measurement",
+    )  # fmt: skip
     args = ap.parse_args()
     c.isolate()
     if args.quick:
@@ -397,10 +402,11 @@ def main() -> None:
         results["p99_ratio_netagent_over_aardvark"] = c.ratio(
             na["sequential_latency"]["p99"], av["sequential_latency"]["p99"]
         )
-        results["dns_cost"] = dns_cost(
-            peers[0], 20 if args.quick else 200, 2.0 if args.quick else 5.0, args.rounds
-        )
-        results["library"] = library(2000 if args.quick else 20000)
+        if not args.server_only:
+            results["dns_cost"] = dns_cost(
+                peers[0], 20 if args.quick else 200, 2.0 if args.quick else 5.0, args.rounds
+            )
+            results["library"] = library(2000 if args.quick else 20000)
     finally:
         for peer in peers:
             peer.close()
@@ -419,8 +425,9 @@ def main() -> None:
     print(f"qps ratio {results['qps_ratio_netagent_over_aardvark']}, "
           f"cpu/query ratio {results['cpu_per_query_ratio_netagent_over_aardvark']}, "
           f"p99 ratio {results['p99_ratio_netagent_over_aardvark']}")  # fmt: skip
-    print("dns cost:", json.dumps(results["dns_cost"]))
-    print("library:", results["library"])
+    if not args.server_only:
+        print("dns cost:", json.dumps(results["dns_cost"]))
+        print("library:", results["library"])
     c.write_json(args.json, "dns", args, results)
 
 

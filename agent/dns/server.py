@@ -16,11 +16,14 @@ Theory of operation.
   other question forwarded upstream (`agent.dns.upstream`); garbage, responses, oversized
   queries are dropped; a malformed but readable query gets FORMERR/NOTIMP (never larger than
   a header and its question, so never an amplification).
-- Speed: the UDP socket is read in batches (non-blocking reads until empty, then
-  `wait_readable`), and the answers to names of the table are cached per network by the
-  query's bytes after its id (forgotten when that network's records change), so a repeated
-  query costs a dict lookup and no parsing. Forwarded queries each get a task (at most
-  `MAX_FORWARDS` at once; past that, SERVFAIL at once).
+- Speed: one thread (`agent.dns.udpthread`) serves every UDP socket: each wake-up serves what
+  is waiting, up to `BATCH` datagrams, through `agent.accel.dnsudp` (`_fast/dnsudp.pyx`: one
+  recvmmsg, the subnet check on the raw address, cache hits sent with one sendmmsg; its pure
+  twin `agent.dns.udpbatch` is the per-datagram loop). The answers to names of the table are
+  cached per network by the query's bytes after its id (forgotten when that network's
+  records change), so a repeated query costs a dict lookup and no parsing; what the cache
+  cannot answer comes back to the Trio loop (`_udp_misses`) and is parsed here. Forwarded
+  queries each get a task (at most `MAX_FORWARDS` at once; past that, SERVFAIL at once).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from typing import Any
 
 import trio
 
+from agent import accel
 from agent.core import names
 from agent.core.errors import AgentError
 from agent.core.events import Event
 from agent.core.topology import Topology
 from agent.dns import upstream, wire
+from agent.dns.udpthread import UdpThread
 from agent.log import get_logger
 
 log = get_logger("agent.dns")
@@ -44,7 +49,7 @@ PORT = 53
 IP_FREEBIND = 15  # <linux/in.h>; Python's socket module lacks the constant
 IPV6_FREEBIND = 78  # <linux/in6.h>
 MAX_QUERY = 4096  # octets; a longer "query" is dropped unread
-BATCH = 64  # UDP datagrams handled per wake-up before others run
+BATCH = 64  # UDP datagrams of one socket served per wake-up before the others
 MAX_FORWARDS = 512  # forwarded queries in flight (all networks)
 MAX_TCP = 128  # TCP connections open (all networks)
 TCP_IDLE = 10.0  # seconds a TCP connection may wait between queries
@@ -66,12 +71,14 @@ class Listener:
         self.base = _number(self.family, base) & self.mask
         self.udp = _bind(self.family, gateway, socket.SOCK_DGRAM)
         try:
+            self.batch = accel.dnsudp.Batch(self.udp, subnet, BATCH)
             tcp = _bind(self.family, gateway, socket.SOCK_STREAM)
             self.tcp = trio.socket.from_stdlib_socket(tcp)
         except BaseException:
             self.udp.close()
             raise
         self.scope = trio.CancelScope()
+        self.nursery: trio.Nursery | None = None  # its tasks' (forwards), once it is served
         self.closed = False
 
     def allowed(self, source: str) -> bool:
@@ -134,6 +141,7 @@ class DnsServer:
         # bound sockets, handed to `serve`'s own task to be served: a task started from
         # `changed` would inherit the context (log fields) of the request that changed things
         self._bound: trio.MemorySendChannel[Listener] | None = None
+        self._udp: UdpThread | None = None  # serves every UDP socket's cache hits
         self._forwarding = 0
         self._tcp_open = 0
         self._turn = 0  # round robin: which order of several records goes next
@@ -174,6 +182,7 @@ class DnsServer:
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind every DNS-enabled network's sockets, report started, serve until cancelled."""
         send, receive = trio.open_memory_channel[Listener](float("inf"))
+        self._udp = UdpThread(self._cache, self._udp_misses)
         try:
             async with trio.open_nursery() as nursery:
                 self._bound = send
@@ -185,8 +194,15 @@ class DnsServer:
         finally:
             self._bound = None
             for lst in self.listeners.values():
-                lst.close()
+                self._close(lst)
             self.listeners.clear()
+            self._udp.close()
+            self._udp = None
+
+    def _close(self, lst: Listener) -> None:
+        if self._udp is not None:
+            self._udp.remove(lst)  # no batch of it in progress from here on
+        lst.close()
 
     def sync(self, changed: str | None = None) -> None:
         """Sockets for exactly the DNS-enabled networks (a failed bind is logged and tried
@@ -199,13 +215,13 @@ class DnsServer:
             nets = list(self.topo.networks.values())
             for key, lst in list(self.listeners.items()):
                 if key[0] not in self.topo.networks or not self._wants(key):
-                    lst.close()
+                    self._close(lst)
                     del self.listeners[key]
         else:
             nets = [n for i in {changed, *self._unbound} if (n := self.topo.networks.get(i))]
             for key in [k for k in self.listeners if k[0] == changed]:
                 if changed not in self.topo.networks:
-                    self.listeners.pop(key).close()
+                    self._close(self.listeners.pop(key))
         self._unbound.clear()
         for net in nets:
             if not names.dns_enabled(net):
@@ -234,48 +250,26 @@ class DnsServer:
     async def _run(self, lst: Listener) -> None:
         with lst.scope:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._serve_udp, lst, nursery)
+                lst.nursery = nursery
+                if self._udp is not None and not lst.closed:
+                    self._udp.add(lst)
                 nursery.start_soon(self._serve_tcp, lst, nursery)
 
     # -- UDP ----------------------------------------------------------------------------
 
-    async def _serve_udp(self, lst: Listener, nursery: trio.Nursery) -> None:
-        sock = lst.udp
-        recvfrom, sendto = sock.recvfrom, sock.sendto
-        allowed: dict[str, bool] = {}  # source address -> in the subnet (emptied when big)
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            for _ in range(BATCH):
-                try:
-                    data, peer = recvfrom(65535)
-                except BlockingIOError:
-                    break
-                except OSError:
-                    if lst.closed:
-                        return
-                    continue
-                ok = allowed.get(peer[0])
-                if ok is None:
-                    if len(allowed) >= CACHE_MAX:
-                        allowed.clear()
-                    ok = allowed[peer[0]] = lst.allowed(peer[0])
-                if not ok:
-                    continue
-                # the hot path inline: a cached answer, with the query's id put back
-                cache = self._cache.get(lst.net_id)
-                hit = None if cache is None else cache.get(data[2:])
-                if hit is None:
-                    reply = self._udp_answer(lst, data, peer, nursery)
-                elif len(hit) == 1:
-                    reply = data[:2] + hit[0]
-                else:
-                    self._turn += 1
-                    reply = data[:2] + hit[self._turn % len(hit)]
-                if reply is not None:
-                    try:  # noqa: SIM105 - a context manager costs ~0.3 us here
-                        sendto(reply, peer)
-                    except OSError:  # a full buffer, an unreachable peer: UDP may lose it
-                        pass
+    def _udp_misses(self, lst: Listener, misses: list[tuple[bytes, Any]]) -> None:
+        """What the UDP thread's batch could not answer from the cache (in the Trio thread):
+        parsed, answered (and cached) or forwarded."""
+        if lst.closed or lst.nursery is None:
+            return
+        for data, peer in misses:
+            try:
+                reply = self._udp_answer(lst, data, peer, lst.nursery)
+            except Exception:  # a callback of the run loop must not raise
+                log.exception("dns.udp.answer.failed", network=lst.net_id)
+                continue
+            if reply is not None:
+                _send(lst.udp, reply, peer)
 
     def _udp_answer(
         self, lst: Listener, data: bytes, peer: Any, nursery: trio.Nursery

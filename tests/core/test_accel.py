@@ -13,7 +13,7 @@ import pytest
 
 from agent import accel
 
-EXTENSIONS = ("bitmap", "serialize", "nlevents")
+EXTENSIONS = ("bitmap", "serialize", "nlevents", "dnsudp")
 
 
 def _can_build() -> bool:

@@ -44,7 +44,9 @@ PURE_MODULES = (
 LAYERS: dict[str, tuple[str, ...]] = {
     "agent.core": ("agent.core",),
     "agent.log": (),
-    "agent.accel": ("agent.core", "agent.firewall.iptables.serialize"),  # pure twins
+    "agent.accel": (
+        "agent.core", "agent.firewall.iptables.serialize", "agent.dns.udpbatch",
+    ),  # pure twins
     "agent.store": ("agent.core", "agent.log", "agent.store"),
     "agent.kernel": ("agent.core", "agent.accel", "agent.log", "agent.kernel"),
     # the nftables monitor shares the kernel's non-blocking netlink reader (`kernel.events`)
@@ -72,7 +74,7 @@ LAYERS: dict[str, tuple[str, ...]] = {
         "agent.frontends.jsonrpc.server",
     ),
     # the DNS server reads the topology and the bus's events (values of the core)
-    "agent.dns": ("agent.core", "agent.log", "agent.dns"),
+    "agent.dns": ("agent.core", "agent.accel", "agent.log", "agent.dns"),
     # CNI: `spec` pure, `commands` calls the service; `plugin` (the client twin) stdlib only
     "agent.frontends.cni": ("agent.core", "agent.log", "agent.service", "agent.frontends.cni"),
     "agent.frontends.cni.plugin": (),

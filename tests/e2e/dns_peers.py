@@ -4,6 +4,7 @@ fake upstream resolver served in a test namespace (dnspython, independent of age
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -145,3 +146,45 @@ def wait_for(check, timeout: float = 10.0) -> None:  # type: ignore[no-untyped-d
     while not check():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.05)
+
+
+#: from argv[3] sockets at once, sends argv[2] queries for each name of argv[4:] (round the
+#: sockets, ids unique) and a garbage datagram after every third, without waiting (fewer than
+#: fill the server's receive buffer: ~100 small datagrams take ~100 KiB of its ~208); collects
+#: the replies for up to 3 s: prints JSON [[socket, id, name, rcode, [A addresses]], ...]
+BURST = r"""
+import json, os, socket, sys, time
+import dns.message, dns.rdatatype
+server, per_name, nsocks, names = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4:]
+socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(nsocks)]
+expected = 0
+for i in range(per_name):
+    for name in names:
+        s = socks[expected % nsocks]
+        q = dns.message.make_query(name, "A")
+        q.id = expected
+        s.sendto(q.to_wire(), (server, 53))
+        if expected % 3 == 0:  # garbage in between: never answered
+            s.sendto(os.urandom(7), (server, 53))
+        expected += 1
+out = []
+end = time.monotonic() + 3
+for s in socks:
+    s.setblocking(False)
+while len(out) < expected and time.monotonic() < end:
+    for k, s in enumerate(socks):
+        try:
+            r = dns.message.from_wire(s.recv(65535))
+        except BlockingIOError:
+            continue
+        addrs = sorted(str(x) for rr in r.answer for x in rr if rr.rdtype == dns.rdatatype.A)
+        out.append([k, r.id, r.question[0].name.to_text(), r.rcode(), addrs])
+    time.sleep(0.001)
+print(json.dumps(out))
+"""
+
+
+def burst(ns: str, server: str, names: list[str], per_name: int, sockets: int) -> list[list]:  # type: ignore[type-arg]
+    """The replies to a burst of queries sent from `ns` at once (see `BURST`)."""
+    out = ns_exec(ns, sys.executable, "-c", BURST, server, str(per_name), str(sockets), *names)
+    return json.loads(out.stdout)  # type: ignore[no-any-return]
