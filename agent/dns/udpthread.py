@@ -17,6 +17,10 @@ socket's batch in progress to finish (a lock held around each batch), so that th
 close the socket at once: a socket is never closed, and its number never reused, under a batch.
 `close` wakes the thread, which exits, and joins it.
 
+Flow control: at most `MAX_QUEUED` batches of misses wait for the Trio thread; past that,
+misses are dropped (counted in `dropped`) until it catches up, so a flood of new questions or
+garbage from a container costs bounded memory. Cached answers are served meanwhile.
+
 Error handling: a failing read (a socket being closed) skips that socket; anything unexpected
 in a batch is logged and the thread goes on (a dead thread would be a silent DNS outage).
 """
@@ -38,6 +42,11 @@ log = get_logger("agent.dns")
 
 Misses = list[tuple[bytes, Any]]
 
+#: batches of misses handed to the Trio thread and not yet handled, beyond which more misses
+#: are dropped (UDP may lose them): a container flooding its gateway with new questions or
+#: garbage must not grow agentd's memory faster than the Trio thread works it off
+MAX_QUEUED = 64
+
 
 class UdpThread:
     """The thread (see the module docstring). `caches` is the server's network -> cache dict;
@@ -53,6 +62,10 @@ class UdpThread:
         self._listeners: dict[int, Any] = {}  # socket's fd -> its listener
         self._lock = threading.Lock()
         self._turn = 0
+        # batches of misses handed over and handled: each counter written by one thread only
+        self._handed = 0
+        self._handled = 0
+        self.dropped = 0  # misses dropped for want of room (the thread's count)
         self._thread = threading.Thread(target=self._run, name="netagent-dns-udp", daemon=True)
         self._thread.start()
 
@@ -98,8 +111,18 @@ class UdpThread:
                     except Exception:  # logged: the thread must live on
                         log.exception("dns.udp.batch.failed", network=listener.net_id)
                         continue
-                if misses:
-                    try:
-                        self._token.run_sync_soon(self._on_misses, listener, misses)
-                    except trio.RunFinishedError:
-                        return
+                if not misses:
+                    continue
+                if self._handed - self._handled >= MAX_QUEUED:
+                    self.dropped += len(misses)
+                    continue
+                self._handed += 1
+                try:
+                    self._token.run_sync_soon(self._deliver, listener, misses)
+                except trio.RunFinishedError:
+                    return
+
+    def _deliver(self, listener: Any, misses: Misses) -> None:
+        """In the Trio thread: one batch of misses, counted as handled."""
+        self._handled += 1
+        self._on_misses(listener, misses)

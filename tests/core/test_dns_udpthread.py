@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -80,3 +81,36 @@ async def test_hits_are_answered_by_the_thread_and_misses_by_trio() -> None:
         for s in (a.udp, b.udp, client):
             s.close()
     assert not any(t.name == "netagent-dns-udp" for t in threading.enumerate())
+
+
+async def test_misses_waiting_for_the_trio_thread_are_bounded() -> None:
+    """The Trio thread busy (here: not yielding), a flood of misses is not queued without
+    bound: past `MAX_QUEUED` batches they are dropped, and handled again once it catches up."""
+    from agent.dns import udpthread
+
+    got: list[bytes] = []
+    thread = UdpThread({}, lambda lst, m: got.extend(data for data, _ in m))
+    a = Listener("n1")
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+    try:
+        thread.add(a)
+        sent = 0
+        deadline = time.monotonic() + 10
+        while thread.dropped == 0 and time.monotonic() < deadline:  # Trio never runs meanwhile
+            client.sendto(b"\x00\x01" + QUESTION, a.udp.getsockname())
+            sent += 1
+            if sent % 20 == 0:
+                time.sleep(0.001)  # let the thread read: one batch each
+        assert thread.dropped > 0
+        await trio.sleep(0.05)  # the queued batches are handled now
+        assert 0 < len(got) <= udpthread.MAX_QUEUED * a.batch.size
+        before = len(got)
+        client.sendto(b"\x00\x02" + QUESTION, a.udp.getsockname())
+        with trio.fail_after(5):
+            while len(got) == before:
+                await trio.sleep(0.001)
+    finally:
+        thread.close()
+        for s in (a.udp, client):
+            s.close()
