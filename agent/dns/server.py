@@ -219,8 +219,8 @@ class DnsServer:
                     del self.listeners[key]
         else:
             nets = [n for i in {changed, *self._unbound} if (n := self.topo.networks.get(i))]
-            for key in [k for k in self.listeners if k[0] == changed]:
-                if changed not in self.topo.networks:
+            if changed not in self.topo.networks:  # removed (a create walks no listener)
+                for key in [k for k in self.listeners if k[0] == changed]:
                     self._close(self.listeners.pop(key))
         self._unbound.clear()
         for net in nets:
