@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from agent.core import deadline
 from agent.core.errors import Busy
@@ -64,3 +65,24 @@ async def test_a_job_the_stopped_worker_cannot_begin_is_busy_and_never_runs() ->
         assert FORWARD.read_text().strip() == "0"  # never applied
         await kernel.set_ip_forward()  # unbound: runs
         assert FORWARD.read_text().strip() == "1"
+
+
+async def test_the_worker_begins_a_bound_job_without_waiting_for_agentds_loop() -> None:
+    """The lane tells agentd it begins a bound job and begins it: it never waits for the Trio
+    loop (which, serving 64 clients, answered a verdict late and stalled the lane)."""
+    FORWARD.write_text("0\n")
+    before = _children()
+    async with open_kernel() as kernel, trio.open_nursery() as nursery:
+        (worker,) = _children() - before
+        os.kill(worker, signal.SIGSTOP)  # the job waits in the socket, unread
+        token = deadline.CURRENT.set(_bound(30.0))
+        try:
+            nursery.start_soon(kernel.set_ip_forward)  # the task copies the context
+        finally:
+            deadline.CURRENT.reset(token)
+        await trio.testing.wait_all_tasks_blocked()  # sent; its caller waits
+        os.kill(worker, signal.SIGCONT)
+        end = time.monotonic() + 5
+        while FORWARD.read_text().strip() != "1" and time.monotonic() < end:
+            time.sleep(0.01)  # the Trio loop is held on purpose: it answers nothing
+        assert FORWARD.read_text().strip() == "1"  # run while agentd's loop could not answer
