@@ -10,14 +10,14 @@ raises: agentd stops (systemd restarts it; adoption converges).
 A request's first job is bound by its deadline (`agent.core.deadline`): it is sent with its
 deadline `at` (CLOCK_MONOTONIC, the same clock in both processes). The worker's lane, before
 beginning it, sends a one-way "begun" frame and only THEN reads the clock: at or past `at`, it
-answers Busy and never runs the job. The caller waits for "begun" until `at`; then it reads,
-without waiting, every frame the worker has sent by now (`_pump`), and gives up with Busy only
-if "begun" is not among them. The two cannot cross: a "begun" not yet in agentd's socket at
-its decision (at or after `at`) is sent after it, so the lane reads the clock after `at` too,
-and refuses. Nobody waits for anybody: the lane used to ask agentd and wait for its verdict
-before each bound job, which put the Trio loop's latency under 64 clients into the owner
-lane, one job at a time (agentd's CPU per CNI ADD+DEL pair 1.6 -> 1.2 ms, the worker's 1.5 ->
-1.15 ms; see docs/ARCHITECTURE.md, "The kernel worker").
+answers Busy and never runs the job. The caller waits for the answer until `at`; then it
+reads, without waiting, every frame the worker has sent by now (`_pump`), and gives up with
+Busy only if neither the answer nor "begun" is among them. The two cannot cross: a "begun"
+not yet in agentd's socket at its decision (at or after `at`) is sent after it, so the lane
+reads the clock after `at` too, and refuses. Nobody waits for anybody: the lane used to ask
+agentd and wait for its verdict before each bound job, which put the Trio loop's latency
+under 64 clients into the owner lane, one job at a time (see docs/ARCHITECTURE.md, "The
+kernel worker", for the figures).
 """
 
 from __future__ import annotations
@@ -93,16 +93,16 @@ class WorkerConnection:
         )
         with trio.CancelScope(shield=True):  # sent means done: its effect is never lost
             try:
-                async with self._send_lock:
-                    await self._stream.send_all(FRAME.pack(len(frame)) + frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._send(FRAME.pack(len(frame)) + frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 self._waiting.pop(ident, None)
                 self._asks.pop(ident, None)
                 raise KernelError(self._gone or "the kernel worker is gone") from None
-            if at is not None and not await self._begun_by(begun, at):
+            if at is not None and not await self._answered_or_begun(done, begun, at):
                 self._asks.pop(ident, None)  # the worker refuses it when it gets to it
                 raise _late(bound, job)
-            await done.wait()
+            if not done.is_set():
+                await done.wait()
         ok, value = box
         if ok:
             return value
@@ -110,14 +110,34 @@ class WorkerConnection:
             raise _late(bound, job)  # refused by the lane: it read the clock after `at`
         raise value
 
-    async def _begun_by(self, begun: trio.Event, at: float) -> bool:
-        """Whether the worker said it begins the job by `at` (see the module docstring)."""
-        while not begun.is_set() and (left := at - time.monotonic()) > 0:
+    async def _send(self, data: bytes) -> None:
+        """Send one frame whole: at once when the socket takes it all (the usual case: no
+        Trio machinery), else through the stream; frames never interleave (the lock)."""
+        if self._send_lock.locked():
+            async with self._send_lock:
+                await self._stream.send_all(data)
+            return
+        self._send_lock.acquire_nowait()
+        try:
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                await self._stream.send_all(data[sent:])
+        finally:
+            self._send_lock.release()
+
+    async def _answered_or_begun(self, done: trio.Event, begun: trio.Event, at: float) -> bool:
+        """Wait for the answer until `at`; then, whether it came or the worker has said it
+        begins the job (reading, at that moment, whatever it sent: see the module docstring).
+        One wait per job: "begun" wakes nobody."""
+        while not done.is_set() and (left := at - time.monotonic()) > 0:
             with trio.move_on_after(left):
-                await begun.wait()
-        if not begun.is_set():
+                await done.wait()
+        if not (done.is_set() or begun.is_set()):
             self._pump()  # what the worker sent before now: a "begun" sent later is refused
-        return begun.is_set()
+        return done.is_set() or begun.is_set()
 
     async def serve(self) -> None:
         """Route answers to their callers until the stream ends. Unless `stop` ended it, fail
