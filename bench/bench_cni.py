@@ -152,9 +152,24 @@ class SocketApi:
             raise RuntimeError(f"cni.exec: {out}")
 
 
+def cpu_s(agentd: c.Agentd) -> float:
+    """CPU seconds (user + system) of agentd and its kernel worker (its children) so far."""
+    pids = [agentd.pid]
+    pids += [
+        int(x) for x in Path(f"/proc/{agentd.pid}/task/{agentd.pid}/children").read_text().split()
+    ]
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of stat)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
 class Contender:
-    def __init__(self, name: str, impl: Plugin | SocketApi, host: str) -> None:
-        self.name, self.impl, self.host = name, impl, host
+    def __init__(
+        self, name: str, impl: Plugin | SocketApi, host: str, agentd: c.Agentd | None = None
+    ) -> None:
+        self.name, self.impl, self.host, self.agentd = name, impl, host, agentd
         self.worker = c.NsWorker(f"/run/netns/{host}")
         self.add_s: list[float] = []
         self.del_s: list[float] = []
@@ -185,9 +200,9 @@ def build(workdir: Path, keep: list[Any]) -> list[Contender]:
     out = [
         Contender("netagent-c", Plugin(spawner, netagent_calls(cni_install.NATIVE,
                                                                agentd.socket, "cbench")),
-                  agentd.host),
+                  agentd.host, agentd),
         Contender("netagent-py", Plugin(spawner, netagent_calls(py, agentd.socket, "cbench")),
-                  agentd.host),
+                  agentd.host, agentd),
     ]  # fmt: skip
     for name in ("cni-bridge", "netavark"):
         host = f"h-{name}"
@@ -255,6 +270,7 @@ def churn(con: Contender, rounds: int, tag: str) -> None:
                 os._exit(status)
         pids.append(pid)
     os.close(go_r)
+    cpu0 = cpu_s(con.agentd) if con.agentd is not None else None
     t0 = time.perf_counter()
     os.write(go_w, b"x" * CHURN_LOOPS)
     failed = sum(os.waitpid(pid, 0)[1] != 0 for pid in pids)
@@ -262,8 +278,10 @@ def churn(con: Contender, rounds: int, tag: str) -> None:
     os.close(go_w)
     if failed:
         raise RuntimeError(f"{con.name} churn: {failed} loops failed (see stderr)")
-    con.churn = {"pairs": CHURN_LOOPS * rounds, "seconds": wall,
-                 "pairs_per_s": CHURN_LOOPS * rounds / wall}  # fmt: skip
+    pairs = CHURN_LOOPS * rounds
+    con.churn = {"pairs": pairs, "seconds": wall, "pairs_per_s": pairs / wall}
+    if con.agentd is not None and cpu0 is not None:  # agentd + worker CPU per pair
+        con.churn["agentd_cpu_ms_per_pair"] = (cpu_s(con.agentd) - cpu0) * 1000 / pairs
 
 
 # -- podman run --rm ---------------------------------------------------------------------------
@@ -365,7 +383,8 @@ def main() -> None:
                       rows))  # fmt: skip
         print("x = contender p50 / netagent-c p50 (above 1: netagent-c is faster)")
         agentd = keep[0]
-        socket_api = Contender("netagent-socket", SocketApi(agentd.socket, "cbench"), agentd.host)
+        socket_api = Contender("netagent-socket", SocketApi(agentd.socket, "cbench"), agentd.host,
+                               agentd)  # fmt: skip
         keep.append(socket_api)
         churners = [con for con in contenders if con.name != "netagent-py"] + [socket_api]
         for n in range(args.churn_passes):  # alternated: the machine's load drifts
@@ -374,10 +393,13 @@ def main() -> None:
                 results.setdefault(con.name, {}).setdefault("churn", []).append(con.churn)
             print(f"\nchurn pass {n + 1}: {CHURN_LOOPS} concurrent loops x {args.churn_rounds} "
                   "ADD+DEL")  # fmt: skip
-            print(c.table(["contender", "pairs/s", "seconds", "netagent-c x"], [
+            head = ["contender", "pairs/s", "seconds", "netagent-c x", "agentd CPU ms/pair"]
+            print(c.table(head, [
                 [con.name, con.churn["pairs_per_s"], con.churn["seconds"],
-                 c.ratio(base.churn["pairs_per_s"], con.churn["pairs_per_s"])]
+                 c.ratio(base.churn["pairs_per_s"], con.churn["pairs_per_s"]),
+                 round(con.churn.get("agentd_cpu_ms_per_pair", float("nan")), 3)]
                 for con in churners]))  # fmt: skip
+            print("agentd CPU: user + system of agentd and its kernel worker over the pass")
         if args.podman:
             pm = podman(agentd.host, agentd.socket, workdir, args.podman)
             results["podman_run_rm"] = pm

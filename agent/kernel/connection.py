@@ -7,11 +7,17 @@ cancellation: once sent, the caller waits (shielded) for its answer, so its effe
 lost. If the child dies, every waiting and later call fails with KernelError and `serve`
 raises: agentd stops (systemd restarts it; adoption converges).
 
-A request's first job is bound by its deadline (`agent.core.deadline`): it is sent flagged, the
-worker asks before beginning it, and `serve` says yes only while its caller still waits. A
-caller whose deadline passes before the worker asked gives up with Busy and the worker, when it
-gets to the job, is told no: the job never runs. Both decisions are taken in the Trio thread,
-so they cannot cross.
+A request's first job is bound by its deadline (`agent.core.deadline`): it is sent with its
+deadline `at` (CLOCK_MONOTONIC, the same clock in both processes). The worker's lane, before
+beginning it, sends a one-way "begun" frame and only THEN reads the clock: at or past `at`, it
+answers Busy and never runs the job. The caller waits for the answer until `at`; then it
+reads, without waiting, every frame the worker has sent by now (`_pump`), and gives up with
+Busy only if neither the answer nor "begun" is among them. The two cannot cross: a "begun"
+not yet in agentd's socket at its decision (at or after `at`) is sent after it, so the lane
+reads the clock after `at` too, and refuses. Nobody waits for anybody: the lane used to ask
+agentd and wait for its verdict before each bound job, which put the Trio loop's latency
+under 64 clients into the owner lane, one job at a time (see docs/ARCHITECTURE.md, "The
+kernel worker", for the figures).
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import trio
 
 from agent.core import deadline
 from agent.core.errors import Busy, KernelError
-from agent.kernel.jobs import FRAME, VERDICT, Job
+from agent.kernel.jobs import FRAME, Job
 from agent.log import get_logger
 
 log = get_logger("agent.kernel.worker")
@@ -48,15 +54,18 @@ class WorkerConnection:
         After the worker is gone, every waiting and later call raises KernelError.
     """
 
-    def __init__(self, process: subprocess.Popen[bytes], stream: trio.SocketStream) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], sock: socket.socket) -> None:
         self.process = process
-        self._stream = stream
+        self._sock = sock  # read directly (`_pump`), so a caller can drain it at its deadline
+        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(sock))
         self._send_lock = trio.Lock()
         self._next = 0
         self._waiting: dict[int, tuple[trio.Event, list[Any]]] = {}
-        # deadline-bound jobs not yet begun: id -> set once the worker may begin it (or the
-        # worker is gone); a caller that gave up removes its entry, so the answer is no
+        # deadline-bound jobs not yet begun: id -> set once the worker says it begins it (or
+        # the worker is gone); a caller that gave up removes its entry
         self._asks: dict[int, trio.Event] = {}
+        self._buf = bytearray()
+        self._eof = False
         self._gone: str | None = None
         self._stopping = False
 
@@ -77,50 +86,66 @@ class WorkerConnection:
         ident, done = self._next, trio.Event()
         box: list[Any] = []
         self._waiting[ident] = (done, box)
-        if at is not None:  # before sending: the worker may ask before send_all returns
+        if at is not None:  # before sending: "begun" may come before send_all returns
             begun = self._asks[ident] = trio.Event()
         frame = pickle.dumps(
-            (ident, job.value, args) if at is None else (ident, job.value, args, True)
+            (ident, job.value, args) if at is None else (ident, job.value, args, at)
         )
         with trio.CancelScope(shield=True):  # sent means done: its effect is never lost
             try:
-                async with self._send_lock:
-                    await self._stream.send_all(FRAME.pack(len(frame)) + frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                await self._send(FRAME.pack(len(frame)) + frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 self._waiting.pop(ident, None)
                 self._asks.pop(ident, None)
                 raise KernelError(self._gone or "the kernel worker is gone") from None
-            if at is not None:
-                with trio.move_on_after(at - time.monotonic()):
-                    await begun.wait()
-                if not begun.is_set():  # the worker will be told no when it asks
-                    self._asks.pop(ident, None)
-                    raise _late(bound, job)
-            await done.wait()
+            if at is not None and not await self._answered_or_begun(done, begun, at):
+                self._asks.pop(ident, None)  # the worker refuses it when it gets to it
+                raise _late(bound, job)
+            if not done.is_set():
+                await done.wait()
         ok, value = box
         if ok:
             return value
+        if at is not None and isinstance(value, Busy) and value.data.get("late"):
+            raise _late(bound, job)  # refused by the lane: it read the clock after `at`
         raise value
+
+    async def _send(self, data: bytes) -> None:
+        """Send one frame whole: at once when the socket takes it all (the usual case: no
+        Trio machinery), else through the stream; frames never interleave (the lock)."""
+        if self._send_lock.locked():
+            async with self._send_lock:
+                await self._stream.send_all(data)
+            return
+        self._send_lock.acquire_nowait()
+        try:
+            try:
+                sent = self._sock.send(data)
+            except BlockingIOError:
+                sent = 0
+            if sent < len(data):
+                await self._stream.send_all(data[sent:])
+        finally:
+            self._send_lock.release()
+
+    async def _answered_or_begun(self, done: trio.Event, begun: trio.Event, at: float) -> bool:
+        """Wait for the answer until `at`; then, whether it came or the worker has said it
+        begins the job (reading, at that moment, whatever it sent: see the module docstring).
+        One wait per job: "begun" wakes nobody."""
+        while not done.is_set() and (left := at - time.monotonic()) > 0:
+            with trio.move_on_after(left):
+                await done.wait()
+        if not (done.is_set() or begun.is_set()):
+            self._pump()  # what the worker sent before now: a "begun" sent later is refused
+        return done.is_set() or begun.is_set()
 
     async def serve(self) -> None:
         """Route answers to their callers until the stream ends. Unless `stop` ended it, fail
         every caller left and raise KernelError: a worker gone under agentd is fatal."""
-        buf = bytearray()
         try:
-            while chunk := await self._stream.receive_some(1 << 16):
-                buf += chunk
-                while len(buf) >= FRAME.size:
-                    size = FRAME.unpack_from(buf)[0]
-                    if len(buf) < FRAME.size + size:
-                        break
-                    ident, ok, value = pickle.loads(buf[FRAME.size : FRAME.size + size])
-                    del buf[: FRAME.size + size]
-                    if ok is None:  # the worker asks whether it may begin a bound job
-                        await self._verdict(ident)
-                        continue
-                    done, box = self._waiting.pop(ident)
-                    box[:] = [ok, value]
-                    done.set()
+            while not self._eof:
+                await trio.lowlevel.wait_readable(self._sock)
+                self._pump()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         if self._stopping:
@@ -133,14 +158,33 @@ class WorkerConnection:
         self._fail_all(why)
         raise KernelError(why)
 
-    async def _verdict(self, ident: int) -> None:
-        """Yes while the caller still waits (it will wait for the answer from now on)."""
-        begun = self._asks.pop(ident, None)
-        if begun is not None:
-            begun.set()
-        frame = pickle.dumps((ident, VERDICT, (begun is not None,)))
-        async with self._send_lock:
-            await self._stream.send_all(FRAME.pack(len(frame)) + frame)
+    def _pump(self) -> None:
+        """Read every frame the worker has sent by now, without waiting, and route it: an
+        answer to its caller, a "begun" to the caller waiting for it."""
+        while not self._eof:
+            try:
+                chunk = self._sock.recv(1 << 16)
+            except BlockingIOError:
+                break
+            except OSError:  # reset, or closed by `stop`
+                chunk = b""
+            if not chunk:
+                self._eof = True
+            self._buf += chunk
+        buf = self._buf
+        while len(buf) >= FRAME.size:
+            size = FRAME.unpack_from(buf)[0]
+            if len(buf) < FRAME.size + size:
+                break
+            ident, ok, value = pickle.loads(buf[FRAME.size : FRAME.size + size])
+            del buf[: FRAME.size + size]
+            if ok is None:  # "begun": the worker is about to read the clock and begin it
+                if (begun := self._asks.pop(ident, None)) is not None:
+                    begun.set()
+                continue
+            done, box = self._waiting.pop(ident)
+            box[:] = [ok, value]
+            done.set()
 
     def _fail_all(self, why: str) -> None:
         self._gone = why
@@ -208,4 +252,4 @@ async def start(log_level: str = "info", log_format: str = "json") -> WorkerConn
     finally:
         theirs.close()
     await trio.lowlevel.checkpoint()
-    return WorkerConnection(process, trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    return WorkerConnection(process, ours)

@@ -14,8 +14,9 @@ bottleneck, for values agentd validated already.
 
 A frame is a 4-byte length (`FRAME`) and a pickle: a request is (id, job name, args), an
 answer (id, ok, result or exception). A job bound by a request deadline
-(`agent.core.deadline`) is sent as (id, job name, args, True): before beginning it the worker
-asks (id, None, None) and agentd answers (id, VERDICT, (may_begin,)).
+(`agent.core.deadline`) is sent as (id, job name, args, at), `at` on CLOCK_MONOTONIC: before
+beginning it the worker sends (id, None, None), "begun", and waits for nothing
+(`agent.kernel.connection` says why the two sides cannot cross).
 """
 
 from __future__ import annotations
@@ -49,9 +50,6 @@ class Job(StrEnum):
     CLOSE_REAPER = "close_reaper"
     REAP = "reap"
 
-
-#: The pseudo job name of agentd's answer to a worker's "may I begin?" (see the docstring).
-VERDICT = "__verdict__"
 
 #: Each lane is one thread of the worker running its jobs in order. The reaper has its own
 #: thread and socket, so that a batch delete (tens of ms) never delays an attach.

@@ -31,11 +31,12 @@ import queue
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
 from agent.core.errors import Busy, KernelError
-from agent.kernel.jobs import FRAME, LANES, VERDICT, Job, lane_of
+from agent.kernel.jobs import FRAME, LANES, Job, lane_of
 from agent.kernel.ops import JOBS, Ops
 from agent.log import configure
 
@@ -72,24 +73,23 @@ def serve(sock: socket.socket, target: object, table: Mapping[Job, Callable[...,
         with write_lock:
             sock.sendall(FRAME.pack(len(data)) + data)
 
-    verdicts: dict[int, queue.SimpleQueue[bool]] = {}
-
-    def may_begin(ident: int) -> bool:
-        """Ask agentd whether a job bound by a request deadline may still begin (the
-        decision is agentd's alone: `agent.core.deadline`), and wait for the verdict."""
-        reply: queue.SimpleQueue[bool] = queue.SimpleQueue()
-        verdicts[ident] = reply
+    def begun(ident: int) -> None:
+        """Tell agentd that a job bound by a request deadline is about to begin (one way: the
+        lane never waits for agentd). Sent BEFORE the clock is read: agentd's caller gives up
+        only when, at its deadline, it has not received this (`agent.kernel.connection`)."""
         data = pickle.dumps((ident, None, None))
         with write_lock:
             sock.sendall(FRAME.pack(len(data)) + data)
-        return reply.get()
 
     def run(jobs: queue.SimpleQueue[Any]) -> None:
         while (job := jobs.get()) is not None:
-            ident, fn, args, ask = job
-            if ask and not may_begin(ident):
-                answer(ident, False, Busy("the job did not begin before its request's deadline"))
-                continue
+            ident, fn, args, at = job
+            if at is not None:
+                begun(ident)
+                if time.monotonic() >= at:  # agentd's caller has given up, or will
+                    late = Busy("the job did not begin before its deadline", late=True)
+                    answer(ident, False, late)
+                    continue
             try:
                 result = fn(target, *args)
             except BaseException as exc:  # every error goes back to its caller
@@ -109,16 +109,13 @@ def serve(sock: socket.socket, target: object, table: Mapping[Job, Callable[...,
             body = _recv_exact(sock, FRAME.unpack(head)[0])
             if body is None:
                 break
-            # (id, job, args), or (id, job, args, True): ask agentd before beginning it
-            ident, job, args, *ask = pickle.loads(body)
-            if job == VERDICT:
-                verdicts.pop(ident).put(bool(args[0]))
-                continue
+            # (id, job, args), or (id, job, args, at): bound by a deadline (monotonic clock)
+            ident, job, args, *bound = pickle.loads(body)
             fn = table.get(cast(Job, job))  # the name sent: a StrEnum member hashes as its str
             if fn is None:
                 answer(ident, False, KernelError(f"the kernel worker has no job {job!r}"))
                 continue
-            lanes[lane_of(job)].put((ident, fn, args, bool(ask and ask[0])))
+            lanes[lane_of(job)].put((ident, fn, args, bound[0] if bound else None))
     finally:
         for jobs in lanes.values():
             jobs.put(None)
