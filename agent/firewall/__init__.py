@@ -3,7 +3,7 @@
 Layout:
     base.py       the `Firewall` protocol the service and the reconciler use
     iptables/     the iptables backend (iptables-restore, ip6tables-restore)
-    nftables/     the nftables backend (one inet table, verdict maps, libnftables)
+    nftables/     the nftables backend (one inet table, hash sets and maps, libnftables)
     conntrack.py  published ports' kernel side effects, shared by backends
     monitor.py    nf_tables change notifications (what `Firewall.foreign` judges)
 
