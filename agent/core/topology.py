@@ -111,8 +111,8 @@ class Topology:
 
     def network_of_gateway(self, address: str) -> Network | None:
         """The network whose IPv4 or IPv6 gateway is `address` (as the network spells it)."""
-        net_id = self._by_gateway.get(address)
-        return None if net_id is None else self.networks.get(net_id)
+        net = self.networks.get(self._by_gateway.get(address, ""))
+        return net if net is not None and address in (net.gateway, net.gateway6) else None
 
     # -- endpoints --------------------------------------------------------------------------
 
