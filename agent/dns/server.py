@@ -39,7 +39,7 @@ from agent.core import names
 from agent.core.errors import AgentError
 from agent.core.events import Event
 from agent.core.topology import Topology
-from agent.dns import upstream, wire
+from agent.dns import udpbatch, upstream, wire
 from agent.dns.udpthread import UdpThread
 from agent.log import get_logger
 
@@ -65,10 +65,7 @@ class Listener:
         self.net_id = net_id
         self.gateway = gateway
         self.family = socket.AF_INET6 if ":" in gateway else socket.AF_INET
-        width = 128 if self.family == socket.AF_INET6 else 32
-        base, _, bits = subnet.partition("/")
-        self.mask = ((1 << width) - 1) ^ ((1 << (width - int(bits))) - 1)
-        self.base = _number(self.family, base) & self.mask
+        self.allowed = udpbatch.Subnet(self.family, subnet).allowed  # TCP's check (UDP: batch)
         self.udp = _bind(self.family, gateway, socket.SOCK_DGRAM)
         try:
             self.batch = accel.dnsudp.Batch(self.udp, subnet, BATCH)
@@ -81,23 +78,12 @@ class Listener:
         self.nursery: trio.Nursery | None = None  # its tasks' (forwards), once it is served
         self.closed = False
 
-    def allowed(self, source: str) -> bool:
-        try:
-            return _number(self.family, source) & self.mask == self.base
-        except OSError:  # not an address of this family (a link-local one with its scope)
-            return False
-
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.scope.cancel()
-            trio.lowlevel.notify_closing(self.udp)
             self.udp.close()
             self.tcp.close()
-
-
-def _number(family: int, address: str) -> int:
-    return int.from_bytes(socket.inet_pton(family, address), "big")
 
 
 def _bind(family: int, gateway: str, kind: int) -> socket.socket:

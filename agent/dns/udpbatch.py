@@ -34,6 +34,26 @@ SOURCES_MAX = 4096  # remembered source addresses (the dict is emptied when full
 Cache = dict[bytes, tuple[bytes, ...]]
 
 
+class Subnet:
+    """Who may ask: the addresses of "BASE/BITS" in `family` (the server's TCP check uses it
+    too; the Cython twin keeps the same mask and base as C integers)."""
+
+    def __init__(self, family: int, subnet: str) -> None:
+        self.family = family
+        width = 128 if family == socket.AF_INET6 else 32
+        base, _, bits = subnet.partition("/")
+        self.mask = ((1 << width) - 1) ^ ((1 << (width - int(bits))) - 1)
+        self.base = int.from_bytes(socket.inet_pton(family, base), "big") & self.mask
+
+    def allowed(self, source: str) -> bool:
+        """Whether `source` (an address as recvfrom gives it) is in the subnet."""
+        try:
+            number = int.from_bytes(socket.inet_pton(self.family, source), "big")
+        except OSError:  # not an address of this family (a link-local one with its scope)
+            return False
+        return number & self.mask == self.base
+
+
 class Batch:
     """One UDP socket's hot path (see the module docstring). `subnet` is "BASE/BITS" of the
     socket's family: the sources answered."""
@@ -44,19 +64,8 @@ class Batch:
         self.sock = sock
         self.size = size
         self.family = sock.family
-        width = 128 if self.family == socket.AF_INET6 else 32
-        base, _, bits = subnet.partition("/")
-        self.mask = ((1 << width) - 1) ^ ((1 << (width - int(bits))) - 1)
-        self.base = int.from_bytes(socket.inet_pton(self.family, base), "big") & self.mask
+        self.allowed = Subnet(self.family, subnet).allowed
         self._allowed: dict[str, bool] = {}  # source address -> in the subnet
-
-    def allowed(self, source: str) -> bool:
-        """Whether `source` (an address as recvfrom gives it) is in the subnet."""
-        try:
-            number = int.from_bytes(socket.inet_pton(self.family, source), "big")
-        except OSError:  # not an address of this family (a link-local one with its scope)
-            return False
-        return number & self.mask == self.base
 
     def serve(
         self, caches: dict[str, Cache], key: str, turn: int
